@@ -1,0 +1,87 @@
+"""Backup targets behind one small interface (:class:`~shmblock.targets.base.Target`).
+
+:func:`open_target` picks the implementation from the format and the target string:
+
+* ``nbd://host[:port]/export`` and ``nbd+unix:///export?socket=PATH`` → NBD client
+  (the NBD URI standard, doc/uri.md of the NBD project);
+* anything else is a file path: ``qcow2`` when the format says so (or the name ends in
+  ``.qcow2`` and no format is given), else ``raw``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from shmblock.errors import UsageError
+from shmblock.targets.base import Target
+
+FORMATS = ("raw", "qcow2", "nbd")
+
+
+def is_nbd_uri(target: str) -> bool:
+    """True for the URI schemes of the NBD URI standard."""
+    return target.split(":", 1)[0] in {"nbd", "nbds", "nbd+unix", "nbds+unix"}
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """Where a backup goes and in which format; cheap to build and to validate early."""
+
+    target: str
+    format: str
+    backing_file: str | None = None
+    backing_format: str | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        target: str,
+        fmt: str | None = None,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+    ) -> TargetSpec:
+        """Validate a target string and format; raises UsageError naming the problem."""
+        if not target:
+            raise UsageError("the backup target is empty")
+        nbd = is_nbd_uri(target)
+        if fmt is None:
+            fmt = "nbd" if nbd else ("qcow2" if target.endswith(".qcow2") else "raw")
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown target format {fmt!r} (expected one of {', '.join(FORMATS)})")
+        if nbd and fmt != "nbd":
+            # An NBD server decides how it stores the bytes; we only ever speak raw to it.
+            fmt = "nbd"
+        if fmt == "nbd" and not nbd:
+            raise UsageError(f"format nbd needs an nbd:// or nbd+unix:// URI, not {target!r}")
+        if backing_file is not None and fmt != "qcow2":
+            raise UsageError("only a qcow2 target can name a backing file")
+        if not nbd:
+            parent = os.path.dirname(os.path.abspath(target))
+            if not os.path.isdir(parent):
+                raise UsageError(f"target directory {parent!r} does not exist")
+        return cls(target, fmt, backing_file, backing_format)
+
+
+def open_target(spec: TargetSpec, size: int, cluster_size: int, timeout: float = 30.0) -> Target:
+    """Open (create or connect to) the target for a device of ``size`` bytes."""
+    if spec.format == "raw":
+        from shmblock.targets.raw import RawTarget
+
+        return RawTarget(spec.target, size, cluster_size)
+    if spec.format == "qcow2":
+        from shmblock.targets.qcow2 import Qcow2Target
+
+        return Qcow2Target(
+            spec.target,
+            size,
+            cluster_size,
+            backing_file=spec.backing_file,
+            backing_format=spec.backing_format,
+        )
+    from shmblock.targets.nbd import NbdTarget
+
+    return NbdTarget(spec.target, size, cluster_size, timeout=timeout)
+
+
+__all__ = ["FORMATS", "Target", "TargetSpec", "is_nbd_uri", "open_target"]

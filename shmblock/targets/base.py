@@ -1,0 +1,102 @@
+"""The small interface every backup target implements.
+
+A target is the destination of one backup job. Only the backup worker writes to it
+(DESIGN.md invariant 4), always in whole clusters, in any order: copy-before-write saves
+arrive out of order, background copying runs in cluster order.
+
+Lifecycle::
+
+    t = open_target(spec, size=..., cluster_size=...)   # opened / connected, checked
+    t.write(offset, data)          # any order, cluster aligned, len a multiple of clusters
+    t.write_zeroes(offset, length) # the snapshot holds zeros here: record them explicitly
+    t.commit()                     # flush; make the result visible as a finished backup
+    t.read(offset, length)         # optional read-back through the target (verification)
+    t.close()                      # release handles (after commit or abort)
+
+or, when the job fails or is cancelled, ``t.abort()`` then ``t.close()``: the result must
+never look like a finished backup (partial files stay under a temporary name or are
+removed; see each target).
+
+Capability flags tell the worker what it may skip:
+
+* ``starts_zeroed``: a region never written reads back as zeros (a fresh sparse file, a
+  qcow2 image without a backing file). The worker may then skip clusters that the device
+  never allocated. Targets whose prior contents are unknown (an NBD export) say False, so
+  the worker sends explicit zeroes for every zero cluster the sync mode covers.
+* ``punches_zeroes``: ``write_zeroes`` is cheap (a hole, a zero flag, NBD WRITE_ZEROES)
+  rather than a write of zero bytes.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+from shmblock.errors import TargetError
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Target(abc.ABC):
+    """Destination of a backup. Writes are whole clusters at cluster-aligned offsets."""
+
+    #: short name used in messages and summaries: "raw", "qcow2", "nbd"
+    kind: ClassVar[str]
+    #: regions never written read back as zeros
+    starts_zeroed: bool = True
+    #: write_zeroes costs no data transfer
+    punches_zeroes: bool = True
+
+    def __init__(self, size: int, cluster_size: int) -> None:
+        if size <= 0 or cluster_size <= 0 or size % cluster_size:
+            raise TargetError(
+                f"target size {size} must be a positive multiple of the cluster size "
+                f"{cluster_size}"
+            )
+        self.size = size
+        self.cluster_size = cluster_size
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise TargetError(
+                f"write of {length} bytes at offset {offset} is outside the target "
+                f"({self.size} bytes)"
+            )
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: Buffer) -> None:
+        """Store ``data`` at ``offset``. Raises TargetIOError on failure."""
+
+    @abc.abstractmethod
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Record that ``length`` bytes at ``offset`` are zeros in the snapshot."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Flush everything and publish the target as a finished backup."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """The job did not finish: leave nothing that looks like a finished backup."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release files and connections. Idempotent."""
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Read back what the target holds (for verification, after ``commit``).
+
+        Reads go through the target's own format (the qcow2 L1/L2 tables, an NBD READ),
+        so a verification that uses them checks the whole path, not a cached copy.
+        """
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where the backup went, for summaries ("b.qcow2", "nbd://host/export")."""
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,118 @@
+"""Raw image target: a sparse file holding the device byte for byte.
+
+The backup is written to ``<path>.part`` in the same directory and renamed onto ``path``
+only by :meth:`RawTarget.commit`, after an ``fsync``; rename within one directory is
+atomic (rename(2)), so ``path`` is either absent, a previous file, or a finished backup —
+never a half-written one. A failed job removes the partial file; a process killed
+mid-job leaves ``<path>.part``, which ``shmblock-run cleanup`` removes.
+
+Zero clusters stay holes: the file is created empty and extended with ``ftruncate``, so
+any range never written reads back as zeros without using disk space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from shmblock.errors import TargetIOError, TargetUnreachable
+from shmblock.targets.base import Buffer, Target
+
+PART_SUFFIX = ".part"
+
+
+class RawTarget(Target):
+    """A sparse raw file, published by rename on commit."""
+
+    kind = "raw"
+    starts_zeroed = True
+    punches_zeroes = True
+
+    def __init__(self, path: str, size: int, cluster_size: int) -> None:
+        super().__init__(size, cluster_size)
+        self.path = os.path.abspath(path)
+        self.part_path = self.path + PART_SUFFIX
+        if os.path.isdir(self.path):
+            raise TargetUnreachable(f"raw target {path!r} is a directory")
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise TargetUnreachable(f"raw target {path!r}: directory {parent!r} does not exist")
+        try:
+            # O_TRUNC: a stale .part from a crashed run is ours to replace.
+            self._fd: int | None = os.open(
+                self.part_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            raise TargetUnreachable(f"cannot create raw target {self.part_path!r}: {exc.strerror}") from exc
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            self._discard()
+            raise TargetIOError(f"cannot size raw target {self.part_path!r}: {exc.strerror}") from exc
+        self._committed = False
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise TargetIOError(f"raw target {self.path!r} is closed")
+        return self._fd
+
+    def write(self, offset: int, data: Buffer) -> None:
+        fd = self._require_fd()
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        try:
+            while view:
+                # pwrite may write less than asked (signals, huge sizes): loop on the rest.
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise TargetIOError(
+                f"write to raw target {self.part_path!r} at offset {offset} failed: "
+                f"{exc.strerror}"
+            ) from exc
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._require_fd()
+        self._check_range(offset, length)
+        # The file was created empty and sized with ftruncate, and every cluster is saved
+        # exactly once per job, so a cluster not written is still a hole: nothing to do.
+
+    def commit(self) -> None:
+        fd = self._require_fd()
+        try:
+            os.fsync(fd)
+            os.rename(self.part_path, self.path)
+            dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise TargetIOError(f"cannot publish raw target {self.path!r}: {exc.strerror}") from exc
+        self._committed = True
+
+    def read(self, offset: int, length: int) -> bytes:
+        fd = self._require_fd()
+        self._check_range(offset, length)
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise TargetIOError(f"read-back of raw target {self.path!r} failed: {exc.strerror}") from exc
+
+    def abort(self) -> None:
+        if not self._committed:
+            self._discard()
+
+    def _discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.part_path)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def describe(self) -> str:
+        return self.path
