@@ -1,0 +1,171 @@
+"""Moving snapshot contents from the device to the target: the backup worker's hands.
+
+Three sources of snapshot contents, one rule (DESIGN.md invariant 2): whoever saves
+cluster c holds its claim and finds ``needs_copy[c] == 1``; saving clears it.
+
+* **Background copy** walks the map in cluster order, a chunk at a time. It takes the
+  chunk's claims without blocking (a writer holding one is saving that cluster right
+  now, or waiting for us to serve its request, so we must not wait for it), writes every
+  run of still-marked clusters straight from the shared mapping with one target write,
+  clears them, and drops the claims.
+* **Copy requests** come from writers that hold the claim themselves; the worker writes
+  the cluster from the device and clears it without claiming.
+* **Staging slots** hold old contents that writers saved themselves; draining writes the
+  slot to the target and frees it. ``needs_copy`` was cleared by the writer already.
+
+Each cluster therefore reaches the target exactly once per job, and only with its
+snapshot contents. All-zero clusters are found with a vectorised check and sent as
+``write_zeroes`` (or skipped, when the target starts zeroed and the device never
+allocated them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from shmblock import layout as L
+from shmblock.claims import Claims
+from shmblock.device import Device
+from shmblock.targets.base import Target
+
+SYNC_MODES = ("full", "top", "none", "incremental")
+DEFAULT_CHUNK = 1 << 20
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+def runs(mask: BoolArray) -> list[tuple[int, int, bool]]:
+    """Split a boolean array into maximal runs: [(start, stop, value), ...]."""
+    n = mask.size
+    if n == 0:
+        return []
+    edges = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    bounds = [0, *edges.tolist(), n]
+    return [(bounds[i], bounds[i + 1], bool(mask[bounds[i]])) for i in range(len(bounds) - 1)]
+
+
+def nonzero_clusters(data: npt.NDArray[np.uint8], cluster_size: int) -> BoolArray:
+    """Which clusters of a cluster-aligned byte range hold any non-zero byte."""
+    words = data.view(np.uint64).reshape(-1, cluster_size // 8)
+    out: BoolArray = words.any(axis=1)
+    return out
+
+
+class Copier:
+    """Saves snapshot contents of one device to one target. Used by one process only."""
+
+    def __init__(self, device: Device, target: Target, claims: Claims,
+                 chunk_bytes: int = DEFAULT_CHUNK) -> None:
+        self.device = device
+        self.target = target
+        self.claims = claims
+        self.cs = device.cluster_size
+        self.chunk = max(chunk_bytes // self.cs, 1)
+        self.cursor = 0
+        self.clusters_saved = 0
+        self.cbw_clusters = 0
+        self.bytes_written = 0
+        self._data = device.data
+        self._view = device.data_view()
+        self._nc = device.needs_copy
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _write_range(self, c0: int, c1: int, source: npt.NDArray[np.uint8] | None = None,
+                     view: memoryview | None = None) -> None:
+        """Write clusters [c0, c1) to the target from the device (or from ``source``)."""
+        cs = self.cs
+        if source is None:
+            source = self._data[c0 * cs : c1 * cs]
+            view = self._view[c0 * cs : c1 * cs]
+        assert view is not None
+        nonzero = nonzero_clusters(source, cs)
+        target = self.target
+        allocated = self.device.allocated
+        for a, b, has_data in runs(nonzero):
+            if has_data:
+                target.write((c0 + a) * cs, view[a * cs : b * cs])
+                self.bytes_written += (b - a) * cs
+            elif not target.starts_zeroed:
+                target.write_zeroes((c0 + a) * cs, (b - a) * cs)
+            else:
+                # Never-written clusters read as zeros on a fresh target: leave them out.
+                for za, zb, alloc in runs(allocated[c0 + a : c0 + b] != 0):
+                    if alloc:
+                        target.write_zeroes((c0 + a + za) * cs, (zb - za) * cs)
+        self.clusters_saved += c1 - c0
+
+    # -- background copy ------------------------------------------------------------------
+
+    @property
+    def background_done(self) -> bool:
+        return self.cursor >= self.device.clusters
+
+    def copy_next_chunk(self) -> int:
+        """Copy the next chunk of marked clusters; returns clusters saved.
+
+        Returns 0 without advancing when a claim in the chunk is held by a writer: the
+        caller serves requests and staging, then calls again.
+        """
+        nc = self._nc
+        n = self.device.clusters
+        # Skip unmarked stretches quickly (sync=top, or clusters writers already saved).
+        while self.cursor < n and not nc[self.cursor : self.cursor + self.chunk].any():
+            self.cursor += self.chunk
+        if self.cursor >= n:
+            self.cursor = n
+            return 0
+        c0 = self.cursor
+        c1 = min(c0 + self.chunk, n)
+        if not self.claims.try_claim(c0, c1 - c0):
+            return 0
+        saved = 0
+        try:
+            marked = nc[c0:c1] != 0
+            for a, b, is_marked in runs(marked):
+                if is_marked:
+                    self._write_range(c0 + a, c0 + b)
+                    nc[c0 + a : c0 + b] = 0
+                    saved += b - a
+        finally:
+            self.claims.release(c0, c1 - c0)
+        self.cursor = c1
+        return saved
+
+    # -- copy-before-write ------------------------------------------------------------------
+
+    def serve_request(self, cluster: int, count: int) -> None:
+        """Save clusters a writer asked for; the writer holds their claims."""
+        nc = self._nc
+        c1 = min(cluster + count, self.device.clusters)
+        for a, b, is_marked in runs(nc[cluster:c1] != 0):
+            if is_marked:
+                self._write_range(cluster + a, cluster + b)
+                nc[cluster + a : cluster + b] = 0
+                self.cbw_clusters += b - a
+
+    def drain_staging(self) -> int:
+        """Write every FULL staging slot to the target and free it; returns slots drained."""
+        state = self.device.slot_state
+        full = np.flatnonzero(state == L.SLOT_FULL)
+        if full.size == 0:
+            return 0
+        staging = self.device.staging
+        clusters = self.device.slot_cluster
+        for s in full.tolist():
+            c = int(clusters[s])
+            row = staging[s]
+            self._write_range(c, c + 1, source=row, view=memoryview(row))  # type: ignore[arg-type]
+            state[s] = L.SLOT_FREE
+        self.cbw_clusters += full.size
+        return int(full.size)
+
+    def close(self) -> None:
+        """Drop the views of the device mapping (so the device can be closed)."""
+        self._view.release()
+        del self._data, self._nc
+
+    def marked_clusters(self) -> int:
+        """How many clusters the snapshot still needs."""
+        return int(np.count_nonzero(self._nc))

@@ -1,0 +1,715 @@
+"""The Python API: an :class:`Engine` owns one run — devices, queues, worker processes.
+
+A program uses it like this::
+
+    with Engine() as engine:
+        dev = engine.create_device(size=parse_size("256M"))
+        dev.write(0, b"hello".ljust(4096, b"\\0"))        # a guest write, through CBW
+        engine.start_writers(dev, count=2, workload="random", duration=5)
+        job = engine.backup(dev, "backup.qcow2", verify=True)
+        result = job.wait()
+        print(result.outcome, result.throughput)
+
+The engine is the supervisor of DESIGN.md: the only creator and unlinker of shared
+objects (exclusive create, unlink in ``close`` and on every failure path, names written
+to the run registry before they exist), the starter and watcher of worker processes
+(``python -m workers.guest`` / ``workers.backup``, handed names, never handles), and the
+coordinator of snapshot start. A pump thread receives everything workers send to the
+supervisor queue and watches the child processes: a backup worker that dies or stops
+beating concludes its job as failed and frees the writers (invariant 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import protocol
+from shmblock import layout as L
+from shmblock.copier import DEFAULT_CHUNK, SYNC_MODES
+from shmblock.device import DEFAULT_CLUSTER_SIZE, DEFAULT_MAX_WRITERS, Device, Geometry
+from shmblock.errors import (
+    JobError,
+    PeerGone,
+    ShmblockError,
+    StateError,
+    TransportError,
+    UsageError,
+    VerificationError,
+)
+from shmblock.guest import WORKLOADS, GuestIO
+from shmblock.job import JobEvent, JobResult, JobState, JobTracker, Outcome
+from shmblock.names import NAME_RE, RunNames, RunRecord
+from shmblock.stats import WriterStats, merged_percentiles
+from shmblock.targets import TargetSpec
+from shmblock.targets.base import Buffer
+from shmblock.transport import (
+    BACKUP_RECEIVES,
+    SUPERVISOR_RECEIVES,
+    WRITER_CONTROL_RECEIVES,
+    WRITER_REPLY_RECEIVES,
+    Queue,
+)
+from shmblock.verify import SnapshotCapture, verify_target
+
+log = logging.getLogger("shmblock.engine")
+
+READY_TIMEOUT = 30.0
+FREEZE_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+PUMP_INTERVAL = 0.02
+
+
+@dataclass
+class WriterProcess:
+    """A guest-writer worker process and what the supervisor knows of it."""
+
+    ident: int
+    device: DeviceHandle
+    proc: subprocess.Popen[bytes]
+    control: Queue
+    reply: Queue
+    ready: bool = False
+    done: bool = False
+    ok: bool = True
+    error: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class DeviceHandle:
+    """A device owned by an engine; guest reads and writes go through copy-before-write."""
+
+    def __init__(self, engine: Engine, name: str, device: Device, io_writer: int) -> None:
+        self.engine = engine
+        self.name = name
+        self.device = device
+        self.gate = threading.Lock()  # held by guest writes of this process and by freezes
+        self._io_writer = io_writer
+        self._io: GuestIO | None = None
+        self._reply: Queue | None = None
+        self._backup_queue: Queue | None = None
+
+    @property
+    def size(self) -> int:
+        return self.device.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.device.cluster_size
+
+    def backup_queue(self) -> Queue:
+        """The queue of this device's backup worker (created on first use, kept)."""
+        if self._backup_queue is None:
+            self._backup_queue = self.engine._create_queue(
+                self.engine.names.backup_queue(self.name), BACKUP_RECEIVES)
+        return self._backup_queue
+
+    def _guest(self) -> GuestIO:
+        if self._io is None:
+            self._reply = self.engine._create_queue(
+                self.engine.names.writer_reply_queue(self.name, self._io_writer),
+                WRITER_REPLY_RECEIVES)
+            self._io = GuestIO(self.device, self._io_writer,
+                               self.engine.names.backup_queue(self.name),
+                               reply_queue=self._reply, gate=self.gate)
+        return self._io
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """A guest write from this process (copy-before-write applies)."""
+        self._guest().write(offset, data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """A guest read from this process."""
+        return self._guest().read(offset, length)
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.close()
+            self._io = None
+
+
+@dataclass
+class BackupJob:
+    """Handle on a running backup job."""
+
+    engine: Engine
+    job: str
+    device: DeviceHandle
+    spec: TargetSpec
+    sync: str
+    proc: subprocess.Popen[bytes]
+    queue: Queue
+    tracker: JobTracker
+    capture: SnapshotCapture | None = None
+    freeze_s: float = 0.0
+    speed: int = 0
+    result: JobResult | None = None
+    covered: np.ndarray | None = None  # type: ignore[type-arg]
+    _final_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- control --------------------------------------------------------------------
+
+    def _send(self, msg: protocol.Message) -> None:
+        try:
+            self.queue.send(msg, timeout=5.0)
+        except TransportError as exc:
+            raise PeerGone(f"the backup worker of job {self.job} is not answering: {exc}") from exc
+
+    def pause(self) -> None:
+        """Stop background copying; copy-before-write goes on."""
+        self.tracker.transition(JobState.PAUSED, "pause", "paused")
+        self._send(protocol.Pause(job=self.job))
+
+    def resume(self) -> None:
+        self.tracker.transition(JobState.RUNNING, "resume", "resumed")
+        self._send(protocol.Resume(job=self.job))
+
+    def set_speed(self, speed: int) -> None:
+        """Limit background copying to ``speed`` bytes per second (0 = unlimited)."""
+        if speed < 0:
+            raise UsageError("speed must not be negative")
+        if self.tracker.concluded:
+            raise StateError("cannot set the speed of a concluded job", "concluded",
+                             ("running", "paused"))
+        self.speed = speed
+        self._send(protocol.SetSpeed(job=self.job, speed=speed))
+
+    def cancel(self) -> None:
+        """Ask the job to stop; the target is discarded. Wait with :meth:`wait`."""
+        if not self.tracker.concluded:
+            with contextlib.suppress(PeerGone):
+                self._send(protocol.Cancel(job=self.job))
+
+    def complete(self) -> None:
+        """Finish a ``sync=none`` job now (the target keeps what was saved)."""
+        if self.sync != "none":
+            raise UsageError("only a sync=none job is completed on request")
+        self._send(protocol.Complete(job=self.job))
+
+    # -- observation ----------------------------------------------------------------
+
+    @property
+    def state(self) -> JobState:
+        return self.tracker.state
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(bytes done, bytes to do), read live from shared memory."""
+        ctl = self.device.device.ctl
+        if self.tracker.concluded:
+            return self.tracker.done, self.tracker.total
+        return int(ctl[L.CTL_DONE_BYTES]), int(ctl[L.CTL_TOTAL_BYTES])
+
+    @property
+    def events(self) -> list[JobEvent]:
+        return list(self.tracker.events)
+
+    def wait(self, timeout: float | None = None) -> JobResult:
+        """Wait for the job to conclude, verify if asked, and return its result.
+
+        Raises JobError on timeout; a failed job is a result, not an exception.
+        """
+        if not self.tracker.wait(timeout):
+            raise JobError(f"job {self.job} did not conclude within {timeout} s")
+        with self._final_lock:
+            if self.result is None:
+                self.result = self._finalise()
+        return self.result
+
+    def _finalise(self) -> JobResult:
+        t = self.tracker
+        assert t.outcome is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=STOP_TIMEOUT)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.engine._end_job(self)
+        start = t.running_since or t.started
+        result = JobResult(
+            job=self.job, outcome=t.outcome, error=t.error, target=self.spec.target,
+            format=self.spec.format, sync=self.sync, bytes_total=t.total,
+            bytes_written=t.final.get("bytes_written", 0),
+            clusters_copied=t.final.get("clusters_copied", 0),
+            cbw_clusters=t.final.get("cbw_clusters", 0),
+            duration_s=max(t.ended - start, 0.0), freeze_s=self.freeze_s)
+        if self.capture is not None:
+            self.capture.join()
+            if t.outcome is Outcome.COMPLETED:
+                try:
+                    verify_target(self.spec, self.capture, self.covered)
+                    result.verified = True
+                except VerificationError as exc:
+                    result.verified = False
+                    result.verify_error = str(exc)
+                t._emit("verified", ok=result.verified, error=result.verify_error)
+            elif self.capture.error:
+                result.verify_error = self.capture.error
+        return result
+
+
+class Engine:
+    """One run of shmblock: devices, writers, backup jobs; cleans up everything it made."""
+
+    def __init__(self, run_id: str | None = None,
+                 on_event: Callable[[str, JobEvent], None] | None = None) -> None:
+        self.names = RunNames.new(run_id)
+        self.record = RunRecord(self.names.run_id, self.names.prefix, os.getpid())
+        self.record.save()
+        self.devices: dict[str, DeviceHandle] = {}
+        self.writers: list[WriterProcess] = []
+        self.jobs: dict[str, BackupJob] = {}
+        self._queues: list[Queue] = []
+        self._next_writer: dict[str, int] = {}
+        self._epoch = itertools.count(1)
+        self._job_ids = itertools.count(1)
+        self._frozen: set[tuple[int, int]] = set()
+        self._ready: dict[tuple[str, int], int] = {}
+        self._pending_failures: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._on_event = on_event
+        self._closed = False
+        self.stuck_timeout = 30.0
+        try:
+            self.sup = self._create_queue(self.names.supervisor_queue, SUPERVISOR_RECEIVES)
+        except BaseException:
+            self.record.remove()
+            raise
+        self._pump_stop = threading.Event()
+        self._pump = threading.Thread(target=self._pump_loop, name="shmblock-pump", daemon=True)
+        self._pump.start()
+
+    # -- shared objects -------------------------------------------------------------
+
+    def _create_queue(self, name: str, kinds: tuple[type[protocol.Message], ...]) -> Queue:
+        self.record.queues.append(name)
+        self.record.save()
+        queue = Queue.create(name, kinds)
+        self._queues.append(queue)
+        return queue
+
+    def create_device(self, size: int, cluster_size: int = DEFAULT_CLUSTER_SIZE,
+                      name: str = "dev0", backing_file: str | None = None,
+                      max_writers: int = DEFAULT_MAX_WRITERS, prefault: bool = True
+                      ) -> DeviceHandle:
+        """Create a device of ``size`` bytes in shared memory (or mapping ``backing_file``)."""
+        self._require_open()
+        if not NAME_RE.match(name):
+            raise UsageError(f"device name {name!r} must be 1-32 of [A-Za-z0-9_.-]")
+        if name in self.devices:
+            raise UsageError(f"this run already has a device named {name!r}")
+        # One writer index more than asked: the engine's own guest I/O uses the last one.
+        geometry = Geometry(size, cluster_size, max_writers + 1)
+        meta, data = self.names.meta(name), self.names.data(name)
+        self.record.segments += [meta] if backing_file else [meta, data]
+        self.record.save()
+        device = Device.create(meta, data, geometry, self.names.run_id, backing_file, prefault)
+        handle = DeviceHandle(self, name, device, io_writer=max_writers)
+        self.devices[name] = handle
+        self._next_writer[name] = 0
+        return handle
+
+    # -- processes ----------------------------------------------------------------------
+
+    def _spawn(self, module: str, args: list[str]) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        # Workers must import our packages from wherever this process did.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--run", self.names.run_id,
+             "--prefix", self.names.prefix, *args],
+            env=env, stdin=subprocess.DEVNULL, start_new_session=False)
+        self.record.children.append(proc.pid)
+        self.record.save()
+        return proc
+
+    def start_writers(self, device: DeviceHandle, count: int, workload: str = "random",
+                      block_size: int = 4096, duration: float = 0.0, rate: float = 0.0,
+                      seed: int = 0, ops: int = 0) -> list[WriterProcess]:
+        """Start ``count`` guest-writer processes; returns once each is attached."""
+        self._require_open()
+        if workload not in WORKLOADS:
+            raise UsageError(f"unknown workload {workload!r} (expected one of "
+                             f"{', '.join(WORKLOADS)})")
+        if block_size <= 0 or device.size % block_size or block_size > device.size:
+            raise UsageError(f"block size {block_size} must divide the device size")
+        first = self._next_writer[device.name]
+        if first + count > device.device.geometry.max_writers - 1:
+            raise UsageError(f"at most {device.device.geometry.max_writers - 1} writers "
+                             "per device")
+        started = []
+        for ident in range(first, first + count):
+            control = self._create_queue(self.names.writer_control_queue(device.name, ident),
+                                         WRITER_CONTROL_RECEIVES)
+            reply = self._create_queue(self.names.writer_reply_queue(device.name, ident),
+                                       WRITER_REPLY_RECEIVES)
+            proc = self._spawn("workers.guest", [
+                "--meta", device.device.meta_name, "--device", device.name, "--id", str(ident),
+                "--workload", workload, "--block-size", str(block_size),
+                "--seed", str(seed * 1000 + ident), "--rate", str(rate),
+                "--duration", str(duration), "--ops", str(ops)])
+            writer = WriterProcess(ident, device, proc, control, reply)
+            self.writers.append(writer)
+            started.append(writer)
+        self._next_writer[device.name] = first + count
+        deadline = time.monotonic() + READY_TIMEOUT
+        for w in started:
+            if not self._wait_ready("writer", w.ident, w.proc, deadline):
+                raise PeerGone(f"guest writer {w.ident} did not start (exit code "
+                               f"{w.proc.poll()})")
+            w.ready = True
+        return started
+
+    def _wait_ready(self, role: str, ident: int, proc: subprocess.Popen[bytes],
+                    deadline: float) -> bool:
+        with self._cond:
+            while (role, ident) not in self._ready:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    return False
+                self._cond.wait(0.05)
+            self._ready.pop((role, ident))
+        return True
+
+    def writers_running(self) -> bool:
+        return any(w.alive for w in self.writers)
+
+    def wait_writers(self, timeout: float | None = None) -> bool:
+        """Wait until every writer process has exited; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for w in self.writers:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+            try:
+                w.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+    def stop_writers(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Ask every writer to stop, then make sure (SIGTERM, SIGKILL) they have."""
+        for w in self.writers:
+            if w.alive:
+                with contextlib.suppress(ShmblockError):
+                    w.control.send(protocol.Shutdown(reason="stop"), timeout=0.5)
+        for h in self.devices.values():
+            h.device.ctl[L.CTL_EPOCH] = next(self._epoch)
+        if not self.wait_writers(timeout / 2):
+            for w in self.writers:
+                if w.alive:
+                    w.proc.terminate()
+            if not self.wait_writers(timeout / 2):
+                for w in self.writers:
+                    if w.alive:
+                        w.proc.kill()
+                self.wait_writers(5.0)
+
+    def writer_stats(self, device: DeviceHandle | None = None) -> list[WriterStats]:
+        """Counters of every writer process (from shared memory; dead ones included)."""
+        out = []
+        for w in self.writers:
+            if device is None or w.device is device:
+                out.append(WriterStats.from_row(w.ident, w.device.device.stats[w.ident]))
+        return out
+
+    def latency_percentiles(self, device: DeviceHandle) -> tuple[float, float, float]:
+        """p50, p99, p99.9 of guest write latency over every writer of ``device``, in µs."""
+        rows = [w.device.device.stats[w.ident] for w in self.writers if w.device is device]
+        return merged_percentiles(rows)
+
+    # -- snapshot start -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def freeze(self, devices: list[DeviceHandle]) -> Iterator[float]:
+        """Quiesce every writer of ``devices``: no write is in flight inside the block.
+
+        Yields the monotonic time the last writer froze. Raises PeerGone when a live
+        writer does not answer within FREEZE_TIMEOUT (everyone is thawed again).
+        """
+        epoch = next(self._epoch)
+        gates = [h.gate for h in devices]
+        for g in gates:
+            g.acquire()
+        asked: list[WriterProcess] = []
+        try:
+            for w in self.writers:
+                if w.device in devices and w.alive:
+                    w.control.send(protocol.Freeze(epoch=epoch), timeout=1.0)
+                    asked.append(w)
+            # Bump the hint only after the messages are queued (see workers.guest).
+            for h in devices:
+                h.device.ctl[L.CTL_EPOCH] = epoch
+            deadline = time.monotonic() + FREEZE_TIMEOUT
+            with self._cond:
+                while True:
+                    waiting = [w for w in asked
+                               if (epoch, w.ident) not in self._frozen and w.alive]
+                    if not waiting:
+                        break
+                    if time.monotonic() > deadline:
+                        raise PeerGone(f"guest writer {waiting[0].ident} did not freeze "
+                                       f"within {FREEZE_TIMEOUT:.0f} s")
+                    self._cond.wait(0.001)
+            yield time.monotonic()
+        finally:
+            for w in asked:
+                with contextlib.suppress(ShmblockError):
+                    w.control.send(protocol.Thaw(epoch=epoch), timeout=1.0)
+            with self._cond:
+                self._frozen = {k for k in self._frozen if k[0] != epoch}
+            for g in gates:
+                g.release()
+
+    # -- backups --------------------------------------------------------------------------
+
+    def backup(self, device: DeviceHandle, target: str, *, format: str | None = None,  # noqa: A002
+               sync: str = "full", speed: int = 0, cbw_mode: str = "stage",
+               cbw_timeout: float = 5.0, on_cbw_error: str = "break-guest-write",
+               backing_file: str | None = None, backing_format: str | None = None,
+               verify: bool = False, reference_image: str | None = None,
+               chunk: int = DEFAULT_CHUNK, target_timeout: float = 30.0,
+               job_id: str | None = None,
+               on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
+        """Start a backup job of ``device`` to ``target``; returns once it is running.
+
+        Raises UsageError for bad arguments and JobError when the job cannot start
+        (target unreachable, worker did not start); the device is untouched then.
+        """
+        self._require_open()
+        if sync not in SYNC_MODES:
+            raise UsageError(f"unknown sync mode {sync!r} (expected one of {', '.join(SYNC_MODES)})")
+        if sync == "incremental":
+            raise UsageError("sync=incremental needs dirty bitmaps, which this version "
+                             "does not manage yet")
+        if cbw_mode not in L.CBW_MODES:
+            raise UsageError(f"unknown cbw mode {cbw_mode!r} (expected stage or request)")
+        if on_cbw_error not in L.ON_CBW_ERROR:
+            raise UsageError(f"unknown on-cbw-error {on_cbw_error!r} (expected "
+                             f"{' or '.join(L.ON_CBW_ERROR)})")
+        if cbw_timeout <= 0:
+            raise UsageError("the copy-before-write timeout must be positive")
+        if speed < 0:
+            raise UsageError("speed must not be negative")
+        if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
+            raise JobError(f"device {device.name} already has a backup job running")
+        spec = TargetSpec.parse(target, format, backing_file, backing_format)
+        job_id = job_id or f"job{next(self._job_ids)}"
+        if not NAME_RE.match(job_id):
+            raise UsageError(f"job id {job_id!r} must be 1-32 of [A-Za-z0-9_.-]")
+        tracker = JobTracker(job_id, on_event if on_event else (
+            (lambda e: self._on_event(job_id, e)) if self._on_event else None))
+        queue = device.backup_queue()
+        if spec.format in ("raw", "qcow2"):
+            self.record.files.append(os.path.abspath(spec.target) + ".part")
+            self.record.save()
+        args = ["--meta", device.device.meta_name, "--device", device.name, "--job", job_id, "--target", spec.target,
+                "--format", spec.format, "--sync", sync, "--speed", str(speed),
+                "--chunk", str(chunk), "--target-timeout", str(target_timeout)]
+        if backing_file:
+            args += ["--backing-file", backing_file]
+        if backing_format:
+            args += ["--backing-format", backing_format]
+        proc = self._spawn("workers.backup", args)
+        job = BackupJob(self, job_id, device, spec, sync, proc, queue, tracker, speed=speed)
+        self.jobs[job_id] = job
+        if not self._wait_ready("backup", 0, proc, time.monotonic() + READY_TIMEOUT):
+            reason = self._pending_failures.pop(job_id, "")
+            if not reason:
+                reason = f"the backup worker exited with code {proc.poll()}" \
+                    if proc.poll() is not None else "the backup worker did not start in time"
+            tracker.conclude(Outcome.FAILED, reason)
+            job.wait(STOP_TIMEOUT)
+            raise JobError(f"backup of {device.name} to {spec.target} could not start: {reason}")
+        dev = device.device
+        ctl = dev.ctl
+        ctl[L.CTL_CBW_MODE] = L.CBW_MODES.index(cbw_mode)
+        ctl[L.CTL_CBW_TIMEOUT_US] = int(cbw_timeout * 1e6)
+        ctl[L.CTL_ON_CBW_ERROR] = L.ON_CBW_ERROR.index(on_cbw_error)
+        ctl[L.CTL_BROKEN] = 0
+        ctl[L.CTL_DONE_BYTES] = 0
+        capture = SnapshotCapture(dev, reference_image) if (verify or reference_image) else None
+        try:
+            t0 = time.monotonic()
+            with self.freeze([device]):
+                dev.slot_state[:] = L.SLOT_FREE
+                if sync == "top":
+                    np.copyto(dev.needs_copy, dev.allocated)
+                else:
+                    dev.needs_copy[:] = 1
+                ctl[L.CTL_TOTAL_BYTES] = 0 if sync == "none" else \
+                    int(np.count_nonzero(dev.needs_copy)) * dev.cluster_size
+                if capture is not None:
+                    capture.capture()
+                if sync in ("full", "top"):
+                    job.covered = dev.needs_copy != 0
+                ctl[L.CTL_JOB_SEQ] += 1
+                ctl[L.CTL_JOB_ACTIVE] = 1
+                job.freeze_s = time.monotonic() - t0
+        except BaseException:
+            dev.needs_copy[:] = 0
+            ctl[L.CTL_JOB_ACTIVE] = 0
+            job.cancel()
+            raise
+        job.capture = capture
+        queue.send(protocol.JobStart(job=job_id, sync=sync, speed=speed), timeout=5.0)
+        if capture is not None:
+            capture.finish_async()
+        with contextlib.suppress(StateError):  # the worker may have failed already
+            tracker.transition(JobState.RUNNING, "start", "running")
+        return job
+
+    def _end_job(self, job: BackupJob) -> None:
+        """After the worker exited: make sure writers run free and nothing is left."""
+        dev = job.device.device
+        if not dev.closed and dev.ctl[L.CTL_JOB_ACTIVE]:
+            # The worker died without clearing the map (SIGKILL): do it for it.
+            dev.ctl[L.CTL_JOB_ACTIVE] = 0
+            dev.needs_copy[:] = 0
+            dev.slot_state[:] = L.SLOT_FREE
+        part = os.path.abspath(job.spec.target) + ".part"
+        if job.spec.format in ("raw", "qcow2") and job.tracker.outcome is not Outcome.COMPLETED:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+
+    # -- the pump ---------------------------------------------------------------------------
+
+    def _pump_loop(self) -> None:
+        while not self._pump_stop.is_set():
+            try:
+                msg = self.sup.receive(PUMP_INTERVAL)
+            except TransportError:
+                return
+            if msg is not None:
+                self._dispatch(msg)
+            self._watch_children()
+
+    def _dispatch(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Frozen):
+            with self._cond:
+                self._frozen.add((msg.epoch, msg.writer))
+                self._cond.notify_all()
+        elif isinstance(msg, protocol.Ready):
+            with self._cond:
+                self._ready[(msg.role, msg.ident)] = msg.pid
+                self._cond.notify_all()
+        elif isinstance(msg, protocol.WriterDone):
+            for w in self.writers:
+                if w.ident == msg.writer:
+                    w.done, w.ok, w.error = True, msg.ok, msg.error
+        elif isinstance(msg, protocol.JobProgress | protocol.JobCompleted | protocol.JobFailed
+                        | protocol.JobCancelled):
+            job = self.jobs.get(msg.job)
+            if job is None:
+                if isinstance(msg, protocol.JobFailed):
+                    self._pending_failures[msg.job] = msg.error
+                return
+            t = job.tracker
+            if isinstance(msg, protocol.JobProgress):
+                t.progress(msg.done, msg.total)
+            elif isinstance(msg, protocol.JobCompleted):
+                t.progress(t.total or int(job.device.device.ctl[L.CTL_TOTAL_BYTES]),
+                           t.total or int(job.device.device.ctl[L.CTL_TOTAL_BYTES]))
+                t.conclude(Outcome.COMPLETED, bytes_written=msg.bytes_written,
+                           clusters_copied=msg.clusters_copied, cbw_clusters=msg.cbw_clusters)
+            elif isinstance(msg, protocol.JobFailed):
+                if t.state is JobState.CREATED:
+                    self._pending_failures[msg.job] = msg.error
+                t.conclude(Outcome.FAILED, msg.error)
+            else:
+                t.conclude(Outcome.CANCELLED)
+
+    def _watch_children(self) -> None:
+        now_ns = time.monotonic_ns()
+        for job in list(self.jobs.values()):
+            t = job.tracker
+            if t.concluded:
+                continue
+            code = job.proc.poll()
+            if code is not None:
+                # Give a final message already in the queue a chance to arrive first.
+                for msg in self.sup.drain():
+                    self._dispatch(msg)
+                if not t.concluded:
+                    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                    t.conclude(Outcome.FAILED, f"the backup worker died ({how})")
+                    self._end_job(job)
+                continue
+            ctl = job.device.device.ctl
+            beat = int(ctl[L.CTL_HEARTBEAT_NS])
+            if t.state is not JobState.CREATED and beat and \
+                    now_ns - beat > self.stuck_timeout * 1e9:
+                log.error("backup worker of %s stopped beating: killing it", job.job)
+                job.proc.kill()
+                job.proc.wait()
+                t.conclude(Outcome.FAILED, f"the backup worker stopped responding for "
+                                           f"{self.stuck_timeout:g} s and was killed")
+                self._end_job(job)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise StateError("the engine is closed", "closed", ("open",))
+
+    def close(self) -> None:
+        """Stop every process and remove every shared object of the run. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for job in self.jobs.values():
+                if not job.tracker.concluded:
+                    job.cancel()
+            for job in self.jobs.values():
+                with contextlib.suppress(JobError):
+                    job.wait(STOP_TIMEOUT)
+                if job.proc.poll() is None:
+                    job.proc.kill()
+                    job.proc.wait()
+            self.stop_writers()
+        finally:
+            self._pump_stop.set()
+            if self._pump.is_alive() and self._pump is not threading.current_thread():
+                self._pump.join(2.0)
+            for h in self.devices.values():
+                with contextlib.suppress(ShmblockError):
+                    h.close()
+            for q in self._queues:
+                q.close()
+                q.unlink()
+            for h in self.devices.values():
+                h.device.unlink()
+                with contextlib.suppress(ShmblockError):
+                    h.device.close()
+            for path in self.record.files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self.record.remove()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,303 @@
+"""Guest I/O: reads and writes of a device through the copy-before-write path.
+
+:class:`GuestIO` is what every guest writer uses — the writer worker processes and a
+program writing through the Python API alike — so there is exactly one write path.
+
+A write of bytes ``[off, off+n)`` touches clusters ``c0..c1-1``. The common case costs
+one map lookup: if ``needs_copy`` is 0 for all of them, the snapshot no longer needs
+their old contents (or no job runs), and the write goes straight to shared memory. For
+each cluster c still marked (DESIGN.md invariant 2):
+
+1. claim c (an OFD lock the kernel drops if we die), re-check ``needs_copy[c]``;
+2. *stage* mode: copy the old 64 KiB into one of this writer's staging slots, mark the
+   slot FULL, clear ``needs_copy[c]`` — the backup worker drains the slot to the target;
+   *request* mode (or all slots full): send COPY_REQ and wait for COPY_DONE, the worker
+   writes c to the target and clears ``needs_copy[c]`` while we hold the claim;
+3. release the claim, write.
+
+If saving fails or takes longer than the copy-before-write timeout, ``on-cbw-error``
+decides (QEMU's names): ``break-guest-write`` fails this write with
+:class:`~shmblock.errors.CopyBeforeWriteError` and leaves the device unchanged;
+``break-snapshot`` lets the write through and marks the snapshot broken, so the job
+fails instead. If the job ended meanwhile (``needs_copy[c]`` is 0 again), the write just
+proceeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import protocol
+from shmblock import layout as L
+from shmblock import stats as S
+from shmblock.claims import Claims
+from shmblock.device import Device
+from shmblock.errors import CopyBeforeWriteError, TransportError, UsageError
+from shmblock.targets.base import Buffer
+from shmblock.transport import Queue
+
+WORKLOADS = ("random", "sequential", "zipf", "mixed", "first-touch")
+STATS_FLUSH_OPS = 256
+STATS_FLUSH_NS = 50_000_000
+
+
+class GuestIO:
+    """Reads and writes of one device by one writer identity (``writer`` index)."""
+
+    def __init__(
+        self,
+        device: Device,
+        writer: int,
+        backup_queue: str,
+        reply_queue: Queue | None = None,
+        on_epoch: Callable[[], None] | None = None,
+        gate: threading.Lock | None = None,
+    ) -> None:
+        if not 0 <= writer < device.geometry.max_writers:
+            raise UsageError(f"writer index {writer} out of range for this device")
+        self.device = device
+        self.writer = writer
+        self.backup_queue_name = backup_queue
+        self._claims = Claims(device.meta_name)
+        self._reply = reply_queue
+        self._on_epoch = on_epoch
+        self._gate = gate
+        self._cs = device.cluster_size
+        self._size = device.size
+        self._data = device.data
+        self._nc = device.needs_copy
+        self._alloc = device.allocated
+        self._dirty = device.dirty
+        self._ctl = device.ctl
+        self._slot_state = device.slot_state
+        self._slot_cluster = device.slot_cluster
+        self._staging = device.staging
+        self._slots = device.writer_slots(writer)
+        self._row = device.stats[writer]
+        # -1: the first write always looks at the control queue (a Freeze may be there).
+        self._epoch_seen = -1
+        self._mask_seen = -1
+        self._dirty_rows: list[int] = []
+        self._seq = itertools.count(1)
+        self._backup_queue: Queue | None = None
+        self._backup_job_seq = -1
+        # Counters kept in Python and flushed to shared memory every few hundred ops.
+        self._hist = [0] * S.HIST_BUCKETS
+        self._ops = self._bytes = self._reads = self._read_bytes = 0
+        self._cbw_saves = self._cbw_requests = self._cbw_wait_ns = self._errors = 0
+        self._max_stall = 0
+        self._unflushed = 0
+        self._last_flush = time.monotonic_ns()
+        row = self._row
+        row[:] = 0
+        row[S.W_START_NS] = self._last_flush
+        row[S.W_PID] = os.getpid()
+        row[S.W_RUNNING] = 1
+
+    # -- the write path -----------------------------------------------------------------
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` at ``offset`` as a guest; raises CopyBeforeWriteError per policy."""
+        buf = np.frombuffer(data, dtype=np.uint8)
+        n = buf.size
+        if offset < 0 or n == 0 or offset + n > self._size:
+            raise UsageError(f"write of {n} bytes at {offset} is outside the device")
+        if self._gate is not None:
+            with self._gate:
+                self._write(offset, buf, n)
+        else:
+            self._write(offset, buf, n)
+
+    def _write(self, offset: int, buf: np.ndarray, n: int) -> None:  # type: ignore[type-arg]
+        t0 = time.perf_counter_ns()
+        ctl = self._ctl
+        if ctl[L.CTL_EPOCH] != self._epoch_seen:
+            self._epoch_seen = int(ctl[L.CTL_EPOCH])
+            if self._on_epoch is not None:
+                self._on_epoch()
+            t0 = time.perf_counter_ns()  # a freeze is not the write's latency
+        cs = self._cs
+        c0 = offset // cs
+        c1 = (offset + n - 1) // cs + 1
+        nc = self._nc
+        if nc[c0] if c1 - c0 == 1 else nc[c0:c1].any():
+            try:
+                self._copy_before_write(c0, c1)
+            except CopyBeforeWriteError:
+                self._errors += 1
+                self._account(t0, 0)
+                raise
+        if c1 - c0 == 1:
+            self._alloc[c0] = 1
+        else:
+            self._alloc[c0:c1] = 1
+        mask = int(ctl[L.CTL_BITMAP_MASK])
+        if mask:
+            if mask != self._mask_seen:
+                self._mask_seen = mask
+                self._dirty_rows = [i for i in range(L.MAX_BITMAPS) if mask >> i & 1]
+            for i in self._dirty_rows:
+                self._dirty[i, c0:c1] = 1
+        self._data[offset : offset + n] = buf
+        self._ops += 1
+        self._account(t0, n)
+
+    def _account(self, t0: int, n: int) -> None:
+        elapsed = time.perf_counter_ns() - t0
+        self._bytes += n
+        self._hist[S.bucket_of(elapsed)] += 1
+        if elapsed > self._max_stall:
+            self._max_stall = elapsed
+        self._unflushed += 1
+        if self._unflushed >= STATS_FLUSH_OPS:
+            self.flush_stats()
+
+    def _copy_before_write(self, c0: int, c1: int) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + int(self._ctl[L.CTL_CBW_TIMEOUT_US]) / 1e6
+        nc = self._nc
+        try:
+            for c in range(c0, c1):
+                if not nc[c]:
+                    continue
+                self._claims.claim(c, 1, deadline)
+                try:
+                    if nc[c]:
+                        self._save_cluster(c, deadline)
+                finally:
+                    self._claims.release(c, 1)
+        except CopyBeforeWriteError as exc:
+            self._cbw_failed(c0, c1, exc)
+        finally:
+            self._cbw_wait_ns += int((time.monotonic() - t0) * 1e9)
+
+    def _save_cluster(self, c: int, deadline: float) -> None:
+        """Save cluster c's snapshot contents; we hold its claim and needs_copy[c] is 1."""
+        if int(self._ctl[L.CTL_CBW_MODE]) == 0:
+            slot = self._free_slot()
+            if slot is not None:
+                cs = self._cs
+                self._staging[slot] = self._data[c * cs : (c + 1) * cs]
+                self._slot_cluster[slot] = c
+                self._slot_state[slot] = L.SLOT_FULL
+                self._nc[c] = 0
+                self._cbw_saves += 1
+                if self._ctl[L.CTL_WORKER_IDLE]:
+                    self._ring_doorbell()
+                return
+        self._request_copy(c, deadline)
+
+    def _free_slot(self) -> int | None:
+        state = self._slot_state
+        for s in self._slots:
+            if state[s] == L.SLOT_FREE:
+                return s
+        return None
+
+    def _backup(self) -> Queue:
+        job_seq = int(self._ctl[L.CTL_JOB_SEQ])
+        if self._backup_queue is None or job_seq != self._backup_job_seq:
+            if self._backup_queue is not None:
+                self._backup_queue.close()
+                self._backup_queue = None
+            try:
+                self._backup_queue = Queue.attach(self.backup_queue_name)
+            except TransportError as exc:
+                raise CopyBeforeWriteError(f"no backup worker to save the cluster: {exc}") from exc
+            self._backup_job_seq = job_seq
+        return self._backup_queue
+
+    def _ring_doorbell(self) -> None:
+        try:
+            self._backup().try_send(protocol.Staged(writer=self.writer))
+        except (CopyBeforeWriteError, TransportError):
+            pass  # the worker polls its slots anyway; a doorbell only saves latency
+
+    def _request_copy(self, c: int, deadline: float) -> None:
+        if self._reply is None:
+            raise CopyBeforeWriteError("staging slots are full and this writer has no reply queue")
+        seq = next(self._seq)
+        try:
+            self._backup().send(protocol.CopyRequest(writer=self.writer, seq=seq, cluster=c,
+                                                     count=1),
+                                timeout=max(deadline - time.monotonic(), 0.0))
+        except TransportError as exc:
+            raise CopyBeforeWriteError(f"cannot ask the backup worker to save cluster {c}: "
+                                       f"{exc}") from exc
+        self._cbw_requests += 1
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CopyBeforeWriteError(
+                    f"the backup worker did not save cluster {c} within the copy-before-write "
+                    "timeout")
+            reply = self._reply.receive(remaining)
+            if isinstance(reply, protocol.CopyDone) and reply.seq == seq:
+                if not reply.ok:
+                    raise CopyBeforeWriteError(f"the backup worker could not save cluster {c}: "
+                                               f"{reply.error}")
+                return
+            # Anything else is a late answer to a request that already timed out.
+
+    def _cbw_failed(self, c0: int, c1: int, exc: CopyBeforeWriteError) -> None:
+        """Apply on-cbw-error after a save failed; returns when the write may proceed."""
+        ctl = self._ctl
+        if not self._nc[c0:c1].any() or ctl[L.CTL_BROKEN]:
+            return  # the job ended (maps cleared) or the snapshot is already broken
+        if int(ctl[L.CTL_ON_CBW_ERROR]) == 1:
+            ctl[L.CTL_BROKEN] = 1  # break-snapshot: the job fails, the guest goes on
+            return
+        raise exc
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (guest reads never wait for the backup)."""
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise UsageError(f"read of {length} bytes at {offset} is outside the device")
+        t0 = time.perf_counter_ns()
+        out = self._data[offset : offset + length].tobytes()
+        self._reads += 1
+        self._read_bytes += length
+        self._hist[S.bucket_of(time.perf_counter_ns() - t0)] += 1
+        return out
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def flush_stats(self) -> None:
+        """Publish the counters to this writer's row in shared memory."""
+        row = self._row
+        row[S.W_OPS] = self._ops
+        row[S.W_BYTES] = self._bytes
+        row[S.W_READS] = self._reads
+        row[S.W_READ_BYTES] = self._read_bytes
+        row[S.W_CBW_SAVES] = self._cbw_saves
+        row[S.W_CBW_REQUESTS] = self._cbw_requests
+        row[S.W_CBW_WAIT_NS] = self._cbw_wait_ns
+        row[S.W_MAX_STALL_NS] = self._max_stall
+        row[S.W_ERRORS] = self._errors
+        row[S.HIST_BASE : S.HIST_BASE + S.HIST_BUCKETS] = self._hist
+        now = time.monotonic_ns()
+        row[S.W_END_NS] = now
+        self._unflushed = 0
+        self._last_flush = now
+
+    def close(self) -> None:
+        """Flush stats and release claims and queues. Idempotent."""
+        if self.device.closed or not hasattr(self, "_row"):
+            return
+        self.flush_stats()
+        self._row[S.W_RUNNING] = 0
+        self._claims.close()
+        if self._backup_queue is not None:
+            self._backup_queue.close()
+            self._backup_queue = None
+        # Drop our views of the mapping so the device can be closed (else BufferError).
+        del self._data, self._nc, self._alloc, self._dirty, self._ctl, self._row
+        del self._slot_state, self._slot_cluster, self._staging

@@ -1,0 +1,170 @@
+"""Self-verification of a backup: what the device held at the snapshot instant.
+
+While the writers are frozen, :meth:`SnapshotCapture.capture` copies the device into a
+private buffer that was faulted in beforehand (so the freeze costs one memcpy, about
+10 GB/s, and no page faults). After the thaw, a background thread turns the copy into
+per-cluster BLAKE2b digests and, if asked, a plain sparse raw *reference image*, then
+drops the copy. At the end :func:`verify_target` reads the finished backup back through
+an independent reader (the file, our qcow2 reader, a new NBD connection) and compares
+digests cluster by cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from shmblock.copier import nonzero_clusters, runs
+from shmblock.device import Device
+from shmblock.errors import TargetError, VerificationError
+from shmblock.targets import TargetSpec
+
+DIGEST_BYTES = 16
+READ_CHUNK = 8 << 20
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+def cluster_digest(data: bytes | memoryview | npt.NDArray[np.uint8]) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def write_sparse_raw(path: str, data: npt.NDArray[np.uint8], cluster_size: int) -> None:
+    """Write ``data`` to a raw file, leaving all-zero clusters as holes."""
+    tmp = path + ".part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, data.size)
+        view = memoryview(data)  # type: ignore[arg-type]
+        step = READ_CHUNK
+        for start in range(0, data.size, step):
+            chunk = data[start : start + step]
+            for a, b, has_data in runs(nonzero_clusters(chunk, cluster_size)):
+                if has_data:
+                    off = start + a * cluster_size
+                    os.pwrite(fd, view[off : start + b * cluster_size], off)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+class SnapshotCapture:
+    """The device's contents at the snapshot instant, kept as digests (and a file)."""
+
+    def __init__(self, device: Device, reference_image: str | None = None) -> None:
+        self.cluster_size = device.cluster_size
+        self.size = device.size
+        self.reference_image = reference_image
+        # Fault every page in now, outside the freeze: np.ones then zero touches them all.
+        self._copy: npt.NDArray[np.uint8] | None = np.ones(device.size, dtype=np.uint8)
+        self._copy[:] = 0
+        self.digests: list[bytes] = []
+        self.error = ""
+        self._thread: threading.Thread | None = None
+        self._device = device
+
+    def capture(self) -> None:
+        """Copy the device; call only while every writer is frozen."""
+        assert self._copy is not None
+        np.copyto(self._copy, self._device.data)
+
+    def finish_async(self) -> None:
+        """Digest the copy (and write the reference image) in a background thread."""
+        self._thread = threading.Thread(target=self._finish, name="snapshot-digests",
+                                        daemon=True)
+        self._thread.start()
+
+    def _finish(self) -> None:
+        copy = self._copy
+        assert copy is not None
+        try:
+            cs = self.cluster_size
+            self.digests = [cluster_digest(copy[i : i + cs]) for i in range(0, copy.size, cs)]
+            if self.reference_image:
+                write_sparse_raw(self.reference_image, copy, cs)
+        except OSError as exc:
+            self.error = f"cannot write the reference image {self.reference_image!r}: {exc}"
+        finally:
+            self._copy = None
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+class Reader(Protocol):
+    """Reads a finished backup without going through the code that wrote it."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class RawFileReader:
+    """A raw image read with pread."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def open_reader(spec: TargetSpec, size: int, cluster_size: int, timeout: float = 30.0) -> Reader:
+    """An independent reader of a finished backup."""
+    if spec.format == "raw":
+        return RawFileReader(spec.target)
+    if spec.format == "qcow2":
+        from shmblock.targets.qcow2 import Qcow2Reader
+
+        return Qcow2Reader(spec.target)
+    from shmblock.targets.nbd import NbdTarget
+
+    return NbdTarget(spec.target, size, cluster_size, timeout=timeout)
+
+
+def verify_target(spec: TargetSpec, capture: SnapshotCapture,
+                  covered: BoolArray | None = None) -> None:
+    """Raise VerificationError unless every covered cluster of the backup matches."""
+    capture.join()
+    if capture.error:
+        raise VerificationError(capture.error)
+    cs = capture.cluster_size
+    try:
+        reader = open_reader(spec, capture.size, cs)
+    except (OSError, TargetError) as exc:
+        raise VerificationError(f"cannot open the backup to verify it: {exc}") from exc
+    bad: list[int] = []
+    try:
+        for start in range(0, capture.size, READ_CHUNK):
+            length = min(READ_CHUNK, capture.size - start)
+            data = reader.read(start, length)
+            if len(data) != length:
+                raise VerificationError(f"the backup is short: {len(data)} bytes at {start}")
+            view = memoryview(data)
+            for i in range(0, length, cs):
+                c = (start + i) // cs
+                if covered is not None and not covered[c]:
+                    continue
+                if cluster_digest(view[i : i + cs]) != capture.digests[c]:
+                    bad.append(c)
+    except (OSError, TargetError) as exc:
+        raise VerificationError(f"cannot read the backup back: {exc}") from exc
+    finally:
+        reader.close()
+    if bad:
+        shown = ", ".join(str(c) for c in bad[:10])
+        raise VerificationError(
+            f"{len(bad)} cluster(s) of the backup differ from the snapshot (first: {shown})")

@@ -1,0 +1,317 @@
+"""The backup-worker process: ``python -m workers.backup --meta NAME ...``.
+
+It attaches to the device, opens the target (so an unreachable target fails the job
+before any writer is frozen), says Ready, waits for JobStart (sent once the supervisor
+has frozen the writers and set ``needs_copy``), then loops:
+
+1. answer every queued message: copy requests first-class (a writer is waiting), then
+   job control (pause, resume, set-speed, cancel, complete, shutdown);
+2. drain the staging slots writers filled;
+3. copy the next background chunk, unless paused or over the speed limit;
+4. when there is nothing to do, sleep on the queue for a few milliseconds, with the
+   ``CTL_WORKER_IDLE`` flag up so staging writers ring the doorbell.
+
+The job ends completed (target committed), failed (target error, broken snapshot, the
+supervisor gone) or cancelled. In every case the worker clears ``needs_copy`` so writers
+run free, and the target is committed or aborted — never left looking finished when it
+is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import protocol
+from shmblock import layout as L
+from shmblock.claims import Claims
+from shmblock.copier import SYNC_MODES, Copier
+from shmblock.device import Device
+from shmblock.errors import ShmblockError, TargetError, TransportError
+from shmblock.names import RunNames
+from shmblock.targets import TargetSpec, open_target
+from shmblock.targets.base import Target
+from shmblock.transport import Queue
+from workers.common import Terminated, parent_alive, start_worker
+
+log = logging.getLogger("shmblock.backup")
+
+IDLE_WAIT = 0.005
+PROGRESS_EVERY = 0.1
+START_TIMEOUT = 60.0
+
+
+class JobEnded(Exception):
+    """Carries the final message of the job out of the loop."""
+
+    def __init__(self, final: protocol.Message) -> None:
+        super().__init__(type(final).__name__)
+        self.final = final
+
+
+class BackupWorker:
+    """The loop of one backup job."""
+
+    def __init__(self, args: argparse.Namespace, parent: int) -> None:
+        self.args = args
+        self.parent = parent
+        self.job = args.job
+        self.names = RunNames(args.run, args.prefix)
+        self.device = Device.attach(args.meta, run_id=args.run)
+        self.claims = Claims(args.meta)
+        self.inbox = Queue.attach(self.names.backup_queue(args.device))
+        self.sup = Queue.attach(self.names.supervisor_queue)
+        self.replies: dict[int, Queue] = {}
+        self.target: Target | None = None
+        self.copier: Copier | None = None
+        self.paused = False
+        self.speed = args.speed
+        self.next_allowed = 0.0
+        self.sync = args.sync
+        self.complete_requested = False
+
+    # -- messages ----------------------------------------------------------------------
+
+    def reply_queue(self, writer: int) -> Queue | None:
+        queue = self.replies.get(writer)
+        if queue is None:
+            try:
+                queue = Queue.attach(self.names.writer_reply_queue(self.args.device, writer))
+            except TransportError:
+                return None
+            self.replies[writer] = queue
+        return queue
+
+    def handle(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.CopyRequest):
+            self.serve(msg)
+        elif isinstance(msg, protocol.Staged):
+            pass  # the drain that follows every batch of messages picks it up
+        elif isinstance(msg, protocol.Shutdown):
+            raise JobEnded(protocol.JobCancelled(job=self.job))
+        elif getattr(msg, "job", self.job) != self.job:
+            log.warning("ignoring %s for another job", type(msg).__name__)
+        elif isinstance(msg, protocol.Pause):
+            self.paused = True
+        elif isinstance(msg, protocol.Resume):
+            self.paused = False
+        elif isinstance(msg, protocol.SetSpeed):
+            self.speed = msg.speed
+            self.next_allowed = time.monotonic()
+        elif isinstance(msg, protocol.Cancel):
+            raise JobEnded(protocol.JobCancelled(job=self.job))
+        elif isinstance(msg, protocol.Complete):
+            self.complete_requested = True
+        else:
+            log.warning("unexpected %s on the backup queue", type(msg).__name__)
+
+    def serve(self, req: protocol.CopyRequest) -> None:
+        ok, error = True, ""
+        if self.copier is None:
+            ok, error = False, "the backup job has not started"
+        else:
+            try:
+                self.copier.serve_request(req.cluster, req.count)
+            except TargetError as exc:
+                ok, error = False, protocol.short_error(str(exc))
+                self.answer(req, ok, error)
+                raise
+        self.answer(req, ok, error)
+
+    def answer(self, req: protocol.CopyRequest, ok: bool, error: str) -> None:
+        queue = self.reply_queue(req.writer)
+        if queue is not None and not queue.try_send(
+            protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count, ok=ok,
+                              error=error)
+        ):
+            log.warning("writer %d's reply queue is full; it will time out", req.writer)
+
+    def service_inbox(self, wait: float) -> None:
+        ctl = self.device.ctl
+        if wait > 0:
+            ctl[L.CTL_WORKER_IDLE] = 1
+        try:
+            msg = self.inbox.receive(wait)
+        finally:
+            ctl[L.CTL_WORKER_IDLE] = 0
+        while msg is not None:
+            self.handle(msg)
+            msg = self.inbox.receive(0.0)
+
+    # -- the job ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        spec = TargetSpec(self.args.target, self.args.format, self.args.backing_file,
+                          self.args.backing_format)
+        self.target = open_target(spec, self.device.size, self.device.cluster_size,
+                                  timeout=self.args.target_timeout)
+        self.copier = Copier(self.device, self.target, self.claims, self.args.chunk)
+
+    def wait_for_start(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if not parent_alive(self.parent):
+                raise JobEnded(protocol.JobFailed(job=self.job, error="the supervisor died"))
+            msg = self.inbox.receive(0.2)
+            if isinstance(msg, protocol.JobStart):
+                self.sync = msg.sync
+                self.speed = msg.speed
+                return
+            if msg is not None:
+                self.handle(msg)
+        raise JobEnded(protocol.JobFailed(job=self.job, error="no JobStart within 60 s"))
+
+    def run(self) -> None:
+        assert self.copier is not None and self.target is not None
+        copier, ctl = self.copier, self.device.ctl
+        if self.sync == "none":
+            copier.cursor = self.device.clusters  # copy-before-write only
+        last_progress = 0.0
+        last_parent_check = time.monotonic()
+        while True:
+            now = time.monotonic()
+            ctl[L.CTL_HEARTBEAT_NS] = time.monotonic_ns()
+            self.service_inbox(0.0)
+            if ctl[L.CTL_BROKEN]:
+                raise JobEnded(protocol.JobFailed(
+                    job=self.job,
+                    error="the snapshot is broken: a guest write went ahead after "
+                          "copy-before-write failed (on-cbw-error=break-snapshot)"))
+            copier.drain_staging()
+            ctl[L.CTL_DONE_BYTES] = copier.clusters_saved * self.device.cluster_size
+            if self.sync == "none":
+                ctl[L.CTL_TOTAL_BYTES] = ctl[L.CTL_DONE_BYTES]
+            ctl[L.CTL_CBW_CLUSTERS] = copier.cbw_clusters
+            if now - last_progress >= PROGRESS_EVERY:
+                last_progress = now
+                self.sup.try_send(protocol.JobProgress(
+                    job=self.job, done=int(ctl[L.CTL_DONE_BYTES]),
+                    total=max(int(ctl[L.CTL_TOTAL_BYTES]), int(ctl[L.CTL_DONE_BYTES]))))
+            if now - last_parent_check >= 0.5:
+                last_parent_check = now
+                if not parent_alive(self.parent):
+                    raise JobEnded(protocol.JobFailed(job=self.job,
+                                                      error="the supervisor died"))
+            if self.sync == "none":
+                if self.complete_requested:
+                    self.finish()
+                self.service_inbox(IDLE_WAIT)
+                continue
+            if copier.background_done:
+                self.finish()
+            if self.paused:
+                self.service_inbox(IDLE_WAIT)
+                continue
+            if self.speed and now < self.next_allowed:
+                self.service_inbox(min(self.next_allowed - now, IDLE_WAIT * 4))
+                continue
+            saved = copier.copy_next_chunk()
+            if saved and self.speed:
+                self.next_allowed = max(self.next_allowed, now) + saved * copier.cs / self.speed
+            if saved == 0 and not copier.background_done:
+                # A writer holds a claim in this chunk: serve it, then retry.
+                self.service_inbox(0.0001)
+
+    def finish(self) -> None:
+        assert self.copier is not None and self.target is not None
+        copier = self.copier
+        copier.drain_staging()
+        if self.sync != "none" and copier.marked_clusters():
+            # Cannot happen: the background pass saw every marked cluster under its claim.
+            raise JobEnded(protocol.JobFailed(
+                job=self.job, error=f"{copier.marked_clusters()} clusters left unsaved"))
+        if self.device.ctl[L.CTL_BROKEN]:
+            raise JobEnded(protocol.JobFailed(job=self.job, error="the snapshot is broken"))
+        self.target.commit()
+        ctl = self.device.ctl
+        ctl[L.CTL_DONE_BYTES] = copier.clusters_saved * copier.cs
+        raise JobEnded(protocol.JobCompleted(
+            job=self.job, bytes_written=copier.bytes_written,
+            clusters_copied=copier.clusters_saved, cbw_clusters=copier.cbw_clusters))
+
+    def release_writers(self) -> None:
+        """The job is over: nothing needs copying any more, staged data is dropped."""
+        dev = self.device
+        dev.ctl[L.CTL_JOB_ACTIVE] = 0
+        dev.needs_copy[:] = 0
+        dev.slot_state[:] = L.SLOT_FREE
+        # Anyone still waiting for a copy gets a definite answer instead of a timeout.
+        for msg in self.inbox.drain():
+            if isinstance(msg, protocol.CopyRequest):
+                self.answer(msg, False, "the backup job has ended")
+
+    def close(self) -> None:
+        if self.target is not None:
+            self.target.close()
+        if self.copier is not None:
+            self.copier.close()
+        for q in self.replies.values():
+            q.close()
+        self.inbox.close()
+        self.sup.close()
+        self.claims.close()
+        self.device.close()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="workers.backup")
+    p.add_argument("--meta", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--format", required=True, choices=("raw", "qcow2", "nbd"))
+    p.add_argument("--backing-file")
+    p.add_argument("--backing-format")
+    p.add_argument("--sync", default="full", choices=SYNC_MODES)
+    p.add_argument("--speed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=1 << 20)
+    p.add_argument("--target-timeout", type=float, default=30.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    parent = start_worker(f"shmblock: backup-worker run={args.run} job={args.job}")
+    worker: BackupWorker | None = None
+    final: protocol.Message
+    try:
+        worker = BackupWorker(args, parent)
+        worker.open()
+        worker.sup.send(protocol.Ready(role="backup", ident=0, pid=os.getpid()), timeout=5.0)
+        worker.wait_for_start()
+        worker.run()
+        raise AssertionError("the job loop returned without an outcome")
+    except JobEnded as ended:
+        final = ended.final
+    except Terminated:
+        final = protocol.JobFailed(job=args.job, error="the backup worker was terminated")
+    except ShmblockError as exc:
+        final = protocol.JobFailed(job=args.job, error=protocol.short_error(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - report any bug as a failed job, then exit
+        log.exception("backup worker crashed")
+        final = protocol.JobFailed(job=args.job, error=protocol.short_error(
+            f"backup worker crashed: {type(exc).__name__}: {exc}"))
+    if worker is None:
+        # Could not even attach: the supervisor sees our exit code and stderr.
+        print(f"backup worker: {getattr(final, 'error', final)}", file=sys.stderr)
+        return 1
+    try:
+        if not isinstance(final, protocol.JobCompleted):
+            if worker.target is not None:
+                worker.target.abort()
+        worker.release_writers()
+        worker.sup.send(final, timeout=5.0)
+    except ShmblockError as exc:
+        print(f"backup worker: could not report the end of the job: {exc}", file=sys.stderr)
+    finally:
+        worker.close()
+    return 0 if isinstance(final, protocol.JobCompleted) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
