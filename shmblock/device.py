@@ -56,7 +56,7 @@ from shmblock.stats import STATS_WORDS
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_MAX_WRITERS = 16
-DEFAULT_SLOTS_PER_WRITER = 8
+DEFAULT_SLOTS_PER_WRITER = 32
 SHM_DIR = "/dev/shm"
 
 U8Array = npt.NDArray[np.uint8]
@@ -228,7 +228,7 @@ class Device:
                         f"cannot reserve {size / 2**20:.0f} MiB in /dev/shm for {name!r}: "
                         f"{exc.strerror}"
                     ) from exc
-            return _map(shm.fd, size, populate=False)
+            return _map(shm.fd, size, populate=prefault)
         except BaseException:
             _unlink_quietly(name)
             raise
@@ -261,8 +261,13 @@ class Device:
             os.close(fd)
 
     @classmethod
-    def attach(cls, meta_name: str, run_id: str | None = None, populate: bool = False) -> Device:
-        """Attach to a device by its metadata name; checks the header."""
+    def attach(cls, meta_name: str, run_id: str | None = None, populate: bool = True) -> Device:
+        """Attach to a device by its metadata name; checks the header.
+
+        ``populate`` maps every page up front (MAP_POPULATE), so this process takes no
+        page fault on first touch later: 0.1-0.3 s per GiB now instead of 3-10 µs per
+        4 KiB page in the middle of a timed write or copy.
+        """
         try:
             shm = posix_ipc.SharedMemory(meta_name)
         except posix_ipc.ExistentialError as exc:
@@ -271,7 +276,7 @@ class Device:
             seg_size = os.fstat(shm.fd).st_size
             if seg_size < L.HEADER_SIZE:
                 raise AttachError(f"{meta_name!r} is too small to be a shmblock device")
-            meta_map = _map(shm.fd, seg_size, populate=False)
+            meta_map = _map(shm.fd, seg_size, populate=populate)
         finally:
             shm.close_fd()
         try:

@@ -1,0 +1,374 @@
+"""``shmblock-run``: a thin command line over :class:`shmblock.engine.Engine`.
+
+    shmblock-run                   a short demonstration (verified backup of a busy device)
+    shmblock-run run [options]     writers + a backup taken mid-run, with a summary
+    shmblock-run cleanup           remove what crashed runs left behind
+
+Exit codes: 0 success, 1 failed job or verification, 2 bad usage, 130 interrupted.
+Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from types import FrameType
+from typing import Any, NoReturn
+
+from shmblock.cleanup import cleanup
+from shmblock.copier import SYNC_MODES
+from shmblock.engine import BackupJob, Engine
+from shmblock.errors import ShmblockError, UsageError
+from shmblock.guest import WORKLOADS
+from shmblock.job import JobResult
+from shmblock.layout import CBW_MODES, ON_CBW_ERROR
+from shmblock.stats import WriterStats
+from shmblock.targets import FORMATS
+from shmblock.units import format_rate, format_size, parse_size
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports errors in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def size_arg(what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, what)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    parse.__name__ = what
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    dev = p.add_argument_group("device")
+    dev.add_argument("--size", type=size_arg("size"), default=parse_size("256M"),
+                     help="device size, like 256M or 1G (default 256M)")
+    dev.add_argument("--cluster-size", type=size_arg("cluster size"), default=64 * 1024,
+                     help="cluster size, a power of two from 4K to 2M (default 64K)")
+    dev.add_argument("--device-file", metavar="PATH",
+                     help="back the device with this raw image file instead of /dev/shm")
+    wr = p.add_argument_group("guest writers")
+    wr.add_argument("--writers", type=int, default=2, help="writer processes (default 2)")
+    wr.add_argument("--workload", choices=WORKLOADS, default="random")
+    wr.add_argument("--block-size", type=size_arg("block size"), default=4096,
+                    help="guest I/O size (default 4K)")
+    wr.add_argument("--duration", type=positive_float, default=3.0,
+                    help="seconds the writers run (default 3)")
+    wr.add_argument("--rate", type=positive_float, default=0.0,
+                    help="ops per second per writer, 0 = as fast as possible")
+    wr.add_argument("--seed", type=int, default=1)
+    bk = p.add_argument_group("backup")
+    bk.add_argument("--backup-at", type=positive_float, default=1.0,
+                    help="seconds after the writers start to take the snapshot (default 1)")
+    bk.add_argument("--target", help="backup destination: a file, nbd://host[:port]/export "
+                    "or nbd+unix:///export?socket=PATH (default: a temporary qcow2)")
+    bk.add_argument("--format", choices=FORMATS,
+                    help="target format (default: from the target name)")
+    bk.add_argument("--sync", choices=[m for m in SYNC_MODES if m != "incremental"],
+                    default="full")
+    bk.add_argument("--speed", type=size_arg("speed"), default=0,
+                    help="background copy limit in bytes per second, 0 = unlimited")
+    bk.add_argument("--cbw-mode", choices=CBW_MODES, default="stage",
+                    help="stage: writers save old data to shared staging slots (fast); "
+                    "request: writers ask the backup worker and wait")
+    bk.add_argument("--cbw-timeout", type=positive_float, default=5.0,
+                    help="seconds a guest write waits for copy-before-write (default 5)")
+    bk.add_argument("--on-cbw-error", choices=ON_CBW_ERROR, default="break-guest-write")
+    bk.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare the backup with digests taken at the snapshot (default on)")
+    bk.add_argument("--reference-image", metavar="PATH",
+                    help="also write a plain raw image of the device at the snapshot instant")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write a machine-readable summary here")
+    out.add_argument("--quiet", action="store_true", help="no progress, no summary")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="shmblock-run", description="Live point-in-time backups of "
+                       "shared-memory block devices. With no command: a short demo.")
+    sub = p.add_subparsers(dest="command", parser_class=ArgumentParser)
+    run = sub.add_parser("run", help="run writers and take a backup mid-run")
+    add_run_options(run)
+    demo = sub.add_parser("demo", help="the demonstration run (the default)")
+    demo.add_argument("--json", metavar="PATH")
+    cl = sub.add_parser("cleanup", help="remove shared memory, queues and partial files "
+                        "left by crashed runs")
+    cl.add_argument("--dry-run", action="store_true", help="only list what would go")
+    cl.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+# -- progress -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def progress_display(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                  stream=sys.stderr) as bar:
+        yield bar
+
+
+def follow(job: BackupJob, bar: Any) -> JobResult:
+    """Wait for a job, updating the progress bar while it runs."""
+    if bar is None:
+        return job.wait()
+    task = bar.add_task(f"backup {job.sync} → {job.spec.target}", total=None)
+    while not job.tracker.wait(0.1):
+        done, total = job.progress
+        bar.update(task, completed=done, total=total or None)
+    done, total = job.progress
+    bar.update(task, completed=done, total=total or done)
+    return job.wait()
+
+
+def sleep_showing(seconds: float, what: str, bar: Any) -> None:
+    if bar is None or seconds <= 0:
+        time.sleep(seconds)
+        return
+    task = bar.add_task(what, total=seconds)
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+        bar.update(task, completed=seconds - max(left - 0.1, 0))
+    bar.remove_task(task)
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    device_size: int
+    cluster_size: int
+    writers: int
+    workload: str
+    block_size: int
+    duration_s: float
+    backup: dict[str, Any]
+    writer_stats: list[dict[str, Any]]
+    guest_ops_per_s: float
+    guest_mb_per_s: float
+    latency_us: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.backup.get("ok"))
+
+
+def backup_dict(result: JobResult) -> dict[str, Any]:
+    d = asdict(result)
+    d["outcome"] = result.outcome.value
+    d["status"] = result.outcome.value
+    d["ok"] = result.ok
+    d["throughput_bytes_per_s"] = result.throughput
+    d["freeze_ms"] = result.freeze_s * 1e3
+    return d
+
+
+def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
+    if not 0 <= args.writers <= 64:
+        raise UsageError(f"--writers {args.writers}: expected 0 to 64")
+    if args.target is None:
+        raise UsageError("--target is required")
+    with Engine() as engine:
+        dev = engine.create_device(args.size, args.cluster_size, backing_file=args.device_file,
+                                   max_writers=max(args.writers, 1))
+        started = time.monotonic()
+        if args.writers:
+            engine.start_writers(dev, args.writers, workload=args.workload,
+                                 block_size=args.block_size, duration=args.duration,
+                                 rate=args.rate, seed=args.seed)
+        sleep_showing(args.backup_at if args.writers else 0, "writers running", bar)
+        job = engine.backup(dev, args.target, format=args.format, sync=args.sync,
+                            speed=args.speed, cbw_mode=args.cbw_mode,
+                            cbw_timeout=args.cbw_timeout, on_cbw_error=args.on_cbw_error,
+                            verify=args.verify, reference_image=args.reference_image)
+        if args.sync == "none":
+            # CBW-only job: it lasts as long as the writers do, then completes.
+            engine.wait_writers(args.duration + 30)
+            job.complete()
+        result = follow(job, bar)
+        engine.wait_writers(max(args.duration - (time.monotonic() - started), 0) + 30)
+        elapsed = time.monotonic() - started
+        stats = engine.writer_stats(dev)
+        p50, p99, p999 = engine.latency_percentiles(dev)
+    total_ops = sum(s.ops for s in stats)
+    total_bytes = sum(s.bytes for s in stats)
+    span = max((s.elapsed_s for s in stats), default=0.0) or elapsed
+    return RunSummary(
+        run_id=engine.names.run_id, device_size=args.size, cluster_size=args.cluster_size,
+        writers=args.writers, workload=args.workload, block_size=args.block_size,
+        duration_s=elapsed, backup=backup_dict(result),
+        writer_stats=[writer_dict(s) for s in stats],
+        guest_ops_per_s=total_ops / span if span else 0.0,
+        guest_mb_per_s=total_bytes / span / 1e6 if span else 0.0,
+        latency_us={"p50": p50, "p99": p99, "p99.9": p999})
+
+
+def writer_dict(s: WriterStats) -> dict[str, Any]:
+    d = asdict(s)
+    d["ops_per_s"] = s.ops_per_s
+    return d
+
+
+def print_summary(s: RunSummary, out: Any = sys.stdout) -> None:
+    b = s.backup
+    w = out.write
+    w(f"shmblock run {s.run_id}: {format_size(s.device_size)} device, "
+      f"{format_size(s.cluster_size)} clusters, {s.writers} writer(s) "
+      f"({s.workload}, {format_size(s.block_size)} blocks), {s.duration_s:.1f} s\n")
+    w(f"backup   sync={b['sync']} → {b['target']} ({b['format']}): {b['outcome']}")
+    if b["outcome"] == "completed":
+        w(f" in {b['duration_s']:.2f} s, {format_rate(b['throughput_bytes_per_s'])}\n")
+        w(f"         {b['clusters_copied']} clusters saved, {b['cbw_clusters']} by "
+          f"copy-before-write, {format_size(b['bytes_written'])} of data written, "
+          f"freeze {b['freeze_ms']:.1f} ms\n")
+    else:
+        w(f": {b['error']}\n")
+    if b["verified"] is True:
+        w("verify   ok: the backup matches the device at the snapshot instant\n")
+    elif b["verified"] is False:
+        w(f"verify   FAILED: {b['verify_error']}\n")
+    if s.writer_stats:
+        w(f"writers  {s.guest_ops_per_s:,.0f} ops/s, {s.guest_mb_per_s:,.1f} MB/s; latency "
+          f"p50 {s.latency_us['p50']:.1f} µs, p99 {s.latency_us['p99']:.1f} µs, "
+          f"p99.9 {s.latency_us['p99.9']:.1f} µs\n")
+        w("         writer     ops/s   cbw saves  cbw requests  cbw wait  max stall  errors\n")
+        for ws in s.writer_stats:
+            w(f"         {ws['writer']:>6} {ws['ops_per_s']:>9,.0f} {ws['cbw_saves']:>11} "
+              f"{ws['cbw_requests']:>13} {ws['cbw_wait_s']:>8.3f}s "
+              f"{ws['max_stall_s'] * 1e3:>8.2f}ms {ws['errors']:>7}\n")
+
+
+def write_json(path: str, summary: RunSummary) -> None:
+    data = asdict(summary)
+    data["ok"] = summary.ok
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    interactive = sys.stderr.isatty() and not args.quiet
+    with progress_display(interactive) as bar:
+        summary = execute(args, bar)
+    if not args.quiet:
+        print_summary(summary)
+    if args.json:
+        write_json(args.json, summary)
+    if not summary.ok:
+        b = summary.backup
+        reason = b["error"] or b["verify_error"] or b["outcome"]
+        print(f"shmblock-run: backup {b['outcome']}: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    with tempfile.TemporaryDirectory(prefix="shmblock-demo-") as tmp:
+        argv = ["run", "--size", "256M", "--writers", "2", "--workload", "random",
+                "--duration", "3", "--backup-at", "1", "--target",
+                os.path.join(tmp, "demo.qcow2"), "--verify"]
+        if args.json:
+            argv += ["--json", args.json]
+        run_args = parser.parse_args(argv)
+        print("shmblock demo: 2 guest writers hammer a 256 MiB shared-memory device; a full\n"
+              "backup to a qcow2 image is taken 1 s in, while they keep writing, then checked\n"
+              "against digests taken at the snapshot instant.\n")
+        return cmd_run(run_args)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    report = cleanup(dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    elif report.empty:
+        print("nothing to clean up")
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb}: {len(report.runs)} dead run(s), {len(report.segments)} shared-memory "
+              f"segment(s), {len(report.queues)} queue(s), {len(report.files)} partial "
+              f"file(s); killed {len(report.killed)} orphaned worker(s)")
+        for item in report.segments + report.queues + report.files:
+            print(f"  {item}")
+    return EXIT_OK
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # One interruption is enough: a second Ctrl-C must not cut the cleanup short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "cleanup":
+            return cmd_cleanup(args)
+        if args.command in (None, "demo"):
+            if args.command is None:
+                args.json = None
+            return cmd_demo(args)
+        raise AssertionError(args.command)
+    except Interrupted as exc:
+        print(f"shmblock-run: interrupted by {exc}; everything the run made was removed",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as exc:
+        print(f"shmblock-run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShmblockError as exc:
+        print(f"shmblock-run: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"shmblock-run: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
