@@ -59,7 +59,7 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0 or value != value:
+    if not value >= 0:  # also rejects NaN
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
 
@@ -132,11 +132,18 @@ def progress_display(enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                   TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
-                  stream=sys.stderr) as bar:
+                  console=Console(stderr=True)) as bar:
         yield bar
 
 
@@ -154,7 +161,9 @@ def follow(job: BackupJob, bar: Any) -> JobResult:
 
 
 def sleep_showing(seconds: float, what: str, bar: Any) -> None:
-    if bar is None or seconds <= 0:
+    if seconds <= 0:
+        return
+    if bar is None:
         time.sleep(seconds)
         return
     task = bar.add_task(what, total=seconds)
@@ -211,11 +220,16 @@ def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
             engine.start_writers(dev, args.writers, workload=args.workload,
                                  block_size=args.block_size, duration=args.duration,
                                  rate=args.rate, seed=args.seed)
-        sleep_showing(args.backup_at if args.writers else 0, "writers running", bar)
-        job = engine.backup(dev, args.target, format=args.format, sync=args.sync,
-                            speed=args.speed, cbw_mode=args.cbw_mode,
-                            cbw_timeout=args.cbw_timeout, on_cbw_error=args.on_cbw_error,
-                            verify=args.verify, reference_image=args.reference_image)
+        # Worker, target and verification buffers are made ready before the snapshot
+        # instant, so --backup-at is when the snapshot is taken, not when setup begins.
+        job = engine.create_backup(dev, args.target, format=args.format, sync=args.sync,
+                                   speed=args.speed, cbw_mode=args.cbw_mode,
+                                   cbw_timeout=args.cbw_timeout,
+                                   on_cbw_error=args.on_cbw_error, verify=args.verify,
+                                   reference_image=args.reference_image)
+        sleep_showing(started + args.backup_at - time.monotonic() if args.writers else 0,
+                      "writers running", bar)
+        job.start()
         if args.sync == "none":
             # CBW-only job: it lasts as long as the writers do, then completes.
             engine.wait_writers(args.duration + 30)

@@ -48,8 +48,7 @@ def runs(mask: BoolArray) -> list[tuple[int, int, bool]]:
 def nonzero_clusters(data: npt.NDArray[np.uint8], cluster_size: int) -> BoolArray:
     """Which clusters of a cluster-aligned byte range hold any non-zero byte."""
     words = data.view(np.uint64).reshape(-1, cluster_size // 8)
-    out: BoolArray = words.any(axis=1)
-    return out
+    return np.asarray(words.any(axis=1), dtype=np.bool_)
 
 
 class Copier:
@@ -156,7 +155,7 @@ class Copier:
         for s in full.tolist():
             c = int(clusters[s])
             row = staging[s]
-            self._write_range(c, c + 1, source=row, view=memoryview(row))  # type: ignore[arg-type]
+            self._write_range(c, c + 1, source=row, view=memoryview(row))
             state[s] = L.SLOT_FREE
         self.cbw_clusters += full.size
         return int(full.size)

@@ -32,8 +32,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 import protocol
 from shmblock import layout as L
@@ -162,10 +164,20 @@ class BackupJob:
     freeze_s: float = 0.0
     speed: int = 0
     result: JobResult | None = None
-    covered: np.ndarray | None = None  # type: ignore[type-arg]
+    covered: npt.NDArray[np.bool_] | None = None
+    cbw_mode: str = "stage"
+    cbw_timeout: float = 5.0
+    on_cbw_error: str = "break-guest-write"
     _final_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- control --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the snapshot now (writers frozen for the instant) and start copying."""
+        if self.tracker.state is not JobState.CREATED:
+            raise StateError(f"cannot start a job that is {self.tracker.state.value}",
+                             self.tracker.state.value, ("created",))
+        self.engine._take_snapshot(self)
 
     def _send(self, msg: protocol.Message) -> None:
         try:
@@ -479,22 +491,35 @@ class Engine:
 
     # -- backups --------------------------------------------------------------------------
 
-    def backup(self, device: DeviceHandle, target: str, *, format: str | None = None,  # noqa: A002
-               sync: str = "full", speed: int = 0, cbw_mode: str = "stage",
-               cbw_timeout: float = 5.0, on_cbw_error: str = "break-guest-write",
-               backing_file: str | None = None, backing_format: str | None = None,
-               verify: bool = False, reference_image: str | None = None,
-               chunk: int = DEFAULT_CHUNK, target_timeout: float = 30.0,
-               job_id: str | None = None,
-               on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
-        """Start a backup job of ``device`` to ``target``; returns once it is running.
+    def backup(self, device: DeviceHandle, target: str, **options: Any) -> BackupJob:
+        """Create a backup job and take its snapshot now; returns once it is running.
 
-        Raises UsageError for bad arguments and JobError when the job cannot start
-        (target unreachable, worker did not start); the device is untouched then.
+        Same options as :meth:`create_backup`. Raises UsageError for bad arguments and
+        JobError when the job cannot start; the device is untouched then.
+        """
+        job = self.create_backup(device, target, **options)
+        job.start()
+        return job
+
+    def create_backup(self, device: DeviceHandle, target: str, *, format: str | None = None,
+                      sync: str = "full", speed: int = 0, cbw_mode: str = "stage",
+                      cbw_timeout: float = 5.0, on_cbw_error: str = "break-guest-write",
+                      backing_file: str | None = None, backing_format: str | None = None,
+                      verify: bool = False, reference_image: str | None = None,
+                      chunk: int = DEFAULT_CHUNK, target_timeout: float = 30.0,
+                      job_id: str | None = None,
+                      on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
+        """Prepare a backup job: start its worker, open the target; no snapshot yet.
+
+        The job stays ``created`` until :meth:`BackupJob.start` takes the snapshot, so
+        the slow parts (process start, target connection, verification buffers) happen
+        before the instant that matters. Raises UsageError for bad arguments and
+        JobError when the target cannot be opened or the worker does not start.
         """
         self._require_open()
         if sync not in SYNC_MODES:
-            raise UsageError(f"unknown sync mode {sync!r} (expected one of {', '.join(SYNC_MODES)})")
+            raise UsageError(
+                f"unknown sync mode {sync!r} (expected one of {', '.join(SYNC_MODES)})")
         if sync == "incremental":
             raise UsageError("sync=incremental needs dirty bitmaps, which this version "
                              "does not manage yet")
@@ -508,26 +533,30 @@ class Engine:
         if speed < 0:
             raise UsageError("speed must not be negative")
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
-            raise JobError(f"device {device.name} already has a backup job running")
+            raise JobError(f"device {device.name} already has a backup job")
         spec = TargetSpec.parse(target, format, backing_file, backing_format)
         job_id = job_id or f"job{next(self._job_ids)}"
-        if not NAME_RE.match(job_id):
-            raise UsageError(f"job id {job_id!r} must be 1-32 of [A-Za-z0-9_.-]")
-        tracker = JobTracker(job_id, on_event if on_event else (
-            (lambda e: self._on_event(job_id, e)) if self._on_event else None))
+        if not NAME_RE.match(job_id) or job_id in self.jobs:
+            raise UsageError(f"job id {job_id!r} must be new and 1-32 of [A-Za-z0-9_.-]")
+        if on_event is None and self._on_event is not None:
+            engine_hook = self._on_event
+            on_event = lambda event: engine_hook(job_id, event)  # noqa: E731
+        tracker = JobTracker(job_id, on_event)
         queue = device.backup_queue()
         if spec.format in ("raw", "qcow2"):
             self.record.files.append(os.path.abspath(spec.target) + ".part")
             self.record.save()
-        args = ["--meta", device.device.meta_name, "--device", device.name, "--job", job_id, "--target", spec.target,
-                "--format", spec.format, "--sync", sync, "--speed", str(speed),
-                "--chunk", str(chunk), "--target-timeout", str(target_timeout)]
+        args = ["--meta", device.device.meta_name, "--device", device.name, "--job", job_id,
+                "--target", spec.target, "--format", spec.format, "--sync", sync,
+                "--speed", str(speed), "--chunk", str(chunk),
+                "--target-timeout", str(target_timeout)]
         if backing_file:
             args += ["--backing-file", backing_file]
         if backing_format:
             args += ["--backing-format", backing_format]
         proc = self._spawn("workers.backup", args)
-        job = BackupJob(self, job_id, device, spec, sync, proc, queue, tracker, speed=speed)
+        job = BackupJob(self, job_id, device, spec, sync, proc, queue, tracker, speed=speed,
+                        cbw_mode=cbw_mode, cbw_timeout=cbw_timeout, on_cbw_error=on_cbw_error)
         self.jobs[job_id] = job
         if not self._wait_ready("backup", 0, proc, time.monotonic() + READY_TIMEOUT):
             reason = self._pending_failures.pop(job_id, "")
@@ -537,27 +566,33 @@ class Engine:
             tracker.conclude(Outcome.FAILED, reason)
             job.wait(STOP_TIMEOUT)
             raise JobError(f"backup of {device.name} to {spec.target} could not start: {reason}")
-        dev = device.device
+        if verify or reference_image:
+            job.capture = SnapshotCapture(device.device, reference_image)
+        return job
+
+    def _take_snapshot(self, job: BackupJob) -> None:
+        """Freeze the writers, initialise the maps for the sync mode, thaw, start copying."""
+        dev = job.device.device
         ctl = dev.ctl
-        ctl[L.CTL_CBW_MODE] = L.CBW_MODES.index(cbw_mode)
-        ctl[L.CTL_CBW_TIMEOUT_US] = int(cbw_timeout * 1e6)
-        ctl[L.CTL_ON_CBW_ERROR] = L.ON_CBW_ERROR.index(on_cbw_error)
+        ctl[L.CTL_CBW_MODE] = L.CBW_MODES.index(job.cbw_mode)
+        ctl[L.CTL_CBW_TIMEOUT_US] = int(job.cbw_timeout * 1e6)
+        ctl[L.CTL_ON_CBW_ERROR] = L.ON_CBW_ERROR.index(job.on_cbw_error)
         ctl[L.CTL_BROKEN] = 0
         ctl[L.CTL_DONE_BYTES] = 0
-        capture = SnapshotCapture(dev, reference_image) if (verify or reference_image) else None
+        capture = job.capture
         try:
             t0 = time.monotonic()
-            with self.freeze([device]):
+            with self.freeze([job.device]):
                 dev.slot_state[:] = L.SLOT_FREE
-                if sync == "top":
+                if job.sync == "top":
                     np.copyto(dev.needs_copy, dev.allocated)
                 else:
                     dev.needs_copy[:] = 1
-                ctl[L.CTL_TOTAL_BYTES] = 0 if sync == "none" else \
+                ctl[L.CTL_TOTAL_BYTES] = 0 if job.sync == "none" else \
                     int(np.count_nonzero(dev.needs_copy)) * dev.cluster_size
                 if capture is not None:
                     capture.capture()
-                if sync in ("full", "top"):
+                if job.sync in ("full", "top"):
                     job.covered = dev.needs_copy != 0
                 ctl[L.CTL_JOB_SEQ] += 1
                 ctl[L.CTL_JOB_ACTIVE] = 1
@@ -567,13 +602,12 @@ class Engine:
             ctl[L.CTL_JOB_ACTIVE] = 0
             job.cancel()
             raise
-        job.capture = capture
-        queue.send(protocol.JobStart(job=job_id, sync=sync, speed=speed), timeout=5.0)
+        job.queue.send(protocol.JobStart(job=job.job, sync=job.sync, speed=job.speed),
+                       timeout=5.0)
         if capture is not None:
             capture.finish_async()
         with contextlib.suppress(StateError):  # the worker may have failed already
-            tracker.transition(JobState.RUNNING, "start", "running")
-        return job
+            job.tracker.transition(JobState.RUNNING, "start", "running")
 
     def _end_job(self, job: BackupJob) -> None:
         """After the worker exited: make sure writers run free and nothing is left."""

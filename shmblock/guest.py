@@ -25,6 +25,7 @@ proceeds.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 import protocol
 from shmblock import layout as L
@@ -114,7 +116,7 @@ class GuestIO:
         else:
             self._write(offset, buf, n)
 
-    def _write(self, offset: int, buf: np.ndarray, n: int) -> None:  # type: ignore[type-arg]
+    def _write(self, offset: int, buf: npt.NDArray[np.uint8], n: int) -> None:
         t0 = time.perf_counter_ns()
         ctl = self._ctl
         if ctl[L.CTL_EPOCH] != self._epoch_seen:
@@ -152,8 +154,7 @@ class GuestIO:
         elapsed = time.perf_counter_ns() - t0
         self._bytes += n
         self._hist[S.bucket_of(elapsed)] += 1
-        if elapsed > self._max_stall:
-            self._max_stall = elapsed
+        self._max_stall = max(self._max_stall, elapsed)
         self._unflushed += 1
         if self._unflushed >= STATS_FLUSH_OPS:
             self.flush_stats()
@@ -214,10 +215,9 @@ class GuestIO:
         return self._backup_queue
 
     def _ring_doorbell(self) -> None:
-        try:
+        # The worker polls its slots anyway; a doorbell only saves latency.
+        with contextlib.suppress(CopyBeforeWriteError, TransportError):
             self._backup().try_send(protocol.Staged(writer=self.writer))
-        except (CopyBeforeWriteError, TransportError):
-            pass  # the worker polls its slots anyway; a doorbell only saves latency
 
     def _request_copy(self, c: int, deadline: float) -> None:
         if self._reply is None:

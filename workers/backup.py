@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         final = protocol.JobFailed(job=args.job, error="the backup worker was terminated")
     except ShmblockError as exc:
         final = protocol.JobFailed(job=args.job, error=protocol.short_error(str(exc)))
-    except Exception as exc:  # noqa: BLE001 - report any bug as a failed job, then exit
+    except Exception as exc:
         log.exception("backup worker crashed")
         final = protocol.JobFailed(job=args.job, error=protocol.short_error(
             f"backup worker crashed: {type(exc).__name__}: {exc}"))
@@ -301,9 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backup worker: {getattr(final, 'error', final)}", file=sys.stderr)
         return 1
     try:
-        if not isinstance(final, protocol.JobCompleted):
-            if worker.target is not None:
-                worker.target.abort()
+        if not isinstance(final, protocol.JobCompleted) and worker.target is not None:
+            worker.target.abort()
         worker.release_writers()
         worker.sup.send(final, timeout=5.0)
     except ShmblockError as exc:

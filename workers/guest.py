@@ -20,12 +20,12 @@ import numpy as np
 import protocol
 from shmblock.device import Device
 from shmblock.errors import CopyBeforeWriteError, ShmblockError
-from shmblock.guest import GuestIO
+from shmblock.guest import WORKLOADS, GuestIO
 from shmblock.names import RunNames
 from shmblock.stats import W_FREEZES
 from shmblock.transport import Queue
 from workers.common import Terminated, parent_alive, start_worker
-from workers.workloads import WORKLOADS, batches
+from workers.workloads import batches
 
 log = logging.getLogger("shmblock.guest")
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         ok, error = False, f"terminated: {exc}"
     except ShmblockError as exc:
         ok, error = False, str(exc)
-    except Exception as exc:  # noqa: BLE001 - report any bug to the supervisor, then exit
+    except Exception as exc:
         log.exception("guest writer crashed")
         ok, error = False, f"crashed: {type(exc).__name__}: {exc}"
     if writer is None:

@@ -48,7 +48,8 @@ class TargetSpec:
         if fmt is None:
             fmt = "nbd" if nbd else ("qcow2" if target.endswith(".qcow2") else "raw")
         if fmt not in FORMATS:
-            raise UsageError(f"unknown target format {fmt!r} (expected one of {', '.join(FORMATS)})")
+            raise UsageError(
+                f"unknown target format {fmt!r} (expected one of {', '.join(FORMATS)})")
         if nbd and fmt != "nbd":
             # An NBD server decides how it stores the bytes; we only ever speak raw to it.
             fmt = "nbd"

@@ -43,12 +43,14 @@ class RawTarget(Target):
                 self.part_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
             )
         except OSError as exc:
-            raise TargetUnreachable(f"cannot create raw target {self.part_path!r}: {exc.strerror}") from exc
+            raise TargetUnreachable(
+                f"cannot create raw target {self.part_path!r}: {exc.strerror}") from exc
         try:
             os.ftruncate(self._fd, size)
         except OSError as exc:
             self._discard()
-            raise TargetIOError(f"cannot size raw target {self.part_path!r}: {exc.strerror}") from exc
+            raise TargetIOError(
+                f"cannot size raw target {self.part_path!r}: {exc.strerror}") from exc
         self._committed = False
 
     def _require_fd(self) -> int:
@@ -98,7 +100,8 @@ class RawTarget(Target):
         try:
             return os.pread(fd, length, offset)
         except OSError as exc:
-            raise TargetIOError(f"read-back of raw target {self.path!r} failed: {exc.strerror}") from exc
+            raise TargetIOError(
+                f"read-back of raw target {self.path!r} failed: {exc.strerror}") from exc
 
     def abort(self) -> None:
         if not self._committed:
