@@ -344,8 +344,7 @@ class NbdTarget(Target):
 
     def _transport_error(self, exc: OSError, doing: str) -> NoReturn:
         where = f"NBD server {self.uri}"
-        pending = len(self._inflight)
-        unanswered = f", {pending} requests unanswered" if pending and not self._opening else ""
+        unanswered = self._unanswered()
         if isinstance(exc, TimeoutError):
             self._broken(
                 f"{where} did not answer within {self.timeout:g} s ({doing}{unanswered})", exc
@@ -353,6 +352,12 @@ class NbdTarget(Target):
         if isinstance(exc, ConnectionResetError | BrokenPipeError):
             self._broken(f"{where} closed the connection ({doing}{unanswered})", exc)
         self._broken(f"{where}: {doing} failed: {exc.strerror or exc}{unanswered}", exc)
+
+    def _unanswered(self) -> str:
+        pending = len(self._inflight)
+        if not pending or self._opening:
+            return ""
+        return f", {pending} request{'s' if pending > 1 else ''} unanswered"
 
     def _require_socket(self) -> socket.socket:
         if self._sock is None:
@@ -383,12 +388,7 @@ class NbdTarget(Target):
                 received = sock.recv_into(view)
                 if received == 0:
                     self._broken(
-                        f"NBD server {self.uri} closed the connection ({doing}"
-                        + (
-                            f", {len(self._inflight)} requests unanswered)"
-                            if self._inflight and not self._opening
-                            else ")"
-                        )
+                        f"NBD server {self.uri} closed the connection ({doing}{self._unanswered()})"
                     )
                 view = view[received:]
         except OSError as exc:
