@@ -55,6 +55,10 @@ class TargetSpec:
             fmt = "nbd"
         if fmt == "nbd" and not nbd:
             raise UsageError(f"format nbd needs an nbd:// or nbd+unix:// URI, not {target!r}")
+        if nbd:
+            from shmblock.targets.nbd_uri import parse_nbd_uri
+
+            parse_nbd_uri(target)  # raises NbdUriError (a UsageError) naming the problem
         if backing_file is not None and fmt != "qcow2":
             raise UsageError("only a qcow2 target can name a backing file")
         if not nbd:
