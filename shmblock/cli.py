@@ -70,6 +70,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                      help="device size, like 256M or 1G (default 256M)")
     dev.add_argument("--cluster-size", type=size_arg("cluster size"), default=64 * 1024,
                      help="cluster size, a power of two from 4K to 2M (default 64K)")
+    dev.add_argument("--prefill", type=positive_float, default=0.0, metavar="FRACTION",
+                     help="before anything else, write random data to this fraction of "
+                     "the clusters (0 to 1; default 0: the device starts zeroed)")
     dev.add_argument("--device-file", metavar="PATH",
                      help="back the device with this raw image file instead of /dev/shm")
     wr = p.add_argument_group("guest writers")
@@ -215,6 +218,10 @@ def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
     with Engine() as engine:
         dev = engine.create_device(args.size, args.cluster_size, backing_file=args.device_file,
                                    max_writers=max(args.writers, 1))
+        if args.prefill:
+            if args.prefill > 1:
+                raise UsageError(f"--prefill {args.prefill}: expected a fraction from 0 to 1")
+            dev.fill(args.prefill, seed=args.seed)
         started = time.monotonic()
         if args.writers:
             engine.start_writers(dev, args.writers, workload=args.workload,

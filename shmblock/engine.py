@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 import protocol
 from shmblock import layout as L
-from shmblock.copier import DEFAULT_CHUNK, SYNC_MODES
+from shmblock.copier import DEFAULT_CHUNK, SYNC_MODES, runs
 from shmblock.device import DEFAULT_CLUSTER_SIZE, DEFAULT_MAX_WRITERS, Device, Geometry
 from shmblock.errors import (
     JobError,
@@ -141,6 +141,75 @@ class DeviceHandle:
     def read(self, offset: int, length: int) -> bytes:
         """A guest read from this process."""
         return self._guest().read(offset, length)
+
+    def fill(self, fraction: float, seed: int = 0) -> int:
+        """Write random data to ``fraction`` of the clusters (chosen at random), as a guest.
+
+        For benchmarks and demos that need a device with data and holes. Returns the
+        number of clusters written.
+        """
+        if not 0 <= fraction <= 1:
+            raise UsageError(f"fill fraction {fraction} must be between 0 and 1")
+        rng = np.random.default_rng(seed)
+        n = self.device.clusters
+        chosen = np.sort(rng.choice(n, size=round(n * fraction), replace=False))
+        cs = self.cluster_size
+        pool = rng.integers(0, 256, 8 << 20, dtype=np.uint8)
+        # Write maximal runs of chosen clusters, up to 4 MiB at a time.
+        step = max((4 << 20) // cs, 1)
+        for a, b, picked in runs(np.isin(np.arange(n), chosen)):
+            if not picked:
+                continue
+            for c in range(a, b, step):
+                e = min(c + step, b)
+                start = int(rng.integers(0, pool.size - (e - c) * cs + 1))
+                self.write(c * cs, pool[start : start + (e - c) * cs])
+        return int(chosen.size)
+
+    # -- dirty bitmaps ------------------------------------------------------------------
+
+    def add_bitmap(self, name: str) -> None:
+        """Define a persistent dirty bitmap that records every guest write from now on.
+
+        The map is cleared and enabled while the writers are frozen, so no write is
+        half-recorded.
+        """
+        if not NAME_RE.match(name):
+            raise UsageError(f"bitmap name {name!r} must be 1-32 of [A-Za-z0-9_.-]")
+        names = self.device.bitmap_names()
+        if name in names:
+            raise UsageError(f"device {self.name} already has a bitmap named {name!r}")
+        free = [i for i in range(L.MAX_BITMAPS) if i not in names.values()]
+        if not free:
+            raise UsageError(f"device {self.name} already has {L.MAX_BITMAPS} bitmaps")
+        index = free[0]
+        with self.engine.freeze([self]):
+            self.device.dirty[index] = 0
+            self.device.set_bitmap_name(index, name)
+            ctl = self.device.ctl
+            ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) | (1 << index)
+
+    def remove_bitmap(self, name: str) -> None:
+        """Stop recording into bitmap ``name`` and forget it."""
+        index = self._bitmap_index(name)
+        with self.engine.freeze([self]):
+            ctl = self.device.ctl
+            ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) & ~(1 << index)
+            self.device.set_bitmap_name(index, "")
+
+    def bitmaps(self) -> list[str]:
+        """Names of the device's dirty bitmaps."""
+        return sorted(self.device.bitmap_names())
+
+    def bitmap(self, name: str) -> npt.NDArray[np.bool_]:
+        """A copy of bitmap ``name``: True for every cluster written since it was added."""
+        return self.device.dirty[self._bitmap_index(name)] != 0
+
+    def _bitmap_index(self, name: str) -> int:
+        try:
+            return self.device.bitmap_names()[name]
+        except KeyError:
+            raise UsageError(f"device {self.name} has no bitmap named {name!r}") from None
 
     def close(self) -> None:
         if self._io is not None:
