@@ -50,12 +50,11 @@ from shmblock.errors import (
     UsageError,
     VerificationError,
 )
-from shmblock.guest import WORKLOADS, GuestIO
+from shmblock.guest import WORKLOADS, GuestIO, WriteData
 from shmblock.job import JobEvent, JobResult, JobState, JobTracker, Outcome
 from shmblock.names import NAME_RE, RunNames, RunRecord
 from shmblock.stats import WriterStats, merged_percentiles
 from shmblock.targets import TargetSpec
-from shmblock.targets.base import Buffer
 from shmblock.transport import (
     BACKUP_RECEIVES,
     SUPERVISOR_RECEIVES,
@@ -134,7 +133,7 @@ class DeviceHandle:
                                reply_queue=self._reply, gate=self.gate)
         return self._io
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def write(self, offset: int, data: WriteData) -> None:
         """A guest write from this process (copy-before-write applies)."""
         self._guest().write(offset, data)
 
@@ -203,7 +202,7 @@ class DeviceHandle:
 
     def bitmap(self, name: str) -> npt.NDArray[np.bool_]:
         """A copy of bitmap ``name``: True for every cluster written since it was added."""
-        return self.device.dirty[self._bitmap_index(name)] != 0
+        return np.asarray(self.device.dirty[self._bitmap_index(name)] != 0, dtype=np.bool_)
 
     def _bitmap_index(self, name: str) -> int:
         try:

@@ -41,8 +41,10 @@ from shmblock import stats as S
 from shmblock.claims import Claims
 from shmblock.device import Device
 from shmblock.errors import CopyBeforeWriteError, TransportError, UsageError
-from shmblock.targets.base import Buffer
 from shmblock.transport import Queue
+
+#: What a guest write accepts: anything with the buffer protocol, numpy arrays included.
+WriteData = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
 
 WORKLOADS = ("random", "sequential", "zipf", "mixed", "first-touch")
 STATS_FLUSH_OPS = 256
@@ -104,7 +106,7 @@ class GuestIO:
 
     # -- the write path -----------------------------------------------------------------
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def write(self, offset: int, data: WriteData) -> None:
         """Write ``data`` at ``offset`` as a guest; raises CopyBeforeWriteError per policy."""
         buf = np.frombuffer(data, dtype=np.uint8)
         n = buf.size
