@@ -68,6 +68,7 @@ class Copier:
         self._data = device.data
         self._view = device.data_view()
         self._nc = device.needs_copy
+        self._saved = device.saved
 
     # -- writing ----------------------------------------------------------------------
 
@@ -93,6 +94,7 @@ class Copier:
                 for za, zb, alloc in runs(allocated[c0 + a : c0 + b] != 0):
                     if alloc:
                         target.write_zeroes((c0 + a + za) * cs, (zb - za) * cs)
+        self._saved[c0:c1] = 1
         self.clusters_saved += c1 - c0
 
     # -- background copy ------------------------------------------------------------------
@@ -163,7 +165,7 @@ class Copier:
     def close(self) -> None:
         """Drop the views of the device mapping (so the device can be closed)."""
         self._view.release()
-        del self._data, self._nc
+        del self._data, self._nc, self._saved
 
     def marked_clusters(self) -> int:
         """How many clusters the snapshot still needs."""

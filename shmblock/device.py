@@ -22,6 +22,10 @@ so no process ever does a read-modify-write of shared bits and no lock is needed
     Stores of 1 by every guest write (idempotent: any number of writers may store it
     concurrently); read by ``sync=top`` at snapshot start and to skip never-written
     clusters on targets that start zeroed.
+``saved[c]``
+    Set to 1 by the backup worker, and only by it, once cluster c's snapshot contents
+    are on the target; cleared by the supervisor at snapshot start while writers are
+    frozen. It is what a ``sync=none`` job covers, and what is safely backed up.
 ``dirty[i][c]``
     Stores of 1 by every guest write while bitmap i is enabled (bit i of the
     ``CTL_BITMAP_MASK`` control word). Cleared only by the supervisor while writers are
@@ -122,6 +126,7 @@ class Device:
     data: U8Array
     needs_copy: U8Array
     allocated: U8Array
+    saved: U8Array
     dirty: U8Array  # shape (MAX_BITMAPS, clusters)
     slot_state: U8Array
     slot_cluster: U64Array
@@ -327,6 +332,7 @@ class Device:
         self.ctl = np.frombuffer(meta, dtype=np.uint64, count=L.CTL_WORDS, offset=L.CTL_OFFSET)
         self.needs_copy = u8(lay.needs_copy_offset, n)
         self.allocated = u8(lay.allocated_offset, n)
+        self.saved = u8(lay.saved_offset, n)
         self.dirty = np.lib.stride_tricks.as_strided(
             u8(lay.dirty_offset, L.MAX_BITMAPS * lay.map_bytes),
             shape=(L.MAX_BITMAPS, n), strides=(lay.map_bytes, 1), writeable=True)
@@ -410,7 +416,7 @@ class Device:
         if self._meta_map is None:
             return
         views: dict[str, Any] = {}
-        for name in ("data", "ctl", "needs_copy", "allocated", "dirty", "slot_state",
+        for name in ("data", "ctl", "needs_copy", "allocated", "saved", "dirty", "slot_state",
                      "slot_cluster", "stats", "staging"):
             views[name] = self.__dict__.pop(name, None)
         del views

@@ -331,6 +331,9 @@ class BackupJob:
             clusters_copied=t.final.get("clusters_copied", 0),
             cbw_clusters=t.final.get("cbw_clusters", 0),
             duration_s=max(t.ended - start, 0.0), freeze_s=self.freeze_s)
+        if self.sync == "none":
+            # What a CBW-only job covers is what it saved.
+            self.covered = self.device.device.saved != 0
         if self.capture is not None:
             self.capture.join()
             if t.outcome is Outcome.COMPLETED:
@@ -652,6 +655,7 @@ class Engine:
             t0 = time.monotonic()
             with self.freeze([job.device]):
                 dev.slot_state[:] = L.SLOT_FREE
+                dev.saved[:] = 0
                 if job.sync == "top":
                     np.copyto(dev.needs_copy, dev.allocated)
                 else:

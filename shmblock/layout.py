@@ -7,6 +7,7 @@ except its contents::
                   dirty-bitmap names
     then          needs_copy   one byte per cluster
                   allocated    one byte per cluster
+                  saved        one byte per cluster
                   dirty[i]     one byte per cluster, for each of MAX_BITMAPS bitmaps
                   slot_state   one byte per staging slot (FREE / FULL)
                   slot_cluster one uint64 per staging slot: which cluster it holds
@@ -98,8 +99,12 @@ class Layout:
         return self.needs_copy_offset + self.map_bytes
 
     @property
-    def dirty_offset(self) -> int:
+    def saved_offset(self) -> int:
         return self.allocated_offset + self.map_bytes
+
+    @property
+    def dirty_offset(self) -> int:
+        return self.saved_offset + self.map_bytes
 
     @property
     def slot_state_offset(self) -> int:
