@@ -7,6 +7,7 @@ accepted (``64KiB``). Plain numbers are bytes.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from shmblock.errors import UsageError
 
@@ -25,8 +26,9 @@ def parse_size(text: str | int, what: str = "size") -> int:
         raise UsageError(f"invalid {what} {text!r}: expected a number with an optional "
                          "K, M, G or T suffix, like 64K or 1G")
     number, suffix = match.groups()
-    value = float(number) * _SUFFIX[suffix.upper()]
-    if value != int(value):
+    # Exact arithmetic: a float would silently round byte counts above 2**53.
+    value = Fraction(number) * _SUFFIX[suffix.upper()]
+    if value.denominator != 1:
         raise UsageError(f"invalid {what} {text!r}: not a whole number of bytes")
     return int(value)
 
