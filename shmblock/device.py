@@ -293,21 +293,31 @@ class Device:
             found_run = raw_run.rstrip(b"\0").decode(errors="replace")
             if run_id is not None and found_run != run_id:
                 raise AttachError(f"{meta_name!r} belongs to run {found_run}, not {run_id}")
-            geometry = Geometry(size, cluster_size, max_writers, slots)
+            try:
+                geometry = Geometry(size, cluster_size, max_writers, slots)
+            except UsageError as exc:
+                raise AttachError(f"{meta_name!r} has a corrupt header: {exc}") from exc
             if clusters != geometry.clusters or max_bitmaps != L.MAX_BITMAPS:
                 raise AttachError(f"{meta_name!r} has an inconsistent header")
             if seg_size != geometry.layout().total_size:
                 raise AttachError(f"{meta_name!r} has {seg_size} bytes, header says otherwise")
-            data_name = raw_data.rstrip(b"\0").decode()
-            backing = raw_backing.rstrip(b"\0").decode() or None
+            try:
+                data_name = raw_data.rstrip(b"\0").decode()
+                backing = raw_backing.rstrip(b"\0").decode() or None
+            except UnicodeDecodeError as exc:
+                raise AttachError(f"{meta_name!r} has a corrupt header: {exc}") from exc
             if flags & L.FLAG_FILE_BACKED:
-                assert backing is not None
+                if backing is None:
+                    raise AttachError(f"{meta_name!r} is file-backed but names no file")
                 data_map = cls._map_file(backing, size, create=False)
             else:
                 try:
                     dshm = posix_ipc.SharedMemory(data_name)
                 except posix_ipc.ExistentialError as exc:
                     raise AttachError(f"device contents {data_name!r} are gone") from exc
+                except ValueError as exc:  # posix_ipc: not a valid name
+                    raise AttachError(f"{meta_name!r} has a corrupt header: contents name "
+                                      f"{data_name!r}") from exc
                 try:
                     if os.fstat(dshm.fd).st_size != size:
                         raise AttachError(f"{data_name!r} does not have {size} bytes")
