@@ -399,6 +399,9 @@ class Device:
     def set_bitmap_name(self, index: int, name: str) -> None:
         """Owner only, while writers are frozen or the bitmap is disabled."""
         assert self._meta_map is not None
+        if not 0 <= index < L.MAX_BITMAPS:
+            # Out of range would land on the control words or the cluster maps.
+            raise UsageError(f"bitmap index {index} out of range 0-{L.MAX_BITMAPS - 1}")
         raw = name.encode()
         if len(raw) >= L.BITMAP_NAME_BYTES:
             raise UsageError(f"bitmap name {name!r} is longer than {L.BITMAP_NAME_BYTES - 1} bytes")
