@@ -1,0 +1,181 @@
+"""The job state machine: the transition table, conclude-once, waiting, results."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import pytest
+
+from shmblock.errors import JobError, ShmblockError, StateError
+from shmblock.job import TRANSITIONS, JobEvent, JobResult, JobState, JobTracker, Outcome
+
+C, R, P, X = JobState.CREATED, JobState.RUNNING, JobState.PAUSED, JobState.CONCLUDED
+
+ALLOWED: set[tuple[JobState, JobState]] = {(C, R), (C, X), (R, P), (R, X), (P, R), (P, X)}
+
+
+def by_name(pair: tuple[JobState, JobState]) -> tuple[str, str]:
+    return pair[0].value, pair[1].value
+
+
+def test_table_is_exactly_the_documented_one() -> None:
+    table = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+    assert table == ALLOWED
+    assert set(TRANSITIONS) == set(JobState)
+
+
+ALLOWED_LIST = sorted(ALLOWED, key=by_name)
+
+
+@pytest.mark.parametrize(("old", "new"), ALLOWED_LIST)
+def test_allowed_transitions(old: JobState, new: JobState) -> None:
+    old.check(new, "do")  # no exception
+
+
+DISALLOWED = sorted(set(itertools.product(JobState, JobState)) - ALLOWED, key=by_name)
+
+
+@pytest.mark.parametrize(("old", "new"), DISALLOWED)
+def test_disallowed_transitions(old: JobState, new: JobState) -> None:
+    with pytest.raises(StateError) as info:
+        old.check(new, "frobnicate")
+    err = info.value
+    assert err.state == old.value
+    # ``required``: the states from which ``new`` could have been reached.
+    assert set(err.required) == {a.value for a, b in ALLOWED if b is new}
+    assert "frobnicate" in str(err)
+    assert old.value in str(err)
+    assert isinstance(err, JobError)
+    assert isinstance(err, ShmblockError)
+
+
+def test_pause_a_created_job_names_running_as_required() -> None:
+    with pytest.raises(StateError) as info:
+        C.check(P, "pause")
+    assert info.value.state == "created"
+    assert info.value.required == ("running",)
+    assert str(info.value) == "cannot pause a job that is created"
+
+
+def test_nothing_leaves_concluded() -> None:
+    for new in JobState:
+        with pytest.raises(StateError):
+            X.check(new, "touch")
+
+
+def kinds(tracker: JobTracker) -> list[str]:
+    return [e.kind for e in tracker.events]
+
+
+def test_tracker_lifecycle_and_events() -> None:
+    seen: list[JobEvent] = []
+    t = JobTracker("job1", on_event=seen.append)
+    assert t.state is C
+    assert not t.concluded
+    t.transition(R, "start", "running")
+    assert t.running_since > 0
+    first_running = t.running_since
+    t.transition(P, "pause", "paused")
+    t.transition(R, "resume", "resumed")
+    assert t.running_since == first_running  # the first start counts
+    t.progress(10, 100)
+    assert (t.done, t.total) == (10, 100)
+    assert t.conclude(Outcome.COMPLETED, clusters_copied=4)
+    assert t.concluded
+    assert t.outcome is Outcome.COMPLETED
+    assert t.final == {"clusters_copied": 4}
+    assert t.ended >= t.started
+    assert kinds(t) == ["created", "running", "paused", "resumed", "progress", "completed"]
+    assert seen == t.events
+    times = [e.time for e in t.events]
+    assert times == sorted(times)
+    assert t.events[-1].data == {"error": "", "clusters_copied": 4}
+
+
+def test_tracker_rejects_bad_transitions_and_keeps_state() -> None:
+    t = JobTracker("job1")
+    with pytest.raises(StateError) as info:
+        t.transition(P, "pause", "paused")
+    assert info.value.state == "created"
+    assert t.state is C
+    assert kinds(t) == ["created"]
+
+
+def test_conclude_once() -> None:
+    t = JobTracker("job1")
+    t.transition(R, "start", "running")
+    assert t.conclude(Outcome.FAILED, "target gone")
+    # A late report from the worker changes nothing.
+    assert not t.conclude(Outcome.COMPLETED)
+    assert not t.conclude(Outcome.CANCELLED, "late")
+    assert t.outcome is Outcome.FAILED
+    assert t.error == "target gone"
+    assert kinds(t) == ["created", "running", "failed"]
+    with pytest.raises(StateError):
+        t.transition(R, "resume", "resumed")
+
+
+def test_conclude_straight_from_created() -> None:
+    t = JobTracker("job1")
+    assert t.conclude(Outcome.FAILED, "no worker")
+    assert t.running_since == 0.0
+    assert t.state is X
+
+
+def test_conclude_once_under_races() -> None:
+    t = JobTracker("job1")
+    t.transition(R, "start", "running")
+    wins: list[Outcome] = []
+    barrier = threading.Barrier(8)
+
+    def report(outcome: Outcome) -> None:
+        barrier.wait()
+        if t.conclude(outcome):
+            wins.append(outcome)
+
+    threads = [threading.Thread(target=report, args=(o,))
+               for o in itertools.islice(itertools.cycle(Outcome), 8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(wins) == 1
+    assert t.outcome is wins[0]
+    assert sum(e.kind in ("completed", "failed", "cancelled") for e in t.events) == 1
+
+
+def test_wait_times_out() -> None:
+    t = JobTracker("job1")
+    t0 = time.monotonic()
+    assert t.wait(0.05) is False
+    elapsed = time.monotonic() - t0
+    assert 0.04 <= elapsed < 2.0
+    assert t.wait(0) is False
+
+
+def test_wait_returns_when_concluded_elsewhere() -> None:
+    t = JobTracker("job1")
+    t.transition(R, "start", "running")
+    timer = threading.Timer(0.05, t.conclude, args=(Outcome.CANCELLED,))
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert t.wait(10.0) is True
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        timer.join()
+    assert t.outcome is Outcome.CANCELLED
+    assert t.wait(0) is True  # already concluded: no wait at all
+
+
+def test_job_result_ok_and_throughput() -> None:
+    r = JobResult("job1", Outcome.COMPLETED, bytes_total=1000, duration_s=2.0)
+    assert r.ok
+    assert r.throughput == 500.0
+    assert not JobResult("job1", Outcome.COMPLETED, verified=False).ok
+    assert JobResult("job1", Outcome.COMPLETED, verified=True).ok
+    assert not JobResult("job1", Outcome.FAILED).ok
+    assert not JobResult("job1", Outcome.CANCELLED).ok
+    assert JobResult("job1", Outcome.COMPLETED, bytes_total=5).throughput == 0.0
