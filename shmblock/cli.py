@@ -3,6 +3,7 @@
     shmblock-run                   a short demonstration (verified backup of a busy device)
     shmblock-run run [options]     writers + a backup taken mid-run, with a summary
     shmblock-run cleanup           remove what crashed runs left behind
+    shmblock-run bench [--quick]   benchmarks beside QEMU and the machine's limits
 
 Exit codes: 0 success, 1 failed job or verification, 2 bad usage, 130 interrupted.
 Errors are one line on stderr, never a traceback.
@@ -123,6 +124,9 @@ def build_parser() -> ArgumentParser:
                         "left by crashed runs")
     cl.add_argument("--dry-run", action="store_true", help="only list what would go")
     cl.add_argument("--json", action="store_true", help="print the report as JSON")
+    from shmblock.bench.options import add_arguments as add_bench_arguments
+    add_bench_arguments(sub.add_parser(
+        "bench", help="benchmarks under contention, beside QEMU and the machine's limits"))
     return p
 
 
@@ -371,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "cleanup":
             return cmd_cleanup(args)
+        if args.command == "bench":
+            from shmblock.bench.runner import run as run_bench
+            args.argv = sys.argv[1:] if argv is None else argv
+            return run_bench(args)
         if args.command in (None, "demo"):
             if args.command is None:
                 args.json = None

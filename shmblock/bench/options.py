@@ -1,0 +1,152 @@
+"""What a benchmark run measures: the plan, built from ``shmblock-run bench`` options.
+
+Only argparse and the standard library here, so the CLI can wire the subcommand without
+importing numpy, matplotlib or psutil.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shmblock.units import parse_size
+
+WORKLOAD_CHOICES = ("random", "first-touch", "zipf", "sequential", "mixed")
+TARGET_CHOICES = ("raw", "qcow2")
+SECTIONS = ("limits", "peers", "scenarios", "scaling")
+
+
+@dataclass
+class Plan:
+    """Every knob of one benchmark run; recorded in the results as it was."""
+
+    quick: bool
+    scenario_size: int
+    writers: tuple[int, ...]
+    workloads: tuple[str, ...]
+    targets: tuple[str, ...]
+    block_size: int
+    warmup_s: float  # writers run this long before anything is measured
+    idle_window_s: float  # the "backup off" measurement window
+    settle_s: float  # pause between two backups of one scenario group
+    peer_size: int
+    peer_repeats: int
+    limits_size: int
+    memcpy_size: int
+    scaling_sizes: tuple[int, ...]
+    freeze_writers: tuple[int, ...]
+    freeze_samples: int
+    sections: tuple[str, ...]
+    target_dir: str | None  # None: a temporary directory in /dev/shm when it fits
+    scaling_dir: str | None  # None: a temporary directory on the disk (/var/tmp)
+    seed: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_size(part, "size") for part in text.split(",") if part)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 1,2,4,8") from None
+    if not values or any(v < 1 or v > 64 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each count must be from 1 to 64")
+    return values
+
+
+def _choices(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(part for part in text.split(",") if part)
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a comma-separated list of {', '.join(allowed)}")
+        return values
+    parse.__name__ = "list"
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``shmblock-run bench``."""
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and a reduced matrix: finishes in under a minute "
+                   "(what CI runs)")
+    p.add_argument("--output", metavar="DIR", default="bench-results",
+                   help="directory for results.json, results.md and the PNG plots "
+                   "(default ./bench-results)")
+    p.add_argument("--sections", type=_choices(SECTIONS), default=SECTIONS,
+                   help=f"which parts to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--size", type=_sizes, metavar="SIZE",
+                   help="device size of the scenario matrix (default 1G, quick 64M)")
+    p.add_argument("--writers", type=_ints, metavar="N,N,...",
+                   help="writer counts of the matrix (default 1,2,4,8; quick 1,4)")
+    p.add_argument("--workloads", type=_choices(WORKLOAD_CHOICES), metavar="W,W,...",
+                   help="workloads of the matrix (default random,first-touch,zipf)")
+    p.add_argument("--targets", type=_choices(TARGET_CHOICES), metavar="T,T,...",
+                   help="backup targets of the matrix (default raw,qcow2)")
+    p.add_argument("--peer-size", type=_sizes, metavar="SIZE",
+                   help="content size for the QEMU comparison (default 1G, quick 64M)")
+    p.add_argument("--scaling-sizes", type=_sizes, metavar="SIZE,SIZE,...",
+                   help="device sizes of the scaling section (default 256M,1G,4G,16G; "
+                   "quick 64M,128M)")
+    p.add_argument("--target-dir", metavar="DIR",
+                   help="where backups, qemu-img outputs and the page-cache test write "
+                   "(default: a temporary directory in /dev/shm)")
+    p.add_argument("--scaling-dir", metavar="DIR",
+                   help="where the scaling section's backups go (default: a temporary "
+                   "directory in /var/tmp, since 16 GiB of device and backup do not both "
+                   "fit in /dev/shm)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true",
+                   help="print the results JSON on stdout instead of the summary")
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The plan for parsed options (quick or full, then the explicit overrides)."""
+    q = bool(args.quick)
+    plan = Plan(
+        quick=q,
+        scenario_size=parse_size("64M" if q else "1G"),
+        writers=(1, 4) if q else (1, 2, 4, 8),
+        workloads=("random", "first-touch", "zipf"),
+        targets=("raw", "qcow2"),
+        block_size=4096,
+        warmup_s=0.2 if q else 0.5,
+        idle_window_s=0.3 if q else 2.0,
+        settle_s=0.1 if q else 0.3,
+        peer_size=parse_size("64M" if q else "1G"),
+        peer_repeats=1 if q else 3,
+        limits_size=parse_size("64M" if q else "1G"),
+        memcpy_size=parse_size("32M" if q else "256M"),
+        scaling_sizes=tuple(parse_size(s) for s in (("64M", "128M") if q else
+                                                     ("256M", "1G", "4G", "16G"))),
+        freeze_writers=(1, 2) if q else (1, 2, 4, 8),
+        freeze_samples=5 if q else 50,
+        sections=tuple(args.sections),
+        target_dir=args.target_dir,
+        scaling_dir=args.scaling_dir,
+        seed=args.seed,
+    )
+    if args.size:
+        plan.scenario_size = args.size[0]
+    if args.writers:
+        plan.writers = args.writers
+    if args.workloads:
+        plan.workloads = args.workloads
+    if args.targets:
+        plan.targets = args.targets
+    if args.peer_size:
+        plan.peer_size = args.peer_size[0]
+    if args.scaling_sizes:
+        plan.scaling_sizes = args.scaling_sizes
+    return plan

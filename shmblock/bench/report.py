@@ -1,0 +1,411 @@
+"""Turning a benchmark run into ratios, goals, JSON, Markdown and PNG plots.
+
+Ratios are computed only between numbers measured in the same run; a peer that was
+skipped has no ratio (``None``), never a made-up one. Each goal of issue 4 is one row:
+what was measured, the goal, and whether it was met.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+GB = 1e9
+MiB = 1 << 20
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def ratios(res: dict[str, Any]) -> dict[str, float | None]:
+    peers = res.get("peers") or {}
+    limits = res.get("limits") or {}
+    raw = _get(peers, "engine", "raw", "bytes_per_s")
+    qcow2 = _get(peers, "engine", "qcow2", "bytes_per_s")
+    return {
+        "engine_raw_vs_qemu_img_raw": _ratio(raw, _get(peers, "qemu_img_convert", "raw",
+                                                       "bytes_per_s")),
+        "engine_raw_vs_qemu_img_raw_net": _ratio(raw, _get(peers, "qemu_img_convert", "raw",
+                                                           "net_bytes_per_s")),
+        "engine_qcow2_vs_qemu_img_qcow2": _ratio(qcow2, _get(
+            peers, "qemu_img_convert", "qcow2", "bytes_per_s")),
+        "engine_qcow2_vs_qemu_img_qcow2_net": _ratio(qcow2, _get(
+            peers, "qemu_img_convert", "qcow2", "net_bytes_per_s")),
+        "engine_raw_vs_qemu_backup_job": _ratio(raw, _get(peers, "qemu_backup_job",
+                                                          "bytes_per_s")),
+        "engine_raw_end_to_end_vs_qemu_img_raw": _ratio(
+            _get(peers, "engine", "raw", "end_to_end_bytes_per_s"),
+            _get(peers, "qemu_img_convert", "raw", "bytes_per_s")),
+        "engine_raw_vs_page_cache_write": _ratio(raw, _get(limits, "page_cache_write",
+                                                           "bytes_per_s")),
+        "engine_raw_vs_memcpy": _ratio(raw, _get(limits, "memcpy", "bytes_per_s")),
+        "qemu_img_raw_vs_page_cache_write": _ratio(
+            _get(peers, "qemu_img_convert", "raw", "bytes_per_s"),
+            _get(limits, "page_cache_write", "bytes_per_s")),
+    }
+
+
+def _cells(res: dict[str, Any]) -> list[dict[str, Any]]:
+    cells: list[dict[str, Any]] = res.get("scenarios") or []
+    return cells
+
+
+def _find(cells: list[dict[str, Any]], workload: str, writers: int,
+          target: str) -> dict[str, Any] | None:
+    for c in cells:
+        if c["workload"] == workload and c["writers"] == writers and c["target"] == target:
+            return c
+    return None
+
+
+def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per goal of issue 4: measured, goal, met (True/False/None = not measured)."""
+    r = res.get("ratios") or {}
+    rows: list[dict[str, Any]] = []
+
+    def row(goal: str, measured: str, met: bool | None, detail: str = "") -> None:
+        rows.append({"goal": goal, "measured": measured, "met": met, "detail": detail})
+
+    for fmt in ("raw", "qcow2"):
+        key = f"engine_{fmt}_vs_qemu_img_{fmt}"
+        v = r.get(key)
+        row(f"idle full backup ≥ 1.0× qemu-img convert ({fmt})",
+            "not measured" if v is None else f"{v:.2f}×", None if v is None else v >= 1.0,
+            f"net of qemu-img start-up: {r.get(key + '_net') or 0:.2f}×")
+    v = r.get("engine_raw_vs_qemu_backup_job")
+    row("idle full backup ≥ 3× QEMU's backup job (raw → raw)",
+        "not measured" if v is None else f"{v:.2f}×", None if v is None else v >= 3.0)
+    cells = _cells(res)
+    for fmt in ("raw", "qcow2"):
+        c = _find(cells, "first-touch", 4, fmt)
+        if c is None:
+            row(f"first-touch, 4 writers, backup to {fmt}: ≥ 50,000 guest writes/s",
+                "not measured", None)
+            continue
+        cbw = c["cbw_saves"] + c["cbw_requests"]
+        cbw_rate = cbw / c["window_s"] if c["window_s"] else 0.0
+        row(f"first-touch, 4 writers, backup to {fmt}: ≥ 50,000 guest writes/s",
+            f"{c['guest_ops_per_s']:,.0f}/s", c["guest_ops_per_s"] >= 50_000,
+            f"{cbw:,} copy-before-writes in the {c['window_s'] * 1e3:.0f} ms job "
+            f"({cbw_rate:,.0f}/s; {c['cbw_requests']:,} of them waited for the worker)")
+    for fmt in ("raw", "qcow2"):
+        shares = []
+        for w in sorted({c["writers"] for c in cells if c["workload"] == "zipf"}):
+            off, on = _find(cells, "zipf", w, ""), _find(cells, "zipf", w, fmt)
+            if off and on and off["guest_ops_per_s"]:
+                shares.append((w, on["guest_ops_per_s"] / off["guest_ops_per_s"]))
+        if not shares:
+            row(f"zipf during backup to {fmt} ≥ 90 % of without", "not measured", None)
+            continue
+        worst = min(s for _, s in shares)
+        row(f"zipf during backup to {fmt} ≥ 90 % of without",
+            f"worst {worst:.0%}", worst >= 0.9,
+            ", ".join(f"{w} writers {s:.0%}" for w, s in shares))
+    sizes = (res.get("scaling") or {}).get("sizes") or []
+    p99 = []
+    for s in sizes:
+        for f in s.get("freeze", []):
+            if f["writers"] == max(x["writers"] for x in s["freeze"]):
+                p99.append((s["size"], f["writers"], f["p99_ms"]))
+    if p99:
+        worst_p99 = max(x[2] for x in p99)
+        row(f"freeze p99 < 5 ms with {p99[0][1]} writers, flat in size",
+            f"worst {worst_p99:.2f} ms", worst_p99 < 5.0,
+            ", ".join(f"{sz // MiB} MiB {v:.2f} ms" for sz, _, v in p99))
+    else:
+        row("freeze p99 < 5 ms with 8 writers, flat in size", "not measured", None)
+    if len(sizes) >= 2:
+        first, last = sizes[0], sizes[-1]
+        clusters_added = (last["size"] - first["size"]) // (64 << 10)
+        parts = []
+        worst_per_cluster = 0.0
+        for role in ("supervisor", "backup_worker"):
+            a = _get(first, "memory_peak", role, "private_rss") or 0
+            b = _get(last, "memory_peak", role, "private_rss") or 0
+            per = (b - a) / clusters_added if clusters_added else 0.0
+            worst_per_cluster = max(worst_per_cluster, per)
+            parts.append(f"{role} {a / MiB:.1f} → {b / MiB:.1f} MiB ({per:+.1f} B/cluster)")
+        row("engine memory flat in device size (≤ 1 byte per cluster per map)",
+            f"{worst_per_cluster:+.1f} B per added cluster", worst_per_cluster <= 10.0,
+            "; ".join(parts) + f" from {first['size'] // MiB} MiB to "
+            f"{last['size'] // MiB} MiB (10 one-byte maps per cluster)")
+    else:
+        row("engine memory flat in device size", "not measured", None)
+    return rows
+
+
+# -- output files ----------------------------------------------------------------------------
+
+
+def write_json(path: str, res: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _gbs(v: float | None) -> str:
+    return "—" if v is None else f"{v / GB:.2f} GB/s"
+
+
+def _x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def _status(met: bool | None) -> str:
+    return {True: "met", False: "**short**", None: "not measured"}[met]
+
+
+def headline(res: dict[str, Any]) -> str:
+    """The goals table with the command that produced it (for README files)."""
+    lines = [f"Command: `{res['command']}` — {res['machine']['cpu_count']} CPUs "
+             f"({res['machine']['cpu_model']}), {res['machine']['memory_bytes'] / 2**30:.0f} "
+             f"GiB RAM, Linux {res['machine']['kernel']}, Python {res['machine']['python']}, "
+             f"{res['started']}.", "",
+             "| goal | measured | status | detail |", "|---|---|---|---|"]
+    for g in res.get("goals", []):
+        lines.append(f"| {g['goal']} | {g['measured']} | {_status(g['met'])} | "
+                     f"{g['detail']} |")
+    peers = res.get("peers") or {}
+    lim = res.get("limits") or {}
+    size = _get(peers, "content", "size")
+    if size:
+        lines += ["", f"Idle full backup of {size / 2**30:g} GiB (half random, half zero), "
+                  "same bytes, same run:", "",
+                  "| copier | throughput | engine raw is |", "|---|---|---|"]
+        raw = _get(peers, "engine", "raw", "bytes_per_s")
+        for label, v in (
+            ("shmblock → raw (job)", raw),
+            ("shmblock → qcow2 (job)", _get(peers, "engine", "qcow2", "bytes_per_s")),
+            ("qemu-img convert -O raw", _get(peers, "qemu_img_convert", "raw",
+                                             "bytes_per_s")),
+            ("qemu-img convert -O qcow2", _get(peers, "qemu_img_convert", "qcow2",
+                                               "bytes_per_s")),
+            ("QEMU backup job (qemu-storage-daemon)", _get(peers, "qemu_backup_job",
+                                                          "bytes_per_s")),
+            ("limit: page-cache write, 1 MiB chunks", _get(lim, "page_cache_write",
+                                                           "bytes_per_s")),
+            ("limit: shared-memory memcpy, 1 core", _get(lim, "memcpy", "bytes_per_s")),
+        ):
+            lines.append(f"| {label} | {_gbs(v)} | {_x(_ratio(raw, v))} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    out = ["# shmblock benchmark results", "",
+           f"* command: `{res['command']}`",
+           f"* started {res['started']}, took {res['duration_s']:.0f} s; git "
+           f"{res.get('git_commit') or 'unknown'}",
+           f"* machine: {m['cpu_count']} × {m['cpu_model']}, "
+           f"{m['memory_bytes'] / 2**30:.1f} GiB RAM, /dev/shm {m['shm_bytes'] / 2**30:.1f} "
+           f"GiB, Linux {m['kernel']}, {m['python_implementation']} {m['python']}",
+           "* packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
+           "* tools: " + ", ".join(v for v in m["tools"].values() if v),
+           f"* targets written to {res['target_dir_kind']} ({m['target_dir_fs']}); "
+           f"load average at start {res['load_start']}, at end {res['load_end']}",
+           "", "## Headline", "", headline(res)]
+    notes = list(res.get("notes", []))
+    notes += (res.get("peers") or {}).get("notes", [])
+    notes += (res.get("scaling") or {}).get("notes", [])
+    # Side by side.
+    peers = res.get("peers")
+    if peers:
+        out += ["## Side by side with QEMU", "",
+                "| what | median time | throughput | how |", "|---|---|---|---|"]
+        for fmt in ("raw", "qcow2"):
+            e = _get(peers, "engine", fmt)
+            if e:
+                out.append(f"| shmblock → {fmt}, job | {e['job_s']:.3f} s | "
+                           f"{_gbs(e['bytes_per_s'])} | snapshot → conclusion |")
+                out.append(f"| shmblock → {fmt}, end to end | {e['end_to_end_s']:.3f} s | "
+                           f"{_gbs(e['end_to_end_bytes_per_s'])} | + worker start, target "
+                           "open |")
+        for fmt in ("raw", "qcow2"):
+            q = _get(peers, "qemu_img_convert", fmt)
+            if q:
+                out.append(f"| `{q['command']}` | {q['wall_s']:.3f} s | "
+                           f"{_gbs(q['bytes_per_s'])} | wall; net of {q['fixed_cost_s'] * 1e3:.0f}"
+                           f" ms start-up: {_gbs(q['net_bytes_per_s'])} |")
+        qb = peers.get("qemu_backup_job")
+        if qb:
+            out.append(f"| QEMU backup job | {qb['job_s']:.3f} s | {_gbs(qb['bytes_per_s'])} "
+                       "| blockdev-backup → BLOCK_JOB_COMPLETED |")
+        out += ["", "Ratios (same run):", ""]
+        out += [f"* {k}: {_x(v)}" for k, v in (res.get("ratios") or {}).items()]
+        out.append("")
+    lim = res.get("limits")
+    if lim:
+        out += ["## Machine limits (measured by this run)", ""]
+        out.append(f"* shared-memory copy: {_gbs(lim['memcpy']['bytes_per_s'])} "
+                   f"({lim['memcpy']['how']})")
+        out.append(f"* page-cache write: {_gbs(lim['page_cache_write']['bytes_per_s'])} "
+                   f"({lim['page_cache_write']['how']})")
+        sp = lim["sparse_random_64k"]
+        out.append(f"* random 64 KiB writes into a sparse file: {sp['writes_per_s']:,.0f}/s "
+                   f"({sp['how']})")
+        if "scaling_dir_page_cache_write" in lim:
+            d = lim["scaling_dir_page_cache_write"]
+            out.append(f"* page-cache write in the scaling directory: "
+                       f"{_gbs(d['bytes_per_s'])} ({d['how']})")
+        out.append("")
+    cells = _cells(res)
+    if cells:
+        out += ["## Scenario matrix", "",
+                f"Device {cells[0]['device_size'] / 2**20:.0f} MiB, 4 KiB guest writes. "
+                "*off*: no job, a fixed window; *raw*/*qcow2*: the window is the backup job, "
+                "snapshot to conclusion. Latency and longest stall are for the window only.",
+                "", "| workload | writers | backup | guest ops/s | MB/s | p50 µs | p99 µs | "
+                "p99.9 µs | longest stall ms | CBW wait share | CBW saves / requests | "
+                "freeze ms | backup s | backup MB/s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in cells:
+            b = c["target"] or "off"
+            backup = "" if not c["backup"] else (
+                f"{c['freeze_ms']:.2f} | {c['backup_s']:.3f} | {c['backup_mb_per_s']:,.0f}")
+            if c["backup"] and c["backup_outcome"] != "completed":
+                backup = f"— | {c['backup_outcome']}: {c['backup_error']} | —"
+            if not c["backup"]:
+                backup = "— | — | —"
+            out.append(
+                f"| {c['workload']} | {c['writers']} | {b} | {c['guest_ops_per_s']:,.0f} | "
+                f"{c['guest_mb_per_s']:,.0f} | {c['p50_us']:.1f} | {c['p99_us']:.1f} | "
+                f"{c['p999_us']:.0f} | {c['max_stall_ms']:.1f} | {c['cbw_wait_share']:.0%} | "
+                f"{c['cbw_saves']:,} / {c['cbw_requests']:,} | {backup} |")
+        out += ["", "![guest throughput](throughput.png)", "",
+                "![guest latency](latency.png)", ""]
+    sc = res.get("scaling")
+    if sc and sc.get("sizes"):
+        out += ["## Scaling with device size", "",
+                f"Full backup of an idle device (half random, half zero) to a raw file in "
+                f"{sc['target_kind']}; engine memory is resident memory less the shared "
+                "device (RssAnon + RssFile), peak while the backup ran.", "",
+                "| size | backup s | GB/s | supervisor MiB | backup worker MiB | "
+                "supervisor USS MiB | worker USS MiB |", "|---|---|---|---|---|---|---|"]
+        for s in sc["sizes"]:
+            mem = s["memory_peak"]
+            u = s.get("uss_before_snapshot") or {}
+            out.append(
+                f"| {s['size'] / 2**20:.0f} MiB | {s['backup']['duration_s']:.2f} | "
+                f"{s['backup']['bytes_per_s'] / GB:.2f} | "
+                f"{mem['supervisor']['private_rss'] / MiB:.1f} | "
+                f"{mem['backup_worker']['private_rss'] / MiB:.1f} | "
+                f"{(u.get('supervisor') or 0) / MiB:.1f} | "
+                f"{(u.get('backup_worker') or 0) / MiB:.1f} |")
+        out += ["", "Freeze at snapshot start (quiesce every writer + map initialisation; "
+                "p50 / p99 / max over the samples, and real `sync=none` snapshot starts):",
+                "", "| size | writers | samples | p50 ms | p99 ms | max ms | real snapshot "
+                "ms |", "|---|---|---|---|---|---|---|"]
+        for s in sc["sizes"]:
+            for f in s["freeze"]:
+                real = ", ".join(f"{x:.2f}" for x in f["real_snapshot_ms"])
+                out.append(f"| {s['size'] / 2**20:.0f} MiB | {f['writers']} | "
+                           f"{f['samples']} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | "
+                           f"{f['max_ms']:.2f} | {real} |")
+        out += ["", "![scaling](scaling.png)", ""]
+    if notes:
+        out += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def plots(res: dict[str, Any], out_dir: str) -> list[str]:
+    """PNG plots (matplotlib, Agg backend); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    cells = _cells(res)
+    workloads = list(dict.fromkeys(c["workload"] for c in cells))
+    styles = {"off": ("tab:gray", "o", "no backup"), "raw": ("tab:blue", "s", "backup → raw"),
+              "qcow2": ("tab:orange", "^", "backup → qcow2")}
+    if cells:
+        for name, title in (("throughput", "guest writes/s"), ("latency", "latency µs")):
+            fig, axes = plt.subplots(1, len(workloads), figsize=(4.2 * len(workloads), 3.6),
+                                     squeeze=False)
+            for ax, wl in zip(axes[0], workloads, strict=True):
+                for key, (color, marker, label) in styles.items():
+                    sel = sorted((c for c in cells if c["workload"] == wl
+                                  and (c["target"] or "off") == key),
+                                 key=lambda c: c["writers"])
+                    if not sel:
+                        continue
+                    xs = [c["writers"] for c in sel]
+                    if name == "throughput":
+                        ax.plot(xs, [c["guest_ops_per_s"] for c in sel], marker=marker,
+                                color=color, label=label)
+                    else:
+                        ax.plot(xs, [c["p99_us"] for c in sel], marker=marker, color=color,
+                                label=f"{label} p99")
+                        ax.plot(xs, [c["p50_us"] for c in sel], marker=marker, color=color,
+                                linestyle=":", alpha=0.7, label=f"{label} p50")
+                ax.set_title(wl)
+                ax.set_xlabel("writers")
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(sorted({c["writers"] for c in cells}))
+                ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.set_ylabel(title)
+                if name == "latency":
+                    ax.set_yscale("log")
+                else:
+                    ax.set_ylim(bottom=0)
+                ax.grid(True, alpha=0.3)
+            axes[0][0].legend(fontsize=7)
+            fig.suptitle(f"shmblock: {title} vs writers, with and without a backup "
+                         f"({cells[0]['device_size'] >> 20} MiB device, 4 KiB writes)",
+                         fontsize=9)
+            fig.tight_layout()
+            path = os.path.join(out_dir, f"{name}.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    sizes = (res.get("scaling") or {}).get("sizes") or []
+    if sizes:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        gib = [s["size"] / 2**30 for s in sizes]
+        axes[0].plot(gib, [s["backup"]["duration_s"] for s in sizes], marker="o")
+        axes[0].set_title("full backup time")
+        axes[0].set_ylabel("seconds")
+        for role, color in (("supervisor", "tab:blue"), ("backup_worker", "tab:orange")):
+            axes[1].plot(gib, [s["memory_peak"][role]["private_rss"] / MiB for s in sizes],
+                         marker="o", color=color, label=role.replace("_", " "))
+        axes[1].set_title("engine memory (RSS less shared device)")
+        axes[1].set_ylabel("MiB")
+        axes[1].set_ylim(bottom=0)
+        axes[1].legend(fontsize=7)
+        for s in sizes:
+            axes[2].plot([f["writers"] for f in s["freeze"]], [f["p99_ms"] for f in s["freeze"]],
+                         marker="o", label=f"{s['size'] >> 20} MiB")
+        axes[2].axhline(5.0, color="red", linestyle="--", linewidth=0.8, label="goal 5 ms")
+        axes[2].set_title("freeze p99 at snapshot start")
+        axes[2].set_xlabel("writers")
+        axes[2].set_ylabel("ms")
+        axes[2].legend(fontsize=7)
+        for ax in axes[:2]:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("device size (GiB)")
+        for ax in axes:
+            ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "scaling.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

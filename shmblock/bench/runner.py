@@ -1,0 +1,180 @@
+"""``shmblock-run bench``: run the sections of a plan and write the results.
+
+Sections, in order: machine limits, the QEMU comparison, the scenario matrix, scaling.
+Progress is a rich bar on a terminal (stderr) and nothing otherwise. Everything a
+section creates lives in temporary directories removed at the end, and every engine is
+closed by its ``with`` block, so an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from shmblock.bench import machine, report
+from shmblock.bench.options import Plan, plan_from_args
+from shmblock.device import SHM_DIR, shm_free_bytes
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _loadavg() -> str:
+    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+    return "unknown"
+
+
+def _git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--",
+                                "shmblock", "workers", "protocol"],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + (" (engine files modified)" if dirty.stdout.strip() else "")
+
+
+class Reporter:
+    """Progress: a rich bar on a terminal, silence otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Reporter]:
+        if not self.enabled:
+            yield self
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            self._bar = bar
+            self._task = bar.add_task("bench", total=self.total)
+            yield self
+
+    def note(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+
+def _pick_target_dir(plan: Plan) -> tuple[str, str]:
+    """A temporary directory for backups: /dev/shm when it fits, else /var/tmp."""
+    if plan.target_dir:
+        return tempfile.mkdtemp(prefix="shmblock-bench-", dir=plan.target_dir), plan.target_dir
+    # Device + its backup + a qemu-img output at a time, with room to spare.
+    need = 3 * max(plan.scenario_size, plan.peer_size, plan.limits_size) + (512 << 20)
+    if shm_free_bytes() >= need:
+        return tempfile.mkdtemp(prefix="shmblock-bench-", dir=SHM_DIR), f"{SHM_DIR} (tmpfs)"
+    return tempfile.mkdtemp(prefix="shmblock-bench-", dir="/var/tmp"), "/var/tmp"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``shmblock-run bench`` options."""
+    plan = plan_from_args(args)
+    out_dir = os.path.abspath(args.output)
+    os.makedirs(out_dir, exist_ok=True)
+    groups = len(plan.workloads) * len(plan.writers)
+    total = (("limits" in plan.sections) + ("peers" in plan.sections)
+             + groups * ("scenarios" in plan.sections)
+             + len(plan.scaling_sizes) * ("scaling" in plan.sections))
+    reporter = Reporter(total, sys.stderr.isatty() and not args.json)
+    started = time.monotonic()
+    res: dict[str, Any] = {
+        "schema": 1,
+        "command": shlex.join(["shmblock-run", *getattr(args, "argv", [])]),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "load_start": _loadavg(),
+        "plan": plan.to_json(),
+        "notes": [],
+    }
+    target_dir, target_kind = _pick_target_dir(plan)
+    scaling_dir = tempfile.mkdtemp(prefix="shmblock-bench-scaling-",
+                                   dir=plan.scaling_dir or "/var/tmp")
+    res["target_dir_kind"] = target_kind
+    res["machine"] = machine.describe(target_dir)
+    try:
+        with reporter.running() as rep:
+            _sections(plan, res, target_dir, scaling_dir, rep)
+    finally:
+        shutil.rmtree(target_dir, ignore_errors=True)
+        shutil.rmtree(scaling_dir, ignore_errors=True)
+    res["load_end"] = _loadavg()
+    res["duration_s"] = time.monotonic() - started
+    if "scaling" in res:
+        res["scaling"]["target_kind"] = (
+            f"{plan.scaling_dir or '/var/tmp'} ({machine.fs_type(plan.scaling_dir or '/var/tmp')})")
+    res["ratios"] = report.ratios(res)
+    res["goals"] = report.goals(res)
+    try:
+        res["plots"] = [os.path.basename(p) for p in report.plots(res, out_dir)]
+    except ImportError:
+        res["plots"] = []
+        res["notes"].append("matplotlib is not installed (pip install 'shmblock[bench]'): "
+                            "no plots")
+    report.write_json(os.path.join(out_dir, "results.json"), res)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(report.markdown(res))
+    if args.json:
+        with open(os.path.join(out_dir, "results.json")) as f:
+            sys.stdout.write(f.read())
+    else:
+        print(report.headline(res))
+        print(f"results: {out_dir}/results.json, results.md"
+              + "".join(f", {p}" for p in res["plots"]))
+    failed = [c for c in res.get("scenarios", [])
+              if c["backup"] and c["backup_outcome"] != "completed"]
+    for c in failed:
+        print(f"shmblock-run bench: backup in {c['workload']} × {c['writers']} → {c['target']} "
+              f"{c['backup_outcome']}: {c['backup_error']}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _sections(plan: Plan, res: dict[str, Any], target_dir: str, scaling_dir: str,
+              rep: Reporter) -> None:
+    note: Callable[[str], None] = rep.note
+    if "limits" in plan.sections:
+        note("machine limits: memcpy, page-cache writes")
+        res["limits"] = machine.measure_limits(target_dir, plan.limits_size, plan.memcpy_size)
+        if "scaling" in plan.sections:
+            res["limits"]["scaling_dir_page_cache_write"] = machine.page_cache_write(
+                scaling_dir, plan.limits_size, repeats=1)
+        rep.step()
+    if "peers" in plan.sections:
+        from shmblock.bench.peers import run_peers
+
+        res["peers"] = run_peers(plan, target_dir, note)
+        rep.step()
+    if "scenarios" in plan.sections:
+        from shmblock.bench.scenarios import run_matrix
+
+        res["scenarios"] = [c.to_json() for c in run_matrix(plan, target_dir, note, rep.step)]
+    if "scaling" in plan.sections:
+        from shmblock.bench.scaling import run_scaling
+
+        res["scaling"] = run_scaling(plan, scaling_dir, note, rep.step)
