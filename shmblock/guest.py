@@ -175,8 +175,13 @@ class GuestIO:
                         self._save_cluster(c, deadline)
                 finally:
                     self._claims.release(c, 1)
-        except CopyBeforeWriteError as exc:
-            self._cbw_failed(c0, c1, exc)
+        except CopyBeforeWriteError:
+            # Re-raise here, not in a helper that holds the exception: that helper's
+            # frame in the traceback would hold the exception in a reference cycle, with
+            # every frame's views of the device, and device.close() would then fail with
+            # BufferError until the garbage collector happened to run.
+            if not self._cbw_failed(c0, c1):
+                raise
         finally:
             self._cbw_wait_ns += int((time.monotonic() - t0) * 1e9)
 
@@ -247,15 +252,15 @@ class GuestIO:
                 return
             # Anything else is a late answer to a request that already timed out.
 
-    def _cbw_failed(self, c0: int, c1: int, exc: CopyBeforeWriteError) -> None:
-        """Apply on-cbw-error after a save failed; returns when the write may proceed."""
+    def _cbw_failed(self, c0: int, c1: int) -> bool:
+        """Apply on-cbw-error after a save failed; True when the write may proceed."""
         ctl = self._ctl
         if not self._nc[c0:c1].any() or ctl[L.CTL_BROKEN]:
-            return  # the job ended (maps cleared) or the snapshot is already broken
+            return True  # the job ended (maps cleared) or the snapshot is already broken
         if int(ctl[L.CTL_ON_CBW_ERROR]) == 1:
             ctl[L.CTL_BROKEN] = 1  # break-snapshot: the job fails, the guest goes on
-            return
-        raise exc
+            return True
+        return False
 
     # -- reads ------------------------------------------------------------------------------
 
