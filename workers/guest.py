@@ -118,7 +118,9 @@ class GuestWriter:
                         self.service_control(min(delay, 0.001))
                         if self.stop:
                             return
-                if ops & 0x3FF == 0:
+                # Every 1024 ops at full speed (ms apart); every op when rate limited,
+                # else a slow writer would overrun its duration by 1024 / rate seconds.
+                if interval or ops & 0x3FF == 0:
                     if time.monotonic() >= end:
                         return
                     if not parent_alive(self.parent):
