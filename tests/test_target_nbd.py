@@ -9,6 +9,8 @@ for qcow2); ``nbdkit memory`` is read over a second NBD connection by ``qemu-img
 from __future__ import annotations
 
 import abc
+import gc
+import mmap
 import re
 import socket
 import time
@@ -434,6 +436,44 @@ def test_enospc_fails_the_job_and_stays_failed(servers: ServerGroup) -> None:
         target.commit()
     target.abort()
     target.close()
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("failure", ["error-reply", "server-killed"])
+def test_failure_keeps_no_view_of_written_buffers(servers: ServerGroup, failure: str) -> None:
+    # The backup worker writes straight from the device mapping, and closes the mapping
+    # after the target: a failure must not keep those buffers exported, or closing the
+    # device fails with BufferError. An exception object kept past its handler (as the
+    # remembered failure, or through a reference cycle with a frame of its own traceback)
+    # holds that traceback's frames, and so their memoryviews. The cyclic garbage
+    # collector is off here, as it may well be at that moment in the worker.
+    plugin_args = ["error=EIO", "error-pwrite-rate=1"] if failure == "error-reply" else []
+    filters = ["error"] if failure == "error-reply" else []
+    server = servers.nbdkit("memory", f"size={SIZE}", *plugin_args, filters=filters)
+    target = NbdTarget(server.uri, SIZE, CLUSTER, timeout=TIMEOUT)
+    region = mmap.mmap(-1, SIZE)
+    view = memoryview(region)
+    if failure == "server-killed":
+        target.write(0, view[:CLUSTER])
+        server.kill()
+    failures = 0
+    gc.disable()
+    try:
+        for c in range(1, SIZE // CLUSTER + 1):
+            try:
+                if c < SIZE // CLUSTER:
+                    target.write(c * CLUSTER, view[c * CLUSTER : (c + 1) * CLUSTER])
+                else:
+                    target.commit()
+            except TargetIOError:
+                failures += 1
+        assert failures >= 1
+        target.abort()
+        target.close()
+        view.release()
+        region.close()  # BufferError if anything still holds a view of the region
+    finally:
+        gc.enable()
 
 
 @pytest.mark.external

@@ -261,7 +261,10 @@ class NbdTarget(Target):
         self._inflight: dict[int, _Request] = {}
         self._inflight_bytes = 0
         self._next_cookie = 1
-        self._failure: TargetIOError | None = None
+        # The first failure, kept as its message: an exception object kept past its
+        # handler would hold its traceback's frames, and with them memoryviews of the
+        # buffers being written (the device mapping, which could then not be closed).
+        self._failure: str | None = None
         # False once the byte stream may be out of step (partial send, bad reply): then
         # we must not send anything more, not even NBD_CMD_DISC.
         self._in_sync = True
@@ -337,10 +340,16 @@ class NbdTarget(Target):
         self._in_sync = False
         error = self._error(message)
         if isinstance(error, TargetIOError) and self._failure is None:
-            self._failure = error
-        if exc is not None:
-            raise error from exc
-        raise error
+            self._failure = message
+        try:
+            if exc is not None:
+                raise error from exc
+            raise error
+        finally:
+            # This frame is part of the error's traceback: holding the error here too is
+            # a reference cycle that keeps every frame of it (and the buffers they were
+            # sending) alive until the cyclic collector happens to run.
+            del error, exc
 
     def _transport_error(self, exc: OSError, doing: str) -> NoReturn:
         where = f"NBD server {self.uri}"
@@ -564,7 +573,7 @@ class NbdTarget(Target):
     def _check_usable(self) -> None:
         self._require_socket()
         if self._failure is not None:
-            raise self._failure
+            raise TargetIOError(self._failure)
 
     def _submit(
         self,
@@ -612,13 +621,12 @@ class NbdTarget(Target):
         self._inflight_bytes -= request.payload
         if error:
             # "If an error occurs ... it MUST NOT send any payload for this request."
-            failure = TargetIOError(
-                f"{where} failed {request.command.name} at offset {request.offset} "
-                f"({request.length} bytes): {describe_nbd_error(error)}"
-            )
             if self._failure is None:
-                self._failure = failure
-            raise self._failure
+                self._failure = (
+                    f"{where} failed {request.command.name} at offset {request.offset} "
+                    f"({request.length} bytes): {describe_nbd_error(error)}"
+                )
+            raise TargetIOError(self._failure)
         if request.dest is not None:
             self._recv_into(request.dest, f"reading READ data at offset {request.offset}")
 
