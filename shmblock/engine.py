@@ -59,6 +59,8 @@ from shmblock.transport import (
     BACKUP_RECEIVES,
     SUPERVISOR_RECEIVES,
     WRITER_CONTROL_RECEIVES,
+    WRITER_QUEUE_BYTES,
+    WRITER_QUEUE_MESSAGES,
     WRITER_REPLY_RECEIVES,
     Queue,
 )
@@ -127,7 +129,7 @@ class DeviceHandle:
         if self._io is None:
             self._reply = self.engine._create_queue(
                 self.engine.names.writer_reply_queue(self.name, self._io_writer),
-                WRITER_REPLY_RECEIVES)
+                WRITER_REPLY_RECEIVES, small=True)
             self._io = GuestIO(self.device, self._io_writer,
                                self.engine.names.backup_queue(self.name),
                                reply_queue=self._reply, gate=self.gate)
@@ -382,10 +384,13 @@ class Engine:
 
     # -- shared objects -------------------------------------------------------------
 
-    def _create_queue(self, name: str, kinds: tuple[type[protocol.Message], ...]) -> Queue:
+    def _create_queue(self, name: str, kinds: tuple[type[protocol.Message], ...],
+                      small: bool = False) -> Queue:
+        """Create (and record) a queue; ``small``: a writer's own, see shmblock.transport."""
         self.record.queues.append(name)
         self.record.save()
-        queue = Queue.create(name, kinds)
+        queue = Queue.create(name, kinds, WRITER_QUEUE_MESSAGES, WRITER_QUEUE_BYTES) \
+            if small else Queue.create(name, kinds)
         self._queues.append(queue)
         return queue
 
@@ -442,9 +447,9 @@ class Engine:
         started = []
         for ident in range(first, first + count):
             control = self._create_queue(self.names.writer_control_queue(device.name, ident),
-                                         WRITER_CONTROL_RECEIVES)
+                                         WRITER_CONTROL_RECEIVES, small=True)
             reply = self._create_queue(self.names.writer_reply_queue(device.name, ident),
-                                       WRITER_REPLY_RECEIVES)
+                                       WRITER_REPLY_RECEIVES, small=True)
             proc = self._spawn("workers.guest", [
                 "--meta", device.device.meta_name, "--device", device.name, "--id", str(ident),
                 "--workload", workload, "--block-size", str(block_size),

@@ -6,6 +6,17 @@ defaults: at most 10 messages per queue, 8192 bytes per message, and 800 KiB of 
 in all (RLIMIT_MSGQUEUE; the kernel charges each queue its message slots plus about
 100 bytes of bookkeeping per message, see mq_overview(7)).
 
+The arithmetic: a message with free text (an error, a reason) can take about 4 KiB,
+so a queue of 10 such slots costs about 42 KiB, and with every queue sized like that 8
+writers already took 760 KiB (a second run of any size then failed with EMFILE, and 12
+writers never started). The supervisor's and the backup worker's queues, which every
+writer sends to, keep 10 full-size slots. A writer's own two queues carry small
+messages (Freeze, Thaw, Shutdown; CopyDone) and only a few at a time (a Thaw, the next
+Freeze and a Shutdown; the answer to the one request it waits for, perhaps a late
+answer to one it gave up on), so they get :data:`WRITER_QUEUE_MESSAGES` slots of
+:data:`WRITER_QUEUE_BYTES`; :meth:`Queue.send` cuts the free text of a message that
+would not fit (:func:`fit`). That is 2 x 42 + 16 x 2 x 2.4 = 161 KiB for 16 writers.
+
 Bytes that do not decode (a buggy or hostile sender) are a
 :class:`~protocol.RemoteProtocolError`: counted in :attr:`Queue.rejected`, logged, and
 skipped; they never kill the receiver.
@@ -13,9 +24,11 @@ skipped; they never kill the receiver.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any, cast
 
 import posix_ipc
 
@@ -26,6 +39,9 @@ from shmblock.errors import QueueClosed, QueueTimeout, TransportError
 log = logging.getLogger("shmblock.transport")
 
 MAX_MESSAGES = 10  # the unprivileged default of /proc/sys/fs/mq/msg_max
+WRITER_QUEUE_MESSAGES = 4  # slots of each writer's control and reply queue (see above)
+WRITER_QUEUE_BYTES = 512  # their message size: room for ~470 bytes of error text
+TEXT_FIELDS = ("error", "reason")
 
 # What each endpoint receives; its queue is sized to the largest of these.
 SUPERVISOR_RECEIVES: tuple[type[Message], ...] = (
@@ -48,6 +64,27 @@ def queue_message_size(kinds: Iterable[type[Message]]) -> int:
     return max(protocol.max_encoded_size(k) for k in kinds)
 
 
+def fit(msg: Message, limit: int) -> bytes:
+    """``msg`` encoded in at most ``limit`` bytes, its free text cut to fit if need be.
+
+    Free text (``error``, ``reason``) is the only part of a message that can outgrow a
+    small queue; cut text ends in "…". Raises TransportError if even that is too long.
+    """
+    data = protocol.encode(msg)
+    for name in TEXT_FIELDS:
+        text = getattr(msg, name, "")
+        if len(data) <= limit or not isinstance(text, str) or not text:
+            continue
+        raw = text.encode()
+        keep = max(len(raw) - (len(data) - limit) - len("…".encode()), 0)
+        cut = raw[:keep].decode(errors="ignore") + "…"
+        msg = dataclasses.replace(cast(Any, msg), **{name: cut})
+        data = protocol.encode(msg)
+    if len(data) > limit:
+        raise TransportError(f"{type(msg).__name__} does not fit in {limit} bytes")
+    return data
+
+
 class Queue:
     """One end of a POSIX message queue carrying protocol messages."""
 
@@ -60,9 +97,15 @@ class Queue:
 
     @classmethod
     def create(cls, name: str, kinds: Iterable[type[Message]],
-               max_messages: int = MAX_MESSAGES) -> Queue:
-        """Create a queue sized for ``kinds`` (exclusive create)."""
+               max_messages: int = MAX_MESSAGES, max_message_size: int | None = None
+               ) -> Queue:
+        """Create a queue sized for ``kinds`` (exclusive create).
+
+        ``max_message_size`` caps the message size; senders then cut free text to fit.
+        """
         size = queue_message_size(kinds)
+        if max_message_size is not None:
+            size = min(size, max_message_size)
         try:
             mq = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, mode=0o600,
                                         max_messages=max_messages, max_message_size=size)
@@ -93,6 +136,8 @@ class Queue:
     def send(self, msg: Message, timeout: float) -> None:
         """Send ``msg``, waiting at most ``timeout`` seconds for room."""
         data = protocol.encode(msg)
+        if len(data) > self.max_message_size:
+            data = fit(msg, self.max_message_size)
         try:
             self._require().send(data, timeout=max(timeout, 0.0))
         except posix_ipc.BusyError as exc:
