@@ -238,7 +238,10 @@ class BackupJob:
     cbw_mode: str = "stage"
     cbw_timeout: float = 5.0
     on_cbw_error: str = "break-guest-write"
+    seq: int = 0  # the device's CTL_JOB_SEQ of this job's snapshot (0: never started)
     _final_lock: threading.Lock = field(default_factory=threading.Lock)
+    _end_lock: threading.Lock = field(default_factory=threading.Lock)
+    _ended: bool = False
 
     # -- control --------------------------------------------------------------------
 
@@ -324,7 +327,7 @@ class BackupJob:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.engine._end_job(self)
+        self.engine._end_job(self, t.outcome)
         start = t.running_since or t.started
         result = JobResult(
             job=self.job, outcome=t.outcome, error=t.error, target=self.spec.target,
@@ -672,6 +675,7 @@ class Engine:
                 if job.sync in ("full", "top"):
                     job.covered = dev.needs_copy != 0
                 ctl[L.CTL_JOB_SEQ] += 1
+                job.seq = int(ctl[L.CTL_JOB_SEQ])
                 ctl[L.CTL_JOB_ACTIVE] = 1
                 job.freeze_s = time.monotonic() - t0
         except BaseException:
@@ -686,18 +690,30 @@ class Engine:
         with contextlib.suppress(StateError):  # the worker may have failed already
             job.tracker.transition(JobState.RUNNING, "start", "running")
 
-    def _end_job(self, job: BackupJob) -> None:
-        """After the worker exited: make sure writers run free and nothing is left."""
-        dev = job.device.device
-        if not dev.closed and dev.ctl[L.CTL_JOB_ACTIVE]:
-            # The worker died without clearing the map (SIGKILL): do it for it.
-            dev.ctl[L.CTL_JOB_ACTIVE] = 0
-            dev.needs_copy[:] = 0
-            dev.slot_state[:] = L.SLOT_FREE
-        part = os.path.abspath(job.spec.target) + ".part"
-        if job.spec.format in ("raw", "qcow2") and job.tracker.outcome is not Outcome.COMPLETED:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part)
+    def _end_job(self, job: BackupJob, outcome: Outcome) -> None:
+        """Make sure a job that ends with ``outcome`` leaves writers free and no partial file.
+
+        Runs once per job: the pump calls it *before* it concludes the job, so whoever
+        sees a concluded job sees the device released, and a later call (from
+        :meth:`BackupJob.wait`, however late) does nothing. It would otherwise clear the
+        map of the device's next job, or delete that job's partial file when it writes
+        to the same target. The map is only touched if no newer job has started.
+        """
+        with job._end_lock:
+            if job._ended:
+                return
+            job._ended = True
+            dev = job.device.device
+            if not dev.closed and dev.ctl[L.CTL_JOB_ACTIVE] and \
+                    int(dev.ctl[L.CTL_JOB_SEQ]) == job.seq:
+                # The worker died without clearing the map (SIGKILL): do it for it.
+                dev.needs_copy[:] = 0
+                dev.slot_state[:] = L.SLOT_FREE
+                dev.ctl[L.CTL_JOB_ACTIVE] = 0
+            part = os.path.abspath(job.spec.target) + ".part"
+            if job.spec.format in ("raw", "qcow2") and outcome is not Outcome.COMPLETED:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(part)
 
     # -- the pump ---------------------------------------------------------------------------
 
@@ -737,13 +753,19 @@ class Engine:
             elif isinstance(msg, protocol.JobCompleted):
                 t.progress(t.total or int(job.device.device.ctl[L.CTL_TOTAL_BYTES]),
                            t.total or int(job.device.device.ctl[L.CTL_TOTAL_BYTES]))
+                if not t.concluded:
+                    self._end_job(job, Outcome.COMPLETED)
                 t.conclude(Outcome.COMPLETED, bytes_written=msg.bytes_written,
                            clusters_copied=msg.clusters_copied, cbw_clusters=msg.cbw_clusters)
             elif isinstance(msg, protocol.JobFailed):
                 if t.state is JobState.CREATED:
                     self._pending_failures[msg.job] = msg.error
+                if not t.concluded:
+                    self._end_job(job, Outcome.FAILED)
                 t.conclude(Outcome.FAILED, msg.error)
             else:
+                if not t.concluded:
+                    self._end_job(job, Outcome.CANCELLED)
                 t.conclude(Outcome.CANCELLED)
 
     def _watch_children(self) -> None:
@@ -759,8 +781,8 @@ class Engine:
                     self._dispatch(msg)
                 if not t.concluded:
                     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                    self._end_job(job, Outcome.FAILED)
                     t.conclude(Outcome.FAILED, f"the backup worker died ({how})")
-                    self._end_job(job)
                 continue
             ctl = job.device.device.ctl
             beat = int(ctl[L.CTL_HEARTBEAT_NS])
@@ -769,9 +791,9 @@ class Engine:
                 log.error("backup worker of %s stopped beating: killing it", job.job)
                 job.proc.kill()
                 job.proc.wait()
+                self._end_job(job, Outcome.FAILED)
                 t.conclude(Outcome.FAILED, f"the backup worker stopped responding for "
                                            f"{self.stuck_timeout:g} s and was killed")
-                self._end_job(job)
 
     # -- lifecycle --------------------------------------------------------------------------
 
