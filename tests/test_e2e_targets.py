@@ -278,12 +278,16 @@ def clean_exit(shm_prefix: str, mqueue_dir: Path | None,
 
 
 @pytest.mark.external
-@pytest.mark.parametrize(("workload", "via"), [
-    ("random", "api"), ("sequential", "api"), ("zipf", "cli"), ("mixed", "api"),
-    ("first-touch", "api"),
+@pytest.mark.parametrize(("workload", "via", "cbw_mode"), [
+    ("random", "api", "stage"), ("sequential", "api", "request"), ("zipf", "cli", "stage"),
+    ("mixed", "api", "request"), ("first-touch", "api", "stage"),
 ])
-def test_qcow2_backup_under_load(tmp_path: Path, workload: str, via: str) -> None:
-    """Writers hammer the device; the qcow2 backup is valid and equals the reference."""
+def test_qcow2_backup_under_load(tmp_path: Path, workload: str, via: str,
+                                 cbw_mode: str) -> None:
+    """Writers hammer the device; the qcow2 backup is valid and equals the reference.
+
+    Both copy-before-write modes: writers staging old data themselves, and writers asking
+    the backup worker to save it while they wait (``cbw_mode="request"``)."""
     need("qemu-img")
     image, reference = tmp_path / "b.qcow2", tmp_path / "r.raw"
     if via == "cli":
@@ -291,8 +295,8 @@ def test_qcow2_backup_under_load(tmp_path: Path, workload: str, via: str) -> Non
         proc = shmblock_run(
             "run", "--size", "32M", "--writers", "2", "--workload", workload,
             "--duration", "2.5", "--backup-at", "0.3", "--speed", "64M",
-            "--format", "qcow2", "--target", str(image), "--reference-image", str(reference),
-            "--json", str(summary), "--quiet")
+            "--cbw-mode", cbw_mode, "--format", "qcow2", "--target", str(image),
+            "--reference-image", str(reference), "--json", str(summary), "--quiet")
         assert proc.returncode == 0, proc.stderr
         backup = json.loads(summary.read_text())["backup"]
         assert backup["outcome"] == "completed" and backup["verified"] is True, backup
@@ -301,7 +305,7 @@ def test_qcow2_backup_under_load(tmp_path: Path, workload: str, via: str) -> Non
         with Engine() as engine:
             dev = engine.create_device(SIZE)
             result = backup_under_load(engine, dev, image, reference, workload=workload,
-                                       speed=64 * MiB)
+                                       speed=64 * MiB, cbw_mode=cbw_mode)
         assert_verified(result)
         cbw = result.cbw_clusters
     assert cbw > 0, "no copy-before-write happened: the writers did not race the backup"
@@ -467,8 +471,11 @@ def test_nbd_backup(servers: ServerGroup, tmp_path: Path, kind: str, transport: 
     with Engine() as engine:
         dev = engine.create_device(NBD_SIZE)
         # Slow writers keep many clusters zero: they must overwrite the export's garbage.
+        # Over TCP the worker saves clusters on request, so NBD writes happen while a
+        # guest write waits for them; over Unix sockets writers stage old data.
         result = backup_under_load(engine, dev, export.server.uri, reference, rate=300,
-                                   backup_at=0.3, speed=16 * MiB)
+                                   backup_at=0.3, speed=16 * MiB,
+                                   cbw_mode="request" if transport == "tcp" else "stage")
     assert_verified(result)
     assert result.cbw_clusters > 0
     assert (~nonzero_clusters(reference)).sum() >= 16, "no zero clusters to prove zeroing"
@@ -683,3 +690,30 @@ def test_killed_backup_worker_leaves_no_good_looking_target(tmp_path: Path,
             dev.write(c * CLUSTER, data)
         for c in range(0, SIZE // CLUSTER, 5):
             assert dev.read(c * CLUSTER, CLUSTER) == data
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_unfinished_backup_leaves_the_previous_one_alone(tmp_path: Path, fmt: str) -> None:
+    """A backup to the name of an earlier one replaces it only by its final rename: killed
+    mid-job, it leaves the earlier backup byte for byte as it was."""
+    need("qemu-img")
+    target, reference = tmp_path / f"b.{fmt}", tmp_path / "r.raw"
+    with Engine() as engine:
+        dev = engine.create_device(SIZE)
+        guest = ModelGuest(dev)
+        guest.fill()
+        assert_verified(engine.backup(dev, str(target), format=fmt, verify=True,
+                                      reference_image=str(reference)).wait(60))
+        before = target.read_bytes()
+        guest.fill()  # new contents, so a partial overwrite could not go unnoticed
+        job = engine.backup(dev, str(target), format=fmt, speed=4 * MiB)
+        wait_for_progress(job, 4 * MiB)
+        os.kill(job.proc.pid, signal.SIGKILL)
+        assert_failed(job, "killed by signal 9")
+        guest.assert_intact()
+    assert target.read_bytes() == before
+    assert not (tmp_path / f"b.{fmt}.part").exists()
+    if fmt == "qcow2":
+        assert_check_ok(target)
+    assert_identical(reference, target, fmt)
