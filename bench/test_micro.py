@@ -375,3 +375,78 @@ def test_copy_request_round_trip(benchmark: Any, prefix: str) -> None:
         finally:
             ping.send(protocol.Shutdown(reason="done"), timeout=5.0)
             echo.wait(10)
+
+
+# -- the backup worker's side of copy-before-write ------------------------------------------
+
+
+@pytest.fixture
+def raw_copier(device: Device, shm_dir: str) -> Iterator[Copier]:
+    """A copier of the bench device to a fresh raw target in /dev/shm."""
+    target = RawTarget(os.path.join(shm_dir, "cbw.raw"), device.size, CS)
+    claims = Claims(device.meta_name)
+    copier = Copier(device, target, claims)
+    try:
+        yield copier
+    finally:
+        device.needs_copy[:] = 0
+        device.slot_state[:] = L.SLOT_FREE
+        copier.close()
+        claims.close()
+        target.abort()
+        target.close()
+
+
+@pytest.mark.benchmark(group="worker: save one cluster for copy-before-write → raw")
+def test_serve_request(benchmark: Any, device: Device, raw_copier: Copier) -> None:
+    """Copier.serve_request(c, 1): what the worker does for a writer's CopyRequest (the
+    writer holds the claim), a fresh data cluster each round."""
+    clusters = itertools.cycle(range(0, device.clusters, 32))  # even MiBs: random data
+
+    def setup() -> tuple[tuple[int, int], dict[str, Any]]:
+        c = next(clusters)
+        device.needs_copy[c] = 1
+        return (c, 1), {}
+
+    benchmark.pedantic(raw_copier.serve_request, setup=setup, rounds=device.clusters // 32,
+                       warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="worker: save one cluster for copy-before-write → raw")
+def test_drain_one_staging_slot(benchmark: Any, device: Device, raw_copier: Copier) -> None:
+    """Copier.drain_staging with one FULL slot (random data), a fresh cluster each round."""
+    clusters = itertools.cycle(range(0, device.clusters, 32))
+    device.staging[0] = device.data[:CS]
+
+    def setup() -> tuple[tuple[()], dict[str, Any]]:
+        device.slot_cluster[0] = next(clusters)
+        device.slot_state[0] = L.SLOT_FULL
+        return (), {}
+
+    def drain() -> None:
+        assert raw_copier.drain_staging() == 1
+
+    benchmark.pedantic(drain, setup=setup, rounds=device.clusters // 32, warmup_rounds=2)
+
+
+@pytest.mark.benchmark(group="worker: save one cluster for copy-before-write → raw")
+def test_bare_pwrite_of_one_cluster(benchmark: Any, device: Device, shm_dir: str) -> None:
+    """The floor: one 64 KiB os.pwrite from the mapping at a fresh offset of a sparse file."""
+    fd = os.open(os.path.join(shm_dir, "bare.raw"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    view = device.data_view()
+    src = view[:CS]
+    offsets = itertools.cycle(range(0, device.size, 32 * CS))
+    try:
+        os.ftruncate(fd, device.size)
+
+        def setup() -> tuple[tuple[int], dict[str, Any]]:
+            return (next(offsets),), {}
+
+        def write(off: int) -> None:
+            os.pwrite(fd, src, off)
+
+        benchmark.pedantic(write, setup=setup, rounds=device.clusters // 32, warmup_rounds=2)
+    finally:
+        src.release()
+        view.release()
+        os.close(fd)
