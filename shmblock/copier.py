@@ -80,9 +80,20 @@ class Copier:
             source = self._data[c0 * cs : c1 * cs]
             view = self._view[c0 * cs : c1 * cs]
         assert view is not None
-        nonzero = nonzero_clusters(source, cs)
         target = self.target
         allocated = self.device.allocated
+        if c1 - c0 == 1:
+            # One cluster (every copy-before-write save): the same decisions as the run
+            # loop below without its numpy bookkeeping, which costs more than the write.
+            if source.view(np.uint64).any():
+                target.write(c0 * cs, view)
+                self.bytes_written += cs
+            elif not target.starts_zeroed or allocated[c0]:
+                target.write_zeroes(c0 * cs, cs)
+            self._saved[c0] = 1
+            self.clusters_saved += 1
+            return
+        nonzero = nonzero_clusters(source, cs)
         for a, b, has_data in runs(nonzero):
             if has_data:
                 target.write((c0 + a) * cs, view[a * cs : b * cs])
@@ -139,6 +150,12 @@ class Copier:
     def serve_request(self, cluster: int, count: int) -> None:
         """Save clusters a writer asked for; the writer holds their claims."""
         nc = self._nc
+        if count == 1 and cluster < self.device.clusters:
+            if nc[cluster]:
+                self._write_range(cluster, cluster + 1)
+                nc[cluster] = 0
+                self.cbw_clusters += 1
+            return
         c1 = min(cluster + count, self.device.clusters)
         for a, b, is_marked in runs(nc[cluster:c1] != 0):
             if is_marked:
