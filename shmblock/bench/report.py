@@ -217,7 +217,13 @@ def markdown(res: dict[str, Any]) -> str:
            "* tools: " + ", ".join(v for v in m["tools"].values() if v),
            f"* targets written to {res['target_dir_kind']} ({m['target_dir_fs']}); "
            f"load average at start {res['load_start']}, at end {res['load_end']}",
-           "", "## Headline", "", headline(res)]
+           ]
+    load = res.get("foreign_load") or {}
+    if load:
+        out.append("* CPU used by other processes on this shared machine while each section "
+                   "ran (cores of " + str(m["cpu_count"]) + "): " + ", ".join(
+                       f"{k} {v['cpu_cores']:.2f}" for k, v in load.items()))
+    out += ["", "## Headline", "", headline(res)]
     notes = list(res.get("notes", []))
     notes += (res.get("peers") or {}).get("notes", [])
     notes += (res.get("scaling") or {}).get("notes", [])

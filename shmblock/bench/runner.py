@@ -34,12 +34,41 @@ def _loadavg() -> str:
     return "unknown"
 
 
+class CpuMeter:
+    """How much CPU other processes used while a section ran (the machine is shared).
+
+    Machine-wide busy time from /proc/stat, less this process's own time and that of
+    every child it has reaped (engines reap their workers when they close, so at the
+    end of a section the children's time is all in ``os.times()``).
+    """
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal
+        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / self.hz
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system
+        return busy, ours, time.monotonic()
+
+    def foreign_cores(self) -> float:
+        busy0, ours0, t0 = self.start
+        busy1, ours1, t1 = self._read()
+        return max(busy1 - busy0 - (ours1 - ours0), 0.0) / max(t1 - t0, 1e-9)
+
+
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+        # safe.directory: the benchmark may run as another user than the checkout's owner.
+        git = ["git", "-c", f"safe.directory={root}", "-C", root]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--",
+        dirty = subprocess.run([*git, "status", "--porcelain", "--",
                                 "shmblock", "workers", "protocol"],
                                capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -157,24 +186,34 @@ def run(args: argparse.Namespace) -> int:
 
 def _sections(plan: Plan, res: dict[str, Any], target_dir: str, scaling_dir: str,
               rep: Reporter) -> None:
+    res["foreign_load"] = {}
+    for section in plan.sections:
+        meter = CpuMeter()
+        _section(section, plan, res, target_dir, scaling_dir, rep)
+        res["foreign_load"][section] = {"cpu_cores": meter.foreign_cores(),
+                                        "loadavg_after": _loadavg()}
+
+
+def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
+             scaling_dir: str, rep: Reporter) -> None:
     note: Callable[[str], None] = rep.note
-    if "limits" in plan.sections:
+    if section == "limits":
         note("machine limits: memcpy, page-cache writes")
         res["limits"] = machine.measure_limits(target_dir, plan.limits_size, plan.memcpy_size)
         if "scaling" in plan.sections:
             res["limits"]["scaling_dir_page_cache_write"] = machine.page_cache_write(
                 scaling_dir, plan.limits_size, repeats=1)
         rep.step()
-    if "peers" in plan.sections:
+    if section == "peers":
         from shmblock.bench.peers import run_peers
 
         res["peers"] = run_peers(plan, target_dir, note)
         rep.step()
-    if "scenarios" in plan.sections:
+    if section == "scenarios":
         from shmblock.bench.scenarios import run_matrix
 
         res["scenarios"] = [c.to_json() for c in run_matrix(plan, target_dir, note, rep.step)]
-    if "scaling" in plan.sections:
+    if section == "scaling":
         from shmblock.bench.scaling import run_scaling
 
         res["scaling"] = run_scaling(plan, scaling_dir, note, rep.step)
