@@ -785,9 +785,10 @@ class Engine:
                     t.conclude(Outcome.FAILED, f"the backup worker died ({how})")
                 continue
             ctl = job.device.device.ctl
-            beat = int(ctl[L.CTL_HEARTBEAT_NS])
-            if t.state is not JobState.CREATED and beat and \
-                    now_ns - beat > self.stuck_timeout * 1e9:
+            # A worker that never beat for this job (stuck before its first loop) is
+            # measured from the job's start, as is one whose last beat is an older job's.
+            beat = max(int(ctl[L.CTL_HEARTBEAT_NS]), int(t.running_since * 1e9))
+            if t.state is not JobState.CREATED and now_ns - beat > self.stuck_timeout * 1e9:
                 log.error("backup worker of %s stopped beating: killing it", job.job)
                 job.proc.kill()
                 job.proc.wait()
