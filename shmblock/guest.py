@@ -91,13 +91,15 @@ class GuestIO:
         self._seq = itertools.count(1)
         self._backup_queue: Queue | None = None
         self._backup_job_seq = -1
-        # Counters kept in Python and flushed to shared memory every few hundred ops.
+        # Counters kept in Python and flushed to shared memory every few hundred ops, or
+        # every STATS_FLUSH_NS for a slow (rate-limited) writer.
         self._hist = [0] * S.HIST_BUCKETS
         self._ops = self._bytes = self._reads = self._read_bytes = 0
         self._cbw_saves = self._cbw_requests = self._cbw_wait_ns = self._errors = 0
         self._max_stall = 0
         self._unflushed = 0
         self._last_flush = time.monotonic_ns()
+        self._flush_due = time.perf_counter_ns() + STATS_FLUSH_NS
         row = self._row
         row[:] = 0
         row[S.W_START_NS] = self._last_flush
@@ -153,12 +155,13 @@ class GuestIO:
         self._account(t0, n)
 
     def _account(self, t0: int, n: int) -> None:
-        elapsed = time.perf_counter_ns() - t0
+        now = time.perf_counter_ns()
+        elapsed = now - t0
         self._bytes += n
         self._hist[S.bucket_of(elapsed)] += 1
         self._max_stall = max(self._max_stall, elapsed)
         self._unflushed += 1
-        if self._unflushed >= STATS_FLUSH_OPS:
+        if self._unflushed >= STATS_FLUSH_OPS or now >= self._flush_due:
             self.flush_stats()
 
     def _copy_before_write(self, c0: int, c1: int) -> None:
@@ -294,6 +297,7 @@ class GuestIO:
         row[S.W_END_NS] = now
         self._unflushed = 0
         self._last_flush = now
+        self._flush_due = time.perf_counter_ns() + STATS_FLUSH_NS
 
     def close(self) -> None:
         """Flush stats and release claims and queues. Idempotent."""
