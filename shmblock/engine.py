@@ -369,7 +369,8 @@ class Engine:
         self._next_writer: dict[str, int] = {}
         self._epoch = itertools.count(1)
         self._job_ids = itertools.count(1)
-        self._frozen: set[tuple[int, int]] = set()
+        self._frozen: set[tuple[int, int]] = set()  # (epoch, writer) that answered
+        self._freezing: set[int] = set()  # epochs of the freezes in progress
         self._ready: dict[tuple[str, int], int] = {}
         self._pending_failures: dict[str, str] = {}
         self._cond = threading.Condition()
@@ -533,25 +534,32 @@ class Engine:
 
         Yields the monotonic time the last writer froze. Raises PeerGone when a live
         writer does not answer within FREEZE_TIMEOUT (everyone is thawed again).
+
+        Each device gets its own epoch: writer numbers are per device and a Frozen names
+        only (epoch, writer), so with one epoch writer 0 of one device would answer for
+        writer 0 of the other. Only a Frozen for an epoch being frozen counts (see
+        :meth:`_dispatch`), so one sent ahead of time cannot answer for a writer either.
         """
-        epoch = next(self._epoch)
+        epochs = {h: next(self._epoch) for h in devices}
+        with self._cond:
+            self._freezing.update(epochs.values())
         gates = [h.gate for h in devices]
         for g in gates:
             g.acquire()
         asked: list[WriterProcess] = []
         try:
             for w in self.writers:
-                if w.device in devices and w.alive:
-                    w.control.send(protocol.Freeze(epoch=epoch), timeout=1.0)
+                if w.device in epochs and w.alive:
+                    w.control.send(protocol.Freeze(epoch=epochs[w.device]), timeout=1.0)
                     asked.append(w)
             # Bump the hint only after the messages are queued (see workers.guest).
-            for h in devices:
+            for h, epoch in epochs.items():
                 h.device.ctl[L.CTL_EPOCH] = epoch
             deadline = time.monotonic() + FREEZE_TIMEOUT
             with self._cond:
                 while True:
                     waiting = [w for w in asked
-                               if (epoch, w.ident) not in self._frozen and w.alive]
+                               if (epochs[w.device], w.ident) not in self._frozen and w.alive]
                     if not waiting:
                         break
                     if time.monotonic() > deadline:
@@ -562,9 +570,10 @@ class Engine:
         finally:
             for w in asked:
                 with contextlib.suppress(ShmblockError):
-                    w.control.send(protocol.Thaw(epoch=epoch), timeout=1.0)
+                    w.control.send(protocol.Thaw(epoch=epochs[w.device]), timeout=1.0)
             with self._cond:
-                self._frozen = {k for k in self._frozen if k[0] != epoch}
+                self._freezing.difference_update(epochs.values())
+                self._frozen = {k for k in self._frozen if k[0] not in epochs.values()}
             for g in gates:
                 g.release()
 
@@ -730,8 +739,15 @@ class Engine:
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Frozen):
             with self._cond:
-                self._frozen.add((msg.epoch, msg.writer))
-                self._cond.notify_all()
+                if msg.epoch in self._freezing:
+                    self._frozen.add((msg.epoch, msg.writer))
+                    self._cond.notify_all()
+                    return
+            # Late (its freeze gave up) or never asked for: counting it could let a
+            # later freeze skip a writer that is still writing.
+            self.sup.rejected += 1
+            log.warning("supervisor queue: ignored Frozen for epoch %d, which is not being "
+                        "frozen", msg.epoch)
         elif isinstance(msg, protocol.Ready):
             with self._cond:
                 self._ready[(msg.role, msg.ident)] = msg.pid
