@@ -7,6 +7,9 @@ as shares of them:
   files in /dev/shm (one core; the same kind of copy a staging save does);
 * **page-cache write bandwidth**: ``os.pwrite`` of 1 MiB chunks into a new file in the
   target directory, no fsync (what a backup to a file in that directory costs at best);
+* **page-cache write from shared memory**: the same, from a large mapping of /dev/shm
+  (a cold source, as a backup reads the device): the ceiling for the bytes a backup
+  writes;
 * **random 64 KiB writes into a sparse file**: the pattern copy-before-write saves make
   on a raw target.
 
@@ -163,6 +166,39 @@ def page_cache_write(directory: str, size: int, repeats: int = REPEATS) -> dict[
             f"({fs_type(directory)}), no fsync, best of runs"}
 
 
+def page_cache_write_from_shm(directory: str, size: int) -> dict[str, Any]:
+    """Like :func:`page_cache_write`, but from a large pre-faulted shared-memory mapping.
+
+    This is the copy a backup to a file makes: every source byte is read once from
+    memory that is not in the CPU caches, every destination page is allocated. The
+    fair ceiling for the bytes a backup writes (not for the zeros it skips).
+    """
+    src_map, src = _shm_mapping(size)
+    try:
+        pattern = np.frombuffer(np.random.default_rng(3).bytes(16 << 20), dtype=np.uint8)
+        for off in range(0, size, pattern.size):
+            n = min(pattern.size, size - off)
+            src[off : off + n] = pattern[:n]
+        view = memoryview(src_map)
+        path = os.path.join(directory, "pagecache-shm.tmp")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            t0 = time.perf_counter()
+            for off in range(0, size, CHUNK):
+                os.pwrite(fd, view[off : off + CHUNK], off)
+            elapsed = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+            os.unlink(path)
+            view.release()
+    finally:
+        del src
+        src_map.close()
+    return {"bytes": size, "best_s": elapsed, "bytes_per_s": size / elapsed,
+            "how": f"os.pwrite of 1 MiB chunks straight from a {size >> 20} MiB pre-faulted "
+            f"/dev/shm mapping into a new file in {directory}, no fsync"}
+
+
 def sparse_random_writes(directory: str, size: int, count: int = 4096,
                          cluster: int = 64 << 10) -> dict[str, Any]:
     """64 KiB pwrites at random cluster offsets of a new sparse file, per second."""
@@ -192,5 +228,6 @@ def measure_limits(directory: str, size: int, memcpy_size: int) -> dict[str, Any
     return {
         "memcpy": memcpy_bandwidth(memcpy_size),
         "page_cache_write": page_cache_write(directory, size),
+        "page_cache_write_from_shm": page_cache_write_from_shm(directory, size),
         "sparse_random_64k": sparse_random_writes(directory, size),
     }
