@@ -745,23 +745,28 @@ class Engine:
                     return
             # Late (its freeze gave up) or never asked for: counting it could let a
             # later freeze skip a writer that is still writing.
-            self.sup.rejected += 1
-            log.warning("supervisor queue: ignored Frozen for epoch %d, which is not being "
-                        "frozen", msg.epoch)
+            self._reject(msg, f"epoch {msg.epoch} is not being frozen")
         elif isinstance(msg, protocol.Ready):
             with self._cond:
                 self._ready[(msg.role, msg.ident)] = msg.pid
                 self._cond.notify_all()
         elif isinstance(msg, protocol.WriterDone):
+            known = False
             for w in self.writers:
                 if w.ident == msg.writer:
                     w.done, w.ok, w.error = True, msg.ok, msg.error
+                    known = True
+            if not known:
+                self._reject(msg, f"this run has no writer {msg.writer}")
         elif isinstance(msg, protocol.JobProgress | protocol.JobCompleted | protocol.JobFailed
                         | protocol.JobCancelled):
             job = self.jobs.get(msg.job)
             if job is None:
                 if isinstance(msg, protocol.JobFailed):
+                    # A worker can fail before create_backup has registered its job.
                     self._pending_failures[msg.job] = msg.error
+                else:
+                    self._reject(msg, f"this run has no job {msg.job!r}")
                 return
             t = job.tracker
             if isinstance(msg, protocol.JobProgress):
@@ -783,6 +788,17 @@ class Engine:
                 if not t.concluded:
                     self._end_job(job, Outcome.CANCELLED)
                 t.conclude(Outcome.CANCELLED)
+        else:
+            self._reject(msg, "not a message the supervisor receives")
+
+    def _reject(self, msg: protocol.Message, why: str) -> None:
+        """Count and log a well-formed message that the supervisor cannot act on.
+
+        Like a malformed one (:class:`~shmblock.transport.Queue` counts those in the
+        same counter), it is a peer's mistake: logged, counted, and otherwise ignored.
+        """
+        self.sup.rejected += 1
+        log.warning("supervisor queue: ignored %s: %s", type(msg).__name__, why)
 
     def _watch_children(self) -> None:
         now_ns = time.monotonic_ns()
