@@ -180,8 +180,8 @@ class Queue:
                 if self.rejected <= 10 or self.rejected % 1000 == 0:
                     log.warning("queue %s: rejected malformed message #%d (%d bytes): %s",
                                 self.name, self.rejected, len(data), exc)
-            if remaining <= 0:
-                return None
+            # Go on even when the time is up: a message may wait behind the bad one, and
+            # a receive with no time left only takes what is already queued.
 
     def drain(self) -> list[Message]:
         """Every message waiting now, without blocking."""
