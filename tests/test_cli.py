@@ -1,0 +1,210 @@
+"""``shmblock-run``, driven as a user would: a real process, real arguments, real files.
+
+The contract (DESIGN.md "The user-facing contract"): no arguments runs a verified demo;
+``run`` writes the backup, a reference image and a JSON summary; exit codes 0 / 1 / 2;
+errors are one line on stderr, never a traceback; progress only on a terminal; every
+worker process names its role in ps. Nothing is left behind, whatever happens (the
+autouse fixture checks /dev/shm, the mqueue file system and the run registry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from shmblock.names import list_records
+from tests.procs import SHMBLOCK_RUN, children, cmdline, run_cli, start_cli, wait_until
+
+ESC = "\x1b["
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int,
+                          *words: str) -> None:
+    """Exit ``code``, nothing on stdout, one line on stderr naming ``words``."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    assert ESC not in proc.stdout + proc.stderr
+
+
+def test_no_arguments_runs_a_verified_demo(tmp_path: Path) -> None:
+    proc = run_cli(cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "shmblock demo" in proc.stdout
+    assert "completed" in proc.stdout
+    assert "verify   ok" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert ESC not in proc.stdout + proc.stderr, "progress codes on a non-terminal"
+    assert list(tmp_path.iterdir()) in ([], [tmp_path / "runs"])  # the demo cleans up
+
+
+def test_run_writes_backup_reference_and_summary(tmp_path: Path) -> None:
+    proc = run_cli("run", "--size", "64M", "--writers", "2", "--backup-at", "0.5",
+                   "--duration", "1.5", "--format", "raw", "--target", "b.raw",
+                   "--reference-image", "r.raw", "--json", "s.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ESC not in proc.stdout + proc.stderr, "progress codes on a non-terminal"
+    assert "verify   ok" in proc.stdout
+    same = subprocess.run(["cmp", "r.raw", "b.raw"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert same.returncode == 0 and same.stdout == "" and same.stderr == ""
+    assert (tmp_path / "b.raw").stat().st_size == 64 << 20
+    assert not (tmp_path / "b.raw.part").exists()
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["ok"] is True
+    assert summary["device_size"] == 64 << 20 and summary["writers"] == 2
+    backup = summary["backup"]
+    assert backup["status"] == "completed" and backup["outcome"] == "completed"
+    assert backup["verified"] is True and backup["verify_error"] == ""
+    assert backup["bytes_total"] == 64 << 20
+    assert 0 < backup["bytes_written"] <= 64 << 20
+    assert backup["duration_s"] > 0
+    assert backup["throughput_bytes_per_s"] > 0
+    assert backup["cbw_clusters"] > 0, "the writers were running during the backup"
+    assert 0 < backup["freeze_ms"] < 1000
+    assert backup["target"] == "b.raw" and backup["format"] == "raw"
+    assert backup["sync"] == "full"
+    assert len(summary["writer_stats"]) == 2
+    for ws in summary["writer_stats"]:
+        assert ws["ops"] > 0 and ws["ops_per_s"] > 0
+        assert 0 < ws["p50_us"] <= ws["p99_us"] <= ws["p999_us"]
+    assert set(summary["latency_us"]) == {"p50", "p99", "p99.9"}
+    assert summary["guest_ops_per_s"] > 0
+
+
+def test_every_worker_shows_its_role_in_ps(tmp_path: Path) -> None:
+    proc = start_cli("run", "--size", "32M", "--writers", "2", "--duration", "3",
+                     "--backup-at", "1", "--speed", "16M", "--target", "b.raw", "--quiet",
+                     cwd=tmp_path)
+    titles: dict[int, str] = {}
+    try:
+        def all_seen() -> bool:
+            for pid in children(proc.pid):
+                title = cmdline(pid)
+                if title:
+                    titles[pid] = title
+            return sum(t.startswith("shmblock: ") for t in titles.values()) >= 3
+
+        wait_until(all_seen, 30.0, interval=0.01, what="three titled workers")
+        records = list_records()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert len(records) == 1
+    run = records[0].run_id
+    seen = sorted(titles.values())
+    assert f"shmblock: backup-worker run={run} job=job1" in seen, seen
+    assert f"shmblock: guest-writer 0 run={run}" in seen, seen
+    assert f"shmblock: guest-writer 1 run={run}" in seen, seen
+
+
+def test_progress_is_shown_on_a_terminal(tmp_path: Path) -> None:
+    """The other half of 'quiet when not a TTY': on a terminal there is a progress bar."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([SHMBLOCK_RUN, "run", "--size", "32M", "--writers", "1",
+                             "--duration", "1.5", "--backup-at", "0.5", "--speed", "32M",
+                             "--target", "b.raw"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, out.decode(errors="replace")
+    text = out.decode(errors="replace")
+    assert ESC in text, "no progress display on a terminal"
+    assert "verify   ok" in text
+
+
+# -- bad usage: exit 2, one line ------------------------------------------------------------
+
+BASE = ["--size", "16M", "--writers", "1", "--duration", "0.2", "--backup-at", "0.1",
+        "--target", "t.raw"]
+
+BAD_OPTIONS = [
+    (["--size", "12Q"], ["--size", "12Q"]),
+    (["--size", "0"], ["size", "0"]),
+    (["--cluster-size", "3000"], ["cluster size", "3000"]),
+    (["--writers", "-1"], ["--writers", "-1"]),
+    (["--workload", "nope"], ["--workload", "nope"]),
+    (["--format", "vhd"], ["--format", "vhd"]),
+    (["--target", "/nonexistent/dir/x.raw"], ["/nonexistent/dir"]),
+    (["--block-size", "3000"], ["block size", "3000"]),
+    (["--duration", "-1"], ["--duration"]),
+    (["--sync", "sideways"], ["--sync", "sideways"]),
+]
+
+
+@pytest.mark.parametrize(("bad", "words"), BAD_OPTIONS,
+                         ids=[" ".join(b) for b, _ in BAD_OPTIONS])
+def test_a_bad_option_exits_2_with_one_line(tmp_path: Path, bad: list[str],
+                                            words: list[str]) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli("run", *BASE, *bad, cwd=work, timeout=60)
+    assert_one_line_error(proc, 2, *words)
+    assert list(work.iterdir()) == []
+
+
+def test_missing_target_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("run", "--size", "16M", "--duration", "0.2", cwd=tmp_path, timeout=60)
+    assert_one_line_error(proc, 2, "--target")
+
+
+def test_unknown_subcommand_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("frobnicate", cwd=tmp_path, timeout=60)
+    assert_one_line_error(proc, 2, "frobnicate")
+
+
+# -- the run cannot happen: exit 1, one line, nothing left ---------------------------------------
+
+
+@pytest.mark.parametrize(("target", "words"), [
+    ("nbd://127.0.0.1:1/x", ["nbd://127.0.0.1:1/x", "connection refused"]),
+    ("/sys/x.raw", ["/sys/x.raw", "Permission denied"]),
+])
+def test_unreachable_target_exits_1(tmp_path: Path, target: str, words: list[str]) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    t0 = time.monotonic()
+    proc = run_cli("run", *BASE, "--target", target, cwd=work, timeout=120)
+    assert_one_line_error(proc, 1, *words)
+    assert time.monotonic() - t0 < 60
+    assert list(work.iterdir()) == []
+    assert not Path(target + ".part").exists()
+
+
+def test_a_device_larger_than_dev_shm_exits_with_no_space(tmp_path: Path) -> None:
+    proc = run_cli("run", *BASE, "--size", "100T", cwd=tmp_path, timeout=60)
+    assert_one_line_error(proc, 1, "/dev/shm", "free", "smaller --size")
