@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -29,10 +31,11 @@ import posix_ipc
 import pytest
 
 import protocol
+from shmblock import engine as engine_module
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.engine import DeviceHandle, Engine
-from shmblock.errors import CopyBeforeWriteError
+from shmblock.errors import CopyBeforeWriteError, PeerGone
 from shmblock.job import Outcome
 from shmblock.names import list_records
 from tests.procs import (
@@ -232,6 +235,57 @@ def test_retry_to_the_same_target_after_a_dead_worker(tmp_path: Path) -> None:
     assert result.verified is True, result.verify_error
 
 
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a target file system that fills up (needs root to mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "shmblock-test", str(mount)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("cbw_mode", ["stage", "request"])
+def test_full_target_file_system(small_fs: Path, cbw_mode: str) -> None:
+    """ENOSPC on the target fails the job with a clear reason; the device loses nothing."""
+    size = 8 * MiB
+    rng = np.random.default_rng(13)
+    model = random_bytes(rng, size)
+    target = small_fs / "b.raw"
+    with Engine() as engine:
+        dev = engine.create_device(size)
+        fill(dev, model)
+        job = engine.backup(dev, str(target), speed=2 * MiB, cbw_mode=cbw_mode,
+                            cbw_timeout=5.0, verify=True)
+        deadline = time.monotonic() + 60.0
+        while not job.tracker.concluded:
+            assert time.monotonic() < deadline, "the job did not fail on a full target"
+            off = int(rng.integers(0, size - 4096))
+            data = random_bytes(rng, 4096)
+            try:
+                dev.write(off, data)
+            except CopyBeforeWriteError:
+                pass  # break-guest-write: the device keeps the old data
+            else:
+                model[off : off + 4096] = data
+        result = job.wait(30.0)
+        assert result.outcome is Outcome.FAILED
+        assert "No space left on device" in result.error, result.error
+        assert_job_released_device(dev)
+        dev.write(0, data)
+        model[:4096] = data
+        assert np.array_equal(dev.device.data, model), "the device lost or changed data"
+    no_partial(target)
+    assert os.listdir(small_fs) == []
+
+
 # -- a stopped (stuck) backup worker ---------------------------------------------------------
 
 
@@ -370,6 +424,32 @@ def test_worker_stuck_before_its_first_heartbeat_is_detected(tmp_path: Path) -> 
         assert "stopped responding" in result.error, result.error
         assert_job_released_device(dev)
         dev.write(0, np.ones(4096, dtype=U8))
+
+
+def test_a_stopped_writer_fails_the_snapshot_in_bounded_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that never answers Freeze: job start fails, nothing stays frozen."""
+    monkeypatch.setattr(engine_module, "FREEZE_TIMEOUT", 1.0)
+    with Engine() as engine:
+        dev = engine.create_device(16 * MiB, max_writers=2)
+        procs = engine.start_writers(dev, 2, workload="random", duration=60.0, seed=12)
+        job = engine.create_backup(dev, str(tmp_path / "b.raw"))
+        with stopped(procs[1].pid):
+            t0 = time.monotonic()
+            with pytest.raises(PeerGone, match="writer 1 did not freeze"):
+                job.start()
+            assert time.monotonic() - t0 < 5.0
+            assert_job_released_device(dev)
+            assert_writers_progress(dev, [0])  # the other writer was thawed
+        result = job.wait(30.0)
+        assert result.outcome is Outcome.CANCELLED
+        no_partial(tmp_path / "b.raw")
+        assert_writers_progress(dev, [0, 1])  # and the stopped one resumes when continued
+        # The device can still be backed up.
+        again = engine.backup(dev, str(tmp_path / "again.raw"), verify=True)
+        assert again.wait(60.0).verified is True
+        engine.stop_writers()
+        assert [w.proc.returncode for w in procs] == [0, 0]
 
 
 # -- bad input on every queue -----------------------------------------------------------------
@@ -584,3 +664,42 @@ def test_sigkill_of_supervisor_then_cleanup(tmp_path: Path, shm_prefix: str) -> 
     assert not (tmp_path / "b.raw.part").exists()
     again = run_cli("cleanup", cwd=tmp_path, timeout=60)
     assert again.returncode == 0 and "nothing to clean up" in again.stdout
+
+
+def test_backup_worker_killed_under_shmblock_run(tmp_path: Path) -> None:
+    """The CLI reports the dead worker in one line, exits 1 and leaves nothing behind."""
+    proc = start_run(tmp_path, "--duration", "3", "--json", "s.json")
+    try:
+        wait_until(lambda: "backup-worker" in worker_pids(proc.pid), 30.0,
+                   what="the backup worker")
+        wait_until((tmp_path / "b.raw.part").exists, 10.0, what="the target")
+        time.sleep(0.3)
+        os.kill(worker_pids(proc.pid)["backup-worker"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "backup worker died" in lines[0] and "signal 9" in lines[0], lines[0]
+    assert "failed" in out
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["ok"] is False and summary["backup"]["status"] == "failed"
+    assert not (tmp_path / "b.raw").exists()
+    assert not (tmp_path / "b.raw.part").exists()
+
+
+def test_cleanup_leaves_a_live_run_alone(tmp_path: Path, shm_prefix: str) -> None:
+    proc = start_run(tmp_path, "--duration", "2", "--speed", "16M")
+    try:
+        wait_until(lambda: "backup-worker" in worker_pids(proc.pid), 30.0,
+                   what="the backup worker")
+        mine = sorted(p for p in os.listdir("/dev/shm") if p.startswith(shm_prefix))
+        out = run_cli("cleanup", cwd=tmp_path, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "nothing to clean up" in out.stdout
+        assert sorted(p for p in os.listdir("/dev/shm") if p.startswith(shm_prefix)) == mine
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err

@@ -98,8 +98,8 @@ def test_point_in_time_with_writer_processes(tmp_path: Path, workload: str, writ
                                              cbw_mode: str, fmt: str, sync: str) -> None:
     seed = POINT_IN_TIME_CASES.index((workload, writers, cbw_mode, fmt, sync)) + 1
     size = 32 * MiB
-    # sync=top copies what was allocated at the snapshot: rate-limit the writers so only
-    # part of the device is allocated by then and the two modes really differ.
+    # sync=top copies what was allocated at the snapshot: rate-limit the writers so that
+    # usually only part of the device is allocated by then.
     rate = 1200.0 / writers if sync == "top" else 0.0
     target = tmp_path / f"backup.{fmt}"
     reference = tmp_path / "reference.raw"
@@ -133,10 +133,71 @@ def test_point_in_time_with_writer_processes(tmp_path: Path, workload: str, writ
         assert sum(s.cbw_saves for s in stats) == 0, "request mode never stages"
     assert all(s.ops > 0 and s.errors == 0 for s in stats)
     if sync == "top":
-        assert 0 < result.bytes_total < size, "sync=top must cover the allocated part only"
+        # How much was allocated at the snapshot depends on timing; what sync=top leaves
+        # out is proved by test_sync_top_covers_only_allocated_clusters.
+        assert 0 < result.bytes_total <= size
     else:
         assert result.bytes_total == size
     assert_same_image(reference, target_as_raw(target, fmt, tmp_path))
+
+
+def test_sync_top_covers_only_allocated_clusters(tmp_path: Path) -> None:
+    """sync=top: clusters never written before the snapshot are neither copied nor saved."""
+    size = 8 * MiB
+    clusters = size // CLUSTER
+    rng = np.random.default_rng(9)
+    snapshot = np.zeros(size, dtype=np.uint8)
+    target = tmp_path / "b.raw"
+    with Engine() as engine:
+        dev = engine.create_device(size)
+        for c in range(0, clusters, 2):  # every even cluster allocated
+            data = rng.integers(1, 256, CLUSTER, dtype=np.uint8)
+            dev.write(c * CLUSTER, data)
+            snapshot[c * CLUSTER : (c + 1) * CLUSTER] = data
+        job = engine.backup(dev, str(target), sync="top", speed=CLUSTER, verify=True)
+        for c in reversed(range(clusters)):  # all of them, after the snapshot
+            dev.write(c * CLUSTER + 512, rng.integers(0, 256, 1024, dtype=np.uint8))
+        unthrottle(job)
+        result = job.wait(60.0)
+    assert result.outcome is Outcome.COMPLETED, result.error
+    assert result.verified is True, result.verify_error
+    assert result.bytes_total == size // 2
+    assert result.clusters_copied == clusters // 2
+    # The first background chunk (16 clusters, 8 marked) may go before the writes.
+    assert clusters // 2 - 8 <= result.cbw_clusters <= clusters // 2
+    expected = tmp_path / "snapshot.raw"
+    snapshot.tofile(expected)
+    assert_same_image(expected, target)
+
+
+def test_point_in_time_sync_none(tmp_path: Path) -> None:
+    """sync=none saves exactly the clusters overwritten during the job, as they were."""
+    size = 32 * MiB
+    target, reference = tmp_path / "b.raw", tmp_path / "ref.raw"
+    with Engine() as engine:
+        dev = engine.create_device(size, max_writers=2)
+        fill(dev, np.random.default_rng(5).integers(0, 256, size, dtype=np.uint8))
+        procs = engine.start_writers(dev, 2, workload="random", duration=60.0, seed=21,
+                                     rate=400.0)
+        time.sleep(0.2)
+        job = engine.backup(dev, str(target), sync="none", verify=True,
+                            reference_image=str(reference))
+        wait_for_cbw(job, 16)
+        time.sleep(0.2)
+        job.complete()
+        result = job.wait(60.0)
+        saved = dev.device.saved.astype(bool)
+        assert all(w.alive for w in procs)
+        engine.stop_writers()
+    assert result.outcome is Outcome.COMPLETED, result.error
+    assert result.verified is True, result.verify_error
+    clusters = size // CLUSTER
+    assert 16 <= int(saved.sum()) < clusters, "only the overwritten clusters are saved"
+    assert result.cbw_clusters == int(saved.sum())
+    got = np.fromfile(target, dtype=np.uint8).reshape(clusters, CLUSTER)
+    want = np.fromfile(reference, dtype=np.uint8).reshape(clusters, CLUSTER)
+    assert np.array_equal(got[saved], want[saved])
+    assert not got[~saved].any(), "clusters the job did not save must stay holes"
 
 
 def fill(dev: DeviceHandle, data: np.ndarray) -> None:
