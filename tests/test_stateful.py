@@ -1,0 +1,568 @@
+"""A model test of the copy-before-write engine: random guest writes against backup jobs.
+
+One process plays every part. Two :class:`GuestIO` writers write to a small device
+through the real write path; a :class:`Copier` (the backup worker's hands) copies to a
+real :class:`RawTarget`; a thread stands in for the worker's inbox and serves copy
+requests, so the request path (``cbw_mode=request``, or stage mode with every slot
+full) runs for real: the writer holds its claim and blocks on its reply queue while the
+"worker" saves the cluster. The worker can be stalled, which makes writes that need it
+time out and exercises ``on-cbw-error``.
+
+The model is plain numpy: the guest's writes applied to a zeroed array, and at job start
+a copy of it -- the snapshot. After every step the machine checks the invariants of
+DESIGN.md that this level can see:
+
+* the device holds exactly the guest's writes (a failed write changes nothing);
+* ``needs_copy`` only goes 1 -> 0 during a job (invariant 2's map rule);
+* a cluster still marked ``needs_copy`` still holds its snapshot contents (nobody wrote
+  it without saving it first);
+* a cluster no longer marked has its snapshot contents on the target or in exactly one
+  FULL staging slot, and ``saved`` says which;
+* when a job finishes, the committed file is the snapshot, byte for byte, for every
+  cluster the sync mode covers (invariant 1), and every cluster was saved exactly once.
+
+The snapshot start needs no freeze here: in one thread no write is ever in flight when a
+rule runs, which is what the supervisor's freeze guarantees the real engine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+import protocol
+from shmblock import layout as L
+from shmblock import stats as S
+from shmblock.claims import Claims
+from shmblock.copier import Copier
+from shmblock.device import Device, Geometry
+from shmblock.errors import CopyBeforeWriteError
+from shmblock.guest import GuestIO
+from shmblock.targets.raw import RawTarget
+from shmblock.transport import (
+    BACKUP_RECEIVES,
+    WRITER_QUEUE_BYTES,
+    WRITER_QUEUE_MESSAGES,
+    WRITER_REPLY_RECEIVES,
+    Queue,
+)
+from tests.helpers import CS, begin_job, create_device, destroy, end_job, run_names
+
+CLUSTERS = 24
+SIZE = CLUSTERS * CS
+WRITERS = 2
+SLOTS_PER_WRITER = 2  # few, so they fill up and writers fall back to copy requests
+GEO = Geometry(SIZE, cluster_size=CS, max_writers=WRITERS, slots_per_writer=SLOTS_PER_WRITER)
+
+#: The worker's inbox: one request is in flight at a time in this model.
+QUEUE_DEPTH = 4
+#: CBW timeout while the worker answers (never reached) and while it is stalled.
+SERVING_TIMEOUT = 10.0
+STALLED_TIMEOUT = 0.02
+
+SYNCS = st.sampled_from(["full", "top", "none"])
+MODES = st.sampled_from(L.CBW_MODES)
+POLICIES = st.sampled_from(L.ON_CBW_ERROR)
+CHUNKS = st.sampled_from([1, 3, 8])  # background chunk, in clusters
+OFFSETS = st.integers(0, SIZE - 1)
+LENGTHS = st.integers(1, 3 * CS + 1)  # up to four clusters, unaligned
+VALUES = st.integers(0, 255)
+
+U8Array = npt.NDArray[np.uint8]
+BoolArray = npt.NDArray[np.bool_]
+
+
+class Worker:
+    """The backup worker's inbox, served by a thread: copy requests, answered in order.
+
+    While a writer waits for its CopyDone the main thread is blocked inside
+    ``GuestIO.write``, so the thread never runs alongside the other rules. When stalled it
+    keeps requests without answering (a stuck worker); when it wakes up it serves them
+    late, as the real worker serves requests that waited in its queue.
+    """
+
+    def __init__(self, inbox: Queue, replies: list[Queue]) -> None:
+        self.inbox = inbox
+        self.replies = replies
+        self.lock = threading.Lock()  # held while the copier is in use
+        self.copier: Copier | None = None
+        self.stalled = False
+        self.parked: list[protocol.CopyRequest] = []
+        self.received = 0
+        self.served = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-backup-worker",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                msg = self.inbox.receive(0.005)
+                if isinstance(msg, protocol.CopyRequest):
+                    with self.lock:
+                        self.received += 1
+                        if self.stalled:
+                            self.parked.append(msg)
+                        else:
+                            self.serve(msg, late=False)
+        except BaseException as exc:  # reported by the machine's invariant
+            self.errors.append(exc)
+
+    def serve(self, req: protocol.CopyRequest, late: bool) -> None:
+        """Save the clusters (if a job runs) and answer; called with ``lock`` held."""
+        if self.copier is not None:
+            self.copier.serve_request(req.cluster, req.count)
+            answer = protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count,
+                                       ok=True, error="")
+        else:
+            answer = protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count,
+                                       ok=False, error="the backup job has ended")
+        self.served += 1
+        reply = self.replies[req.writer]
+        if late:
+            reply.try_send(answer)  # nobody waits for it; a full queue drops it
+        else:
+            reply.send(answer, timeout=5.0)
+
+    def wait_received(self, count: int) -> None:
+        """Wait until the thread has taken ``count`` requests in all from the inbox.
+
+        A writer that gave up on a stalled worker returns before the thread has parked
+        its request; without this, the request would be parked or served at a moment
+        that depends on thread scheduling, and the model would not be deterministic.
+        """
+        deadline = time.monotonic() + 10.0
+        while True:
+            with self.lock:
+                if self.received >= count:
+                    assert self.received == count
+                    return
+            assert time.monotonic() < deadline, "the worker thread did not take a request"
+            time.sleep(0.0005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@dataclass
+class Job:
+    sync: str
+    policy: str
+    snapshot: U8Array
+    covered: BoolArray
+    target: RawTarget
+    claims: Claims
+    copier: Copier
+    prev_needs_copy: U8Array
+    served_before: int
+    broken: bool = False
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Plain copies of the device's shared state, to assert on.
+
+    Assertions never name a view of the mapping: a failing assert keeps its operands
+    alive in the traceback, and a live view would make the device's close() fail.
+    """
+
+    data: U8Array
+    needs_copy: U8Array
+    allocated: U8Array
+    saved: U8Array
+    slot_state: U8Array
+    slot_cluster: npt.NDArray[np.uint64]
+    staging: U8Array
+    broken: bool
+    job_active: bool
+
+    @classmethod
+    def of(cls, dev: Device) -> Shared:
+        return cls(dev.data.copy(), dev.needs_copy.copy(), dev.allocated.copy(),
+                   dev.saved.copy(), dev.slot_state.copy(), dev.slot_cluster.copy(),
+                   dev.staging.copy(), bool(dev.ctl[L.CTL_BROKEN]),
+                   bool(dev.ctl[L.CTL_JOB_ACTIVE]))
+
+
+def clusters_of(offset: int, length: int) -> range:
+    return range(offset // CS, (offset + length - 1) // CS + 1)
+
+
+class CopyBeforeWriteMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = run_names()
+        self.tmp = tempfile.mkdtemp(prefix="shmblock-stateful-")
+        self.queues: list[Queue] = []
+        self.guests: list[GuestIO] = []
+        self.device: Device | None = None
+        self.worker: Worker | None = None
+        self.job: Job | None = None
+        self.jobs = 0
+        try:
+            self.device = create_device(self.names, GEO)
+            inbox = Queue.create(self.names.backup_queue("dev0"), BACKUP_RECEIVES,
+                                 QUEUE_DEPTH)
+            self.queues.append(inbox)
+            replies = []
+            for w in range(WRITERS):
+                # shaped like the engine's: a few small slots (shmblock.transport)
+                q = Queue.create(self.names.writer_reply_queue("dev0", w),
+                                 WRITER_REPLY_RECEIVES, WRITER_QUEUE_MESSAGES,
+                                 WRITER_QUEUE_BYTES)
+                self.queues.append(q)
+                replies.append(q)
+                self.guests.append(GuestIO(self.device, w, self.names.backup_queue("dev0"),
+                                           reply_queue=q))
+            self.worker = Worker(inbox, replies)
+        except BaseException:
+            self.teardown()
+            raise
+        self.model = np.zeros(SIZE, dtype=np.uint8)
+        self.written = np.zeros(CLUSTERS, dtype=np.bool_)
+
+    @property
+    def dev(self) -> Device:
+        assert self.device is not None
+        return self.device
+
+    @property
+    def w(self) -> Worker:
+        assert self.worker is not None
+        return self.worker
+
+    # -- setup ------------------------------------------------------------------------------
+
+    @initialize(data=st.lists(st.tuples(st.integers(0, CLUSTERS - 1), st.integers(1, 255)),
+                              max_size=6))
+    def prefill(self, data: list[tuple[int, int]]) -> None:
+        """Some clusters hold data (before the first job, or just after it started)."""
+        for c, value in data:
+            self._write(0, c * CS, CS, value)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    @initialize(start=st.booleans(), sync=SYNCS, mode=MODES, policy=POLICIES, chunk=CHUNKS)
+    def first_job(self, start: bool, sync: str, mode: str, policy: str, chunk: int) -> None:
+        """Most runs start with a job, so that most steps happen while one runs."""
+        if start:
+            self.start_job(sync, mode, policy, chunk)
+
+    @rule(sync=SYNCS, mode=MODES, policy=POLICIES, chunk=CHUNKS)
+    def start_job(self, sync: str, mode: str, policy: str, chunk: int) -> None:
+        if self.job is not None:
+            return  # one job at a time per device
+        dev = self.dev
+        self.jobs += 1
+        path = os.path.join(self.tmp, f"backup{self.jobs}.raw")
+        target = RawTarget(path, SIZE, CS)
+        claims = Claims(dev.meta_name)
+        with self.w.lock:
+            copier = Copier(dev, target, claims, chunk_bytes=chunk * CS)
+            timeout = STALLED_TIMEOUT if self.w.stalled else SERVING_TIMEOUT
+            # The supervisor's freeze: no write is in flight in this one-threaded model.
+            begin_job(dev, sync, cbw_mode=mode, on_cbw_error=policy, cbw_timeout=timeout)
+            if sync == "none":
+                copier.cursor = dev.clusters  # copy-before-write only, as workers.backup
+            self.job = Job(sync, policy, snapshot=dev.data.copy(),
+                           covered=dev.needs_copy != 0, target=target, claims=claims,
+                           copier=copier, prev_needs_copy=dev.needs_copy.copy(),
+                           served_before=self.w.served)
+            self.w.copier = copier
+        if sync == "top":
+            assert np.array_equal(self.job.covered, self.written)
+        else:
+            assert self.job.covered.all()
+
+    @rule(mode=st.sampled_from(L.CBW_MODES))
+    def set_cbw_mode(self, mode: str) -> None:
+        """Writers read the mode on every save, so it may change under them."""
+        if self.job is None:
+            return
+        self.dev.ctl[L.CTL_CBW_MODE] = L.CBW_MODES.index(mode)
+
+    @rule()
+    def background_step(self) -> None:
+        if self.job is None or self.job.sync == "none":
+            return
+        copier = self.job.copier
+        with self.w.lock:
+            before = copier.cursor
+            saved = copier.copy_next_chunk()
+        # Nobody holds a claim between rules, so every call makes progress.
+        assert saved > 0 or copier.background_done
+        assert copier.cursor > before or copier.background_done
+
+    @rule()
+    def drain(self) -> None:
+        if self.job is None:
+            return
+        full = int(np.count_nonzero(self.dev.slot_state == L.SLOT_FULL))
+        with self.w.lock:
+            drained = self.job.copier.drain_staging()
+        assert drained == full
+        assert (Shared.of(self.dev).slot_state == L.SLOT_FREE).all()
+
+    @rule(cancel=st.integers(0, 3))
+    def end(self, cancel: int) -> None:
+        """The job completes (three times in four) or is cancelled."""
+        if cancel == 0:
+            self.cancel()
+        else:
+            self.finish()
+
+    def finish(self) -> None:
+        """What workers.backup does to complete a job, then check the result."""
+        job = self.job
+        if job is None:
+            return
+        dev = self.dev
+        with self.w.lock:
+            copier = job.copier
+            for _ in range(CLUSTERS + 2):
+                copier.drain_staging()
+                if copier.background_done:
+                    break
+                copier.copy_next_chunk()
+            assert copier.background_done
+            copier.drain_staging()
+            shared = Shared.of(dev)
+            assert (shared.slot_state == L.SLOT_FREE).all()
+            if shared.broken:
+                # The snapshot is broken: the worker fails the job.
+                assert job.broken
+                job.target.abort()
+                self._end_job()
+                return
+            if job.sync != "none":
+                assert not shared.needs_copy.any(), "clusters left unsaved after the last pass"
+            job.target.commit()
+            path = job.target.path
+            saved = shared.saved != 0
+            clusters_saved = copier.clusters_saved
+            copier_cbw = copier.cbw_clusters
+            requests_served = self.w.served - job.served_before
+            self._end_job()
+        with open(path, "rb") as f:
+            image = np.frombuffer(f.read(), dtype=np.uint8)
+        os.unlink(path)
+        assert image.size == SIZE
+        snap = job.snapshot
+        if job.sync == "none":
+            # Covered: exactly what copy-before-write saved; the rest stays a hole.
+            for c in range(CLUSTERS):
+                got = image[c * CS : (c + 1) * CS]
+                if saved[c]:
+                    assert np.array_equal(got, snap[c * CS : (c + 1) * CS]), c
+                else:
+                    assert not got.any(), c
+        else:
+            # Point in time (invariant 1): the whole file is the snapshot. Clusters that
+            # sync=top does not cover were never written, so zero on both sides.
+            bad = [c for c in range(CLUSTERS)
+                   if not np.array_equal(image[c * CS : (c + 1) * CS],
+                                         snap[c * CS : (c + 1) * CS])]
+            assert not bad, f"clusters {bad} of the backup differ from the snapshot"
+            assert np.array_equal(saved, job.covered)
+        # Every covered cluster reached the target exactly once.
+        assert clusters_saved == int(np.count_nonzero(saved))
+        event(f"finished sync={job.sync}, compared the backup")
+        if copier_cbw:
+            event("finished a job with copy-before-write saves")
+        if requests_served:
+            event("finished a job with served copy requests")
+
+    def cancel(self) -> None:
+        job = self.job
+        if job is None:
+            return
+        with self.w.lock:
+            job.target.abort()
+            self._end_job()
+        assert not os.path.exists(job.target.path)
+        assert not os.path.exists(job.target.part_path)
+
+    def _end_job(self) -> None:
+        """workers.backup's release_writers and close; called with the worker lock held."""
+        job = self.job
+        assert job is not None
+        end_job(self.dev)
+        for req in self.w.parked:  # whoever still waits gets a definite answer
+            self.w.copier = None
+            self.w.serve(req, late=True)
+        self.w.parked.clear()
+        self.w.copier = None
+        job.copier.close()
+        job.claims.close()
+        job.target.close()
+        self.job = None
+
+    # -- the worker's health ----------------------------------------------------------------
+
+    @rule()
+    def toggle_worker(self) -> None:
+        """The worker gets stuck (writes that need it time out), or wakes up again and
+        serves the requests that waited in its queue, long after their writers gave up."""
+        with self.w.lock:
+            if not self.w.stalled:
+                self.w.stalled = True
+                self.dev.ctl[L.CTL_CBW_TIMEOUT_US] = int(STALLED_TIMEOUT * 1e6)
+                return
+            if self.w.parked:
+                event("late requests served")
+            for req in self.w.parked:
+                self.w.serve(req, late=True)
+            self.w.parked.clear()
+            self.w.stalled = False
+            self.dev.ctl[L.CTL_CBW_TIMEOUT_US] = int(SERVING_TIMEOUT * 1e6)
+
+    # -- the guest ------------------------------------------------------------------------------
+
+    @rule(writer=st.integers(0, WRITERS - 1), offset=OFFSETS, length=LENGTHS, value=VALUES)
+    def guest_write(self, writer: int, offset: int, length: int, value: int) -> None:
+        self._write(writer, offset, length, value)
+
+    @rule(writes=st.lists(st.tuples(st.integers(0, WRITERS - 1), OFFSETS, LENGTHS, VALUES),
+                          min_size=2, max_size=6))
+    def guest_burst(self, writes: list[tuple[int, int, int, int]]) -> None:
+        """Several writes in a row: staging slots fill up and writers fall back to
+        copy requests."""
+        for write in writes:
+            self._write(*write)
+
+    def _write(self, writer: int, offset: int, length: int, value: int) -> None:
+        length = min(length, SIZE - offset)
+        dev = self.dev
+        job = self.job
+        was_broken = bool(dev.ctl[L.CTL_BROKEN])
+        served = self.w.served
+        try:
+            self.guests[writer].write(offset, bytes([value]) * length)
+        except CopyBeforeWriteError:
+            self._sync_worker(writer)
+            # Only a stuck worker can fail a write here, and only under this policy.
+            assert job is not None and self.w.stalled
+            assert job.policy == "break-guest-write"
+            event("write failed (break-guest-write)")
+            unchanged = np.array_equal(Shared.of(dev).data, self.model)
+            assert unchanged, "a failed write changed the device"
+            return
+        self._sync_worker(writer)
+        if self.w.served > served:
+            event("write waited for a served copy request")
+        self.model[offset : offset + length] = value
+        self.written[list(clusters_of(offset, length))] = True
+        if dev.ctl[L.CTL_BROKEN] and not was_broken:
+            assert job is not None and self.w.stalled
+            assert job.policy == "break-snapshot"
+            job.broken = True
+            event("write broke the snapshot")
+
+    def _sync_worker(self, writer: int) -> None:
+        """Let the worker thread take every request the writers have sent so far."""
+        self.guests[writer].flush_stats()
+        self.w.wait_received(int(self.dev.stats[:, S.W_CBW_REQUESTS].sum()))
+
+    # -- invariants -------------------------------------------------------------------------------
+
+    @invariant()
+    def worker_healthy(self) -> None:
+        if self.worker is not None and self.worker.errors:
+            raise self.worker.errors[0]
+
+    @invariant()
+    def device_holds_the_guest_writes(self) -> None:
+        shared = Shared.of(self.dev)
+        assert np.array_equal(shared.data, self.model), "the device lost or invented a write"
+        assert np.array_equal(shared.allocated != 0, self.written)
+
+    @invariant()
+    def outside_a_job_nothing_is_marked(self) -> None:
+        if self.job is None:
+            shared = Shared.of(self.dev)
+            assert not shared.needs_copy.any()
+            assert (shared.slot_state == L.SLOT_FREE).all()
+            assert not shared.job_active
+
+    @invariant()
+    def snapshot_contents_are_safe(self) -> None:
+        job = self.job
+        if job is None:
+            return
+        shared = Shared.of(self.dev)
+        nc = shared.needs_copy
+        # needs_copy only goes 1 -> 0 during a job.
+        assert not ((job.prev_needs_copy == 0) & (nc != 0)).any(), "needs_copy went 0 -> 1"
+        assert not ((nc != 0) & ~job.covered).any()
+        job.prev_needs_copy = nc
+        assert shared.job_active
+        assert shared.broken == job.broken
+        if job.broken:
+            return  # a guest write went ahead without a save: nothing more to promise
+        snap = job.snapshot
+        target = np.frombuffer(job.target.read(0, SIZE), dtype=np.uint8)
+        full = np.flatnonzero(shared.slot_state == L.SLOT_FULL).tolist()
+        staged = {int(shared.slot_cluster[s]): s for s in full}
+        assert len(staged) == len(full), "a cluster is staged twice"
+        for c in range(CLUSTERS):
+            lo, hi = c * CS, (c + 1) * CS
+            if nc[c]:
+                # Still marked: nobody has written it since the snapshot.
+                assert np.array_equal(shared.data[lo:hi], snap[lo:hi]), c
+                assert c not in staged and not shared.saved[c]
+            elif c in staged:
+                assert np.array_equal(shared.staging[staged[c]], snap[lo:hi]), c
+                assert not shared.saved[c], c  # saved once: by the drain, not before
+            elif job.covered[c]:
+                assert shared.saved[c], f"cluster {c} was unmarked but never saved"
+            if shared.saved[c]:
+                assert np.array_equal(target[lo:hi], snap[lo:hi]), c
+
+    # -- cleanup ----------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        if self.job is not None:
+            self.job.copier.close()
+            self.job.claims.close()
+            self.job.target.abort()
+            self.job = None
+        for g in self.guests:
+            g.close()
+        for q in self.queues:
+            q.close()
+            q.unlink()
+        if self.device is not None:
+            destroy(self.device)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+CopyBeforeWriteMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=50,
+    deadline=None,
+    database=None,
+    # No explain phase: it reruns a failure for minutes and says little about a machine.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_copy_before_write = CopyBeforeWriteMachine.TestCase
