@@ -32,7 +32,7 @@ from shmblock.guest import WORKLOADS
 from shmblock.job import JobResult
 from shmblock.layout import CBW_MODES, ON_CBW_ERROR
 from shmblock.stats import WriterStats
-from shmblock.targets import FORMATS
+from shmblock.targets import FORMATS, TargetSpec
 from shmblock.units import format_rate, format_size, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -214,11 +214,26 @@ def backup_dict(result: JobResult) -> dict[str, Any]:
     return d
 
 
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written, before anything runs (exit code 2).
+
+    Otherwise a whole run happens first, and a missing directory for the reference image
+    or the summary only shows at the end, as a failed verification or a bare OSError.
+    """
+    TargetSpec.parse(args.target, args.format)
+    for option, path in (("--reference-image", args.reference_image), ("--json", args.json)):
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise UsageError(f"{option} {path}: directory {parent!r} does not exist")
+
+
 def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
     if not 0 <= args.writers <= 64:
         raise UsageError(f"--writers {args.writers}: expected 0 to 64")
     if args.target is None:
         raise UsageError("--target is required")
+    check_output_paths(args)
     with Engine() as engine:
         dev = engine.create_device(args.size, args.cluster_size, backing_file=args.device_file,
                                    max_writers=max(args.writers, 1))

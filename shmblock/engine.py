@@ -623,6 +623,10 @@ class Engine:
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
             raise JobError(f"device {device.name} already has a backup job")
         spec = TargetSpec.parse(target, format, backing_file, backing_format)
+        if reference_image is not None:
+            parent = os.path.dirname(os.path.abspath(reference_image))
+            if not os.path.isdir(parent):
+                raise UsageError(f"reference image directory {parent!r} does not exist")
         job_id = job_id or f"job{next(self._job_ids)}"
         if not NAME_RE.match(job_id) or job_id in self.jobs:
             raise UsageError(f"job id {job_id!r} must be new and 1-32 of [A-Za-z0-9_.-]")

@@ -163,6 +163,8 @@ BAD_OPTIONS = [
     (["--block-size", "3000"], ["block size", "3000"]),
     (["--duration", "-1"], ["--duration"]),
     (["--sync", "sideways"], ["--sync", "sideways"]),
+    (["--reference-image", "/nonexistent/dir/r.raw"], ["--reference-image", "/nonexistent/dir"]),
+    (["--json", "/nonexistent/dir/s.json"], ["--json", "/nonexistent/dir"]),
 ]
 
 

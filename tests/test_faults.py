@@ -35,7 +35,7 @@ from shmblock import engine as engine_module
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.engine import DeviceHandle, Engine
-from shmblock.errors import CopyBeforeWriteError, PeerGone
+from shmblock.errors import CopyBeforeWriteError, PeerGone, UsageError
 from shmblock.job import Outcome
 from shmblock.names import list_records
 from tests.procs import (
@@ -703,3 +703,13 @@ def test_cleanup_leaves_a_live_run_alone(tmp_path: Path, shm_prefix: str) -> Non
     finally:
         kill_tree(proc)
     assert proc.returncode == 0, err
+
+
+def test_a_reference_image_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """Refused up front, like a target there: not found out after the whole backup."""
+    with Engine() as engine:
+        dev = engine.create_device(4 * MiB)
+        with pytest.raises(UsageError, match="/nonexistent/dir"):
+            engine.create_backup(dev, str(tmp_path / "b.raw"),
+                                 reference_image="/nonexistent/dir/r.raw")
+        assert engine.jobs == {}, "nothing may start for a bad argument"
