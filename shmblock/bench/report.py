@@ -235,7 +235,9 @@ def markdown(res: dict[str, Any]) -> str:
            f"GiB, Linux {m['kernel']}, {m['python_implementation']} {m['python']}",
            "* packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
            "* tools: " + ", ".join(v for v in m["tools"].values() if v),
-           f"* targets written to {res['target_dir_kind']} ({m['target_dir_fs']}); "
+           f"* targets written to {res['target_dir_kind']}"
+           + ("" if m["target_dir_fs"] in res["target_dir_kind"] else f" ({m['target_dir_fs']})")
+           + "; "
            f"load average at start {res['load_start']}, at end {res['load_end']}",
            ]
     load = res.get("foreign_load") or {}
