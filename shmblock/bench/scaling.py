@@ -24,12 +24,14 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -212,18 +214,42 @@ def run_scaling(plan: Plan, scaling_dir: str, note: Callable[[str], None],
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env,
-                              timeout=CHILD_TIMEOUT, check=False)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        try:
+            stdout, stderr = proc.communicate(timeout=CHILD_TIMEOUT)
+        except BaseException:
+            # Interrupted or timed out: SIGTERM lets the child's engine remove what it
+            # made (its handler raises, the Engine's with-block closes); SIGKILL last.
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise
         if proc.returncode != 0:
             res["notes"].append(f"{size} bytes failed (exit {proc.returncode}): "
-                                f"{proc.stderr.strip()[-500:]}")
+                                f"{stderr.strip()[-500:]}")
         else:
-            res["sizes"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            res["sizes"].append(json.loads(stdout.strip().splitlines()[-1]))
         step()
     return res
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT: unwind, so the engine removes everything it made."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Stopped(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     p = argparse.ArgumentParser(prog="python -m shmblock.bench.scaling")
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--target-dir", required=True)
@@ -232,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--real-snapshots", type=int, default=3)
     args = p.parse_args(argv)
-    print(json.dumps(child(args)))
+    try:
+        print(json.dumps(child(args)))
+    except Stopped as exc:
+        print(f"scaling: stopped by {exc}", file=sys.stderr)
+        return 130
     return 0
 
 
