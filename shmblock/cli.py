@@ -55,6 +55,10 @@ def size_arg(what: str) -> Any:
     return parse
 
 
+MAX_NUMBER = 1e9  # seconds or ops per second: above this a number is a typo, and inf
+# or 1e300 would end in an OverflowError (time.sleep, the microsecond control words)
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -62,6 +66,15 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value >= 0:  # also rejects NaN
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    if not value <= MAX_NUMBER:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large (at most {MAX_NUMBER:g})")
+    return value
+
+
+def nonzero_float(text: str) -> float:
+    value = positive_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
     return value
 
 
@@ -81,7 +94,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     wr.add_argument("--workload", choices=WORKLOADS, default="random")
     wr.add_argument("--block-size", type=size_arg("block size"), default=4096,
                     help="guest I/O size (default 4K)")
-    wr.add_argument("--duration", type=positive_float, default=3.0,
+    # Not 0: a writer process takes 0 to mean "until told", and the run would then
+    # wait out its 30 s grace period for writers that never stop on their own.
+    wr.add_argument("--duration", type=nonzero_float, default=3.0,
                     help="seconds the writers run (default 3)")
     wr.add_argument("--rate", type=positive_float, default=0.0,
                     help="ops per second per writer, 0 = as fast as possible")

@@ -444,6 +444,9 @@ class Engine:
                              f"{', '.join(WORKLOADS)})")
         if block_size <= 0 or device.size % block_size or block_size > device.size:
             raise UsageError(f"block size {block_size} must divide the device size")
+        if seed < 0:
+            # numpy refuses negative seeds: every writer would crash on start.
+            raise UsageError(f"seed {seed} must not be negative")
         first = self._next_writer[device.name]
         if first + count > device.device.geometry.max_writers - 1:
             raise UsageError(f"at most {device.device.geometry.max_writers - 1} writers "
