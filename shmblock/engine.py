@@ -694,6 +694,11 @@ class Engine:
                 job.seq = int(ctl[L.CTL_JOB_SEQ])
                 ctl[L.CTL_JOB_ACTIVE] = 1
                 job.freeze_s = time.monotonic() - t0
+            # Digests first, JobStart after: an exception in between (Ctrl-C raises
+            # wherever shmblock-run's main thread is) must not leave a job running
+            # whose snapshot nobody digests.
+            if capture is not None:
+                capture.finish_async()
         except BaseException:
             dev.needs_copy[:] = 0
             ctl[L.CTL_JOB_ACTIVE] = 0
@@ -701,8 +706,6 @@ class Engine:
             raise
         job.queue.send(protocol.JobStart(job=job.job, sync=job.sync, speed=job.speed),
                        timeout=5.0)
-        if capture is not None:
-            capture.finish_async()
         with contextlib.suppress(StateError):  # the worker may have failed already
             job.tracker.transition(JobState.RUNNING, "start", "running")
 

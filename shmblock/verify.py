@@ -156,6 +156,9 @@ def verify_target(spec: TargetSpec, capture: SnapshotCapture,
     if capture.error:
         raise VerificationError(capture.error)
     cs = capture.cluster_size
+    if len(capture.digests) != -(-capture.size // cs):
+        raise VerificationError("the snapshot has no digests to compare with (their "
+                                "computation never ran)")
     try:
         reader = open_reader(spec, capture.size, cs)
     except (OSError, TargetError) as exc:
