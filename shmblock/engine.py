@@ -52,7 +52,7 @@ from shmblock.errors import (
 )
 from shmblock.guest import WORKLOADS, GuestIO, WriteData
 from shmblock.job import JobEvent, JobResult, JobState, JobTracker, Outcome
-from shmblock.names import NAME_RE, RunNames, RunRecord
+from shmblock.names import NAME_RE, SUPERVISOR_PID_ENV, RunNames, RunRecord
 from shmblock.stats import WriterStats, merged_percentiles
 from shmblock.targets import TargetSpec
 from shmblock.transport import (
@@ -426,6 +426,8 @@ class Engine:
         # Workers must import our packages from wherever this process did.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # So a worker can tell that we died before it got going (workers.common).
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "--run", self.names.run_id,
              "--prefix", self.names.prefix, *args],

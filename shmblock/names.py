@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RUN_ID_RE = re.compile(r"^[0-9a-f]{8}$")
+# The supervisor's pid, in every worker's environment: a worker that finds another
+# parent at start-up knows the supervisor died while it was starting (workers.common).
+SUPERVISOR_PID_ENV = "SHMBLOCK_SUPERVISOR_PID"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 

@@ -38,6 +38,7 @@ from shmblock.engine import DeviceHandle, Engine
 from shmblock.errors import CopyBeforeWriteError, PeerGone, UsageError
 from shmblock.job import Outcome
 from shmblock.names import list_records
+from shmblock.verify import SnapshotCapture
 from tests.procs import (
     MiB,
     assert_same_image,
@@ -589,6 +590,40 @@ def test_a_frozen_for_an_epoch_not_asked_for_does_not_cut_a_freeze_short() -> No
         assert writer.alive
 
 
+def test_an_interrupt_right_after_the_snapshot_starts_no_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (shmblock-run's handler raises wherever the main thread is) just after the
+    freeze: the job must not run on without its digest thread, and closing the engine
+    must raise nothing else."""
+
+    def interrupted(self: SnapshotCapture) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SnapshotCapture, "finish_async", interrupted)
+    with pytest.raises(KeyboardInterrupt), Engine() as engine:
+        dev = engine.create_device(4 * MiB)
+        job = engine.create_backup(dev, str(tmp_path / "b.raw"), verify=True)
+        try:
+            job.start()
+        finally:
+            time.sleep(0.5)  # time enough for a started job to finish
+    result = job.wait(30.0)
+    assert result.outcome is Outcome.CANCELLED, result
+    assert not (tmp_path / "b.raw").exists()
+
+
+def test_a_snapshot_without_digests_fails_verification_cleanly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the digests of the snapshot were never computed, verification says so."""
+    monkeypatch.setattr(SnapshotCapture, "finish_async", lambda self: None)
+    with Engine() as engine:
+        dev = engine.create_device(4 * MiB)
+        result = engine.backup(dev, str(tmp_path / "b.raw"), verify=True).wait(30.0)
+    assert result.outcome is Outcome.COMPLETED
+    assert result.verified is False
+    assert "digest" in result.verify_error, result.verify_error
+
+
 # -- the shmblock-run supervisor interrupted or killed --------------------------------------
 
 
@@ -608,8 +643,14 @@ def start_run(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
                      "--reference-image", "ref.raw", *extra, cwd=tmp_path)
 
 
-@pytest.mark.parametrize("phase", ["writers", "backup"])
-def test_sigint_to_run_removes_everything(tmp_path: Path, phase: str) -> None:
+@pytest.mark.parametrize(("phase", "signals"), [
+    ("writers", [signal.SIGINT]),
+    ("backup", [signal.SIGINT]),
+    ("backup", [signal.SIGINT, signal.SIGINT, signal.SIGINT]),  # an impatient user
+    ("backup", [signal.SIGTERM]),
+], ids=["ctrl-c-while-writers-start", "ctrl-c-mid-backup", "ctrl-c-thrice", "sigterm"])
+def test_interrupting_run_removes_everything(tmp_path: Path, phase: str,
+                                             signals: list[signal.Signals]) -> None:
     proc = start_run(tmp_path)
     try:
         want = {"guest-writer 0"} if phase == "writers" else \
@@ -624,7 +665,9 @@ def test_sigint_to_run_removes_everything(tmp_path: Path, phase: str) -> None:
         if phase == "backup":
             wait_until((tmp_path / "b.raw.part").exists, 10.0, what="the target")
             time.sleep(0.3)  # the snapshot is taken, the job is copying
-        proc.send_signal(signal.SIGINT)
+        for signum in signals:
+            proc.send_signal(signum)
+            time.sleep(0.05)
         _, err = proc.communicate(timeout=30)
     finally:
         kill_tree(proc)
@@ -713,3 +756,27 @@ def test_a_reference_image_in_a_missing_directory_is_a_usage_error(tmp_path: Pat
             engine.create_backup(dev, str(tmp_path / "b.raw"),
                                  reference_image="/nonexistent/dir/r.raw")
         assert engine.jobs == {}, "nothing may start for a bad argument"
+
+
+def test_a_worker_whose_supervisor_died_during_its_start_exits(tmp_path: Path) -> None:
+    """SIGKILL of shmblock-run while a writer process is still starting up (before it
+    could ask for PR_SET_PDEATHSIG): the writer must notice and exit, not write for the
+    whole --duration under init."""
+    proc = start_run(tmp_path, "--duration", "60")
+    victim = 0
+    try:
+        def starting() -> bool:
+            nonlocal victim
+            for pid in children(proc.pid):
+                if "workers.guest" in cmdline(pid):  # forked, not yet named by itself
+                    victim = pid
+                    return True
+            return False
+
+        wait_until(starting, 30.0, interval=0.001, what="a writer process starting")
+        proc.kill()
+        proc.wait(10)  # not communicate(): a surviving orphan holds the output pipes
+        wait_until(lambda: pid_gone(victim), 15.0, what="the orphaned writer to exit")
+    finally:
+        kill_tree(proc)
+        run_cli("cleanup", cwd=tmp_path, timeout=60)  # what the killed run left

@@ -11,6 +11,8 @@ from types import FrameType
 
 from setproctitle import setproctitle
 
+from shmblock.names import SUPERVISOR_PID_ENV
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -25,12 +27,15 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def start_worker(title: str) -> int:
     """Name the process, stop with the parent, log to stderr; returns the parent's pid.
 
-    PR_SET_PDEATHSIG (prctl(2)) delivers SIGTERM when the parent dies; workers also
-    compare getppid() with the returned pid in their loops, which covers the case where
-    the parent died before the prctl call.
+    PR_SET_PDEATHSIG (prctl(2)) delivers SIGTERM when the parent dies, but only if it
+    dies after the call; workers also compare getppid() with the returned pid in their
+    loops. Neither helps when the supervisor died while this process was still starting
+    (interpreter and imports take a good part of a second): we would already belong to
+    init, and its pid would look like a live parent forever. The supervisor therefore
+    passes its pid in ``SHMBLOCK_SUPERVISOR_PID``, and a worker whose parent is not that
+    process any more exits at once (status 1, one line on stderr).
     """
     setproctitle(title)
-    parent = os.getppid()
     signal.signal(signal.SIGTERM, _on_sigterm)
     # The supervisor handles Ctrl-C for the whole run and tells workers to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -39,6 +44,13 @@ def start_worker(title: str) -> int:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    # After the prctl: a supervisor that dies from here on is covered by the signal.
+    parent = os.getppid()
+    expected = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if expected.isdigit() and int(expected) != parent:
+        print(f"{title}: the supervisor (pid {expected}) died before this worker started",
+              file=sys.stderr)
+        raise SystemExit(1)
     logging.basicConfig(
         level=os.environ.get("SHMBLOCK_LOG", "WARNING").upper(),
         format=f"%(asctime)s {title}: %(levelname)s %(message)s",
