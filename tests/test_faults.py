@@ -99,7 +99,7 @@ def test_writer_sigkill_mid_job(tmp_path: Path, cbw_mode: str) -> None:
         dev = engine.create_device(32 * MiB, max_writers=3)
         procs = engine.start_writers(dev, 3, workload="random", duration=60.0, seed=4)
         time.sleep(0.2)
-        job = engine.backup(dev, str(target), speed=2 * MiB, cbw_mode=cbw_mode,
+        job = engine.backup(dev, str(target), speed=MiB // 4, cbw_mode=cbw_mode,
                             cbw_timeout=30.0, verify=True, reference_image=str(reference))
         wait_for_cbw(job, 4)
         procs[0].proc.kill()
@@ -123,7 +123,7 @@ def test_backup_worker_sigkill_fails_job_and_frees_writers(tmp_path: Path) -> No
         dev = engine.create_device(32 * MiB, max_writers=2)
         procs = engine.start_writers(dev, 2, workload="random", duration=60.0, seed=2)
         time.sleep(0.2)
-        job = engine.backup(dev, str(target), speed=MiB, cbw_timeout=2.0, verify=True)
+        job = engine.backup(dev, str(target), speed=MiB // 4, cbw_timeout=2.0, verify=True)
         wait_for_cbw(job, 4)
         worker = job.proc.pid
         os.kill(worker, signal.SIGKILL)
@@ -390,7 +390,7 @@ def test_stuck_worker_is_killed_and_writers_run_on(tmp_path: Path) -> None:
         dev = engine.create_device(32 * MiB, max_writers=2)
         procs = engine.start_writers(dev, 2, workload="random", duration=60.0, seed=9)
         time.sleep(0.2)
-        job = engine.backup(dev, str(target), speed=MiB, cbw_mode="request",
+        job = engine.backup(dev, str(target), speed=MiB // 4, cbw_mode="request",
                             cbw_timeout=timeout)
         wait_for_cbw(job, 2)
         worker = job.proc.pid
@@ -506,7 +506,7 @@ def test_bad_messages_on_every_queue(tmp_path: Path, capfd: pytest.CaptureFixtur
         procs = engine.start_writers(dev, 2, workload="random", duration=60.0, seed=6,
                                      rate=2000.0)
         time.sleep(0.2)
-        job = engine.backup(dev, str(target), speed=MiB, cbw_mode="request",
+        job = engine.backup(dev, str(target), speed=CLUSTER, cbw_mode="request",
                             cbw_timeout=30.0, verify=True, reference_image=str(reference))
         wait_for_cbw(job, 1)
         names = engine.names
@@ -638,9 +638,12 @@ def worker_pids(cli_pid: int) -> dict[str, int]:
 
 
 def start_run(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    """shmblock-run run whose backup lasts about 30 s: slow background copy, and writers
+    too slow (rate-limited) to save every cluster by copy-before-write early on."""
     return start_cli("run", "--size", "32M", "--writers", "2", "--duration", "30",
-                     "--backup-at", "0.3", "--speed", "1M", "--target", "b.raw",
-                     "--reference-image", "ref.raw", *extra, cwd=tmp_path)
+                     "--rate", "500", "--backup-at", "0.3", "--speed", "1M",
+                     "--target", "b.raw", "--reference-image", "ref.raw", *extra,
+                     cwd=tmp_path)
 
 
 @pytest.mark.parametrize(("phase", "signals"), [
