@@ -5,7 +5,7 @@ that stores to it; the supervisor only reads. Keeping the numbers in shared memo
 than sending them at exit means a writer killed with SIGKILL still leaves its counts.
 
 Latencies go into a log-linear histogram: 8 sub-buckets per power of two of nanoseconds,
-so every bucket is within 12.5 % of its values, from 1 ns to about 18 minutes, in
+so every bucket is within 12.5 % of its values, from 1 ns to about 70 minutes, in
 :data:`HIST_BUCKETS` words. Percentiles are read off the merged histograms.
 """
 
