@@ -30,9 +30,11 @@ Capability flags tell the worker what it may skip:
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
 from typing import ClassVar
 
-from shmblock.errors import TargetError
+from shmblock.errors import TargetError, TargetIOError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -100,3 +102,33 @@ class Target(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- files published by rename (raw and qcow2) ---------------------------------------
+
+#: A file target is written under this suffix and renamed into place on commit.
+PART_SUFFIX = ".part"
+
+
+def publish_part(fd: int, part_path: str, path: str, kind: str) -> None:
+    """Make ``part_path`` durable and rename it onto ``path``, atomically (rename(2)).
+
+    The directory is fsynced too, so the new name survives a crash. Raises
+    TargetIOError naming the file and the reason.
+    """
+    try:
+        os.fsync(fd)
+        os.rename(part_path, path)
+        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise TargetIOError(f"cannot publish {kind} target {path!r}: {exc.strerror}") from exc
+
+
+def discard_part(part_path: str) -> None:
+    """Remove an unfinished file (it may already be gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part_path)

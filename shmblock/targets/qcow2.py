@@ -57,13 +57,12 @@ run is replaced (truncated) by the next run to the same path.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
 
 from shmblock.errors import TargetError, TargetIOError, TargetUnreachable
-from shmblock.targets.base import Buffer, Target
+from shmblock.targets.base import PART_SUFFIX, Buffer, Target, discard_part, publish_part
 from shmblock.targets.qcow2_format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -84,8 +83,6 @@ from shmblock.targets.qcow2_format import (
     read_mapped,
     resolve_backing,
 )
-
-PART_SUFFIX = ".part"
 
 _COPIED = np.uint64(OFLAG_COPIED)
 _ZERO = np.uint64(OFLAG_ZERO)
@@ -336,19 +333,7 @@ class Qcow2Target(Target):
                 f"cannot flush qcow2 target {self.part_path!r}: {exc.strerror}"
             ) from exc
         self._pwrite(fd, memoryview(header), 0, "header")
-        try:
-            os.fsync(fd)
-            os.rename(self.part_path, self.path)
-            self._committed = True  # published: abort() must not touch it any more
-            dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            raise TargetIOError(
-                f"cannot publish qcow2 target {self.path!r}: {exc.strerror}"
-            ) from exc
+        publish_part(fd, self.part_path, self.path, self.kind)
         self._committed = True
         self._close_fd()
 
@@ -401,8 +386,7 @@ class Qcow2Target(Target):
 
     def _discard(self) -> None:
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.part_path)
+        discard_part(self.part_path)
 
     def _close_fd(self) -> None:
         if self._fd is not None:

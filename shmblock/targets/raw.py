@@ -12,13 +12,10 @@ any range never written reads back as zeros without using disk space.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from shmblock.errors import TargetIOError, TargetUnreachable
-from shmblock.targets.base import Buffer, Target
-
-PART_SUFFIX = ".part"
+from shmblock.targets.base import PART_SUFFIX, Buffer, Target, discard_part, publish_part
 
 
 class RawTarget(Target):
@@ -81,17 +78,7 @@ class RawTarget(Target):
         # exactly once per job, so a cluster not written is still a hole: nothing to do.
 
     def commit(self) -> None:
-        fd = self._require_fd()
-        try:
-            os.fsync(fd)
-            os.rename(self.part_path, self.path)
-            dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            raise TargetIOError(f"cannot publish raw target {self.path!r}: {exc.strerror}") from exc
+        publish_part(self._require_fd(), self.part_path, self.path, self.kind)
         self._committed = True
 
     def read(self, offset: int, length: int) -> bytes:
@@ -109,8 +96,7 @@ class RawTarget(Target):
 
     def _discard(self) -> None:
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.part_path)
+        discard_part(self.part_path)
 
     def close(self) -> None:
         if self._fd is not None:
