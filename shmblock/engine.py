@@ -25,7 +25,6 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -487,6 +486,7 @@ class Engine:
         return True
 
     def writers_running(self) -> bool:
+        """Whether any writer process of this run is still alive."""
         return any(w.alive for w in self.writers)
 
     def wait_writers(self, timeout: float | None = None) -> bool:
@@ -886,8 +886,3 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def kill_quietly(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)

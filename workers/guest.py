@@ -33,10 +33,6 @@ FREEZE_TIMEOUT = 30.0
 PAYLOAD_BYTES = 1 << 20
 
 
-class StopWriting(Exception):
-    """The supervisor asked this writer to stop."""
-
-
 class GuestWriter:
     """One writer: a workload driving a GuestIO, plus the freeze handshake."""
 
