@@ -1,11 +1,32 @@
 """Removing what crashed runs left behind (``shmblock-run cleanup``).
 
-A run is *dead* when the supervisor pid in its registry record is gone. For each dead
-run: kill any of its workers still alive (checking their command line names the run, so
-a recycled pid is never hit), unlink its shared-memory segments and message queues,
-delete partial target files, and drop the record. Segments in /dev/shm whose names carry
-the prefix but no live run are removed too (queues cannot be listed without /dev/mqueue,
-which is why the registry exists).
+Theory of operation
+-------------------
+``cleanup`` acts only on what the registry *proves* was created by a run of this user
+that is dead, because anything it kills or deletes on weaker evidence could be someone
+else's (another local user's, or a live run's):
+
+* The registry must be ours and private (:func:`shmblock.names.open_registry`); each
+  record is validated field by field (:meth:`shmblock.names.RunRecord.from_json`), and a
+  record that fails is reported in ``skipped`` and left alone.
+* A run is *dead* unless its supervisor is provably alive: same boot, a live pid with the
+  start time recorded at run start (a recycled pid does not keep a dead run alive, and
+  does not get killed).
+* A worker pid is killed only if it is still the process the run spawned: same boot,
+  same start time (``/proc/<pid>/stat`` field 22), owned by this user, and its command
+  line is the one it was started with or the title a worker of this exact run gives
+  itself (``shmblock: … run=<run id> …``).
+* Shared-memory segments and queues are unlinked only by the names the record lists —
+  each of which starts with exactly ``/<prefix>-<run>-`` of the record itself — and a
+  segment only when it is a file of ours that no live process has mapped or open.
+* Files are deleted only if they are ``.part`` files the run recorded, still regular
+  files of ours, with the inode recorded when they were created (or, for one whose
+  creator died before its inode was recorded, changed since the run started and open
+  in no live process): :func:`shmblock.paths.remove_part`.
+* The ``/dev/shm`` sweep (segments whose record is gone) takes only names of the form
+  ``<prefix>-<8 hex digits>-<device>-(meta|data)`` with exactly our prefix (``shmblock2-…``
+  is not ``shmblock``), of live runs in no registry we know, owned by us and mapped or
+  open by no live process — a run alive under another registry still has them mapped.
 """
 
 from __future__ import annotations
@@ -14,13 +35,26 @@ import contextlib
 import os
 import re
 import signal
+import stat
+import time
 from dataclasses import dataclass, field
 
 import posix_ipc
 
 from shmblock.device import SHM_DIR
-from shmblock.names import RunRecord, list_records, pid_alive, prefix
+from shmblock.names import (
+    ChildRecord,
+    RunRecord,
+    boot_id,
+    list_records,
+    pid_alive,
+    prefix,
+    process_start,
+)
+from shmblock.paths import Identity, inodes_in_use, remove_part
 from shmblock.transport import unlink_queue
+
+KILL_WAIT = 2.0  # seconds to wait for killed workers to go before checking who maps what
 
 
 @dataclass
@@ -30,18 +64,49 @@ class CleanupReport:
     queues: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     killed: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # records not trusted, and why
 
     @property
     def empty(self) -> bool:
         return not (self.runs or self.segments or self.queues or self.files or self.killed)
 
 
-def _cmdline(pid: int) -> str:
+def _argv(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
+            raw = f.read()
     except OSError:
-        return ""
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def child_is_ours(record: RunRecord, child: ChildRecord) -> bool:
+    """Whether ``child.pid`` is still, provably, the worker ``record``'s run spawned."""
+    if not child.start or record.boot != boot_id():
+        return False
+    if process_start(child.pid) != child.start or not pid_alive(child.pid):
+        return False
+    try:
+        if os.stat(f"/proc/{child.pid}").st_uid != os.getuid():
+            return False
+    except OSError:
+        return False
+    argv = _argv(child.pid)
+    if argv == child.argv:
+        return True
+    # A worker renames itself (setproctitle): "shmblock: backup-worker run=<id> job=…".
+    title = " ".join(argv)
+    return title.startswith("shmblock: ") and f"run={record.run_id}" in title.split()
+
+
+def _segment_removable(name: str, in_use: set[Identity]) -> bool:
+    """A segment file of ours that no live process has mapped or open."""
+    try:
+        st = os.lstat(SHM_DIR + name)
+    except OSError:
+        return False
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+            and (st.st_dev, st.st_ino) not in in_use)
 
 
 def _unlink_segment(name: str) -> bool:
@@ -52,20 +117,25 @@ def _unlink_segment(name: str) -> bool:
     return True
 
 
-def clean_run(record: RunRecord, report: CleanupReport, dry_run: bool = False) -> None:
-    """Remove everything one dead run recorded."""
-    report.runs.append(record.run_id)
-    for pid in record.children:
-        if pid_alive(pid) and record.run_id in _cmdline(pid):
-            report.killed.append(pid)
+def kill_children(record: RunRecord, report: CleanupReport, dry_run: bool) -> list[int]:
+    """SIGKILL the workers of a dead run that are provably still its own."""
+    killed = []
+    for child in record.children:
+        if child_is_ours(record, child):
+            report.killed.append(child.pid)
+            killed.append(child.pid)
             if not dry_run:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(child.pid, signal.SIGKILL)
+    return killed
+
+
+def clean_run(record: RunRecord, report: CleanupReport, dry_run: bool,
+              in_use: set[Identity]) -> None:
+    """Remove the objects and files one dead run recorded (its workers already killed)."""
+    report.runs.append(record.run_id)
     for name in record.segments:
-        if dry_run:
-            if os.path.exists(SHM_DIR + name):
-                report.segments.append(name)
-        elif _unlink_segment(name):
+        if _segment_removable(name, in_use) and (dry_run or _unlink_segment(name)):
             report.segments.append(name)
     for name in record.queues:
         if dry_run:
@@ -74,34 +144,54 @@ def clean_run(record: RunRecord, report: CleanupReport, dry_run: bool = False) -
                 report.queues.append(name)
         elif unlink_queue(name):
             report.queues.append(name)
-    for path in record.files:
-        if os.path.exists(path):
-            report.files.append(path)
-            if not dry_run:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+    for part in record.files:
+        if dry_run:
+            with contextlib.suppress(OSError):
+                st = os.lstat(part.path)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and \
+                        (part.identity is None or part.identity == (st.st_dev, st.st_ino)):
+                    report.files.append(part.path)
+        elif remove_part(part.path, part.identity, record.started, in_use):
+            report.files.append(part.path)
     if not dry_run:
         record.remove()
 
 
 def cleanup(dry_run: bool = False) -> CleanupReport:
-    """Clean every dead run of the current prefix; live runs are left alone."""
+    """Clean every dead run of the current prefix; live runs are left alone.
+
+    Raises RegistryError when the registry cannot be trusted (owner, mode, symlink).
+    """
     report = CleanupReport()
     ours = prefix()
     live: set[str] = set()
-    for record in list_records():
+    dead: list[RunRecord] = []
+    for record in list_records(report.skipped):
         if record.prefix != ours:
             continue
-        if pid_alive(record.pid):
+        if record.supervisor_alive():
             live.add(record.run_id)
         else:
-            clean_run(record, report, dry_run)
-    pattern = re.compile(rf"^{re.escape(ours)}-([0-9a-f]{{8}})-")
+            dead.append(record)
+    killed: list[int] = []
+    for record in dead:
+        killed += kill_children(record, report, dry_run)
+    if not dry_run:
+        deadline = time.monotonic() + KILL_WAIT
+        while any(pid_alive(p) for p in killed) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    # Who maps or holds what, once the killed workers are gone (a dry run pretends they
+    # are): what is still in use belongs to a live process, whatever a record says.
+    in_use = inodes_in_use(exclude=set(killed) if dry_run else set())
+    for record in dead:
+        clean_run(record, report, dry_run, in_use)
+    pattern = re.compile(rf"^{re.escape(ours)}-([0-9a-f]{{8}})-[A-Za-z0-9_.-]+-(meta|data)$")
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(os.listdir(SHM_DIR)):
             match = pattern.match(entry)
-            if match and match.group(1) not in live and "/" + entry not in report.segments:
-                report.segments.append("/" + entry)
-                if not dry_run:
-                    _unlink_segment("/" + entry)
+            name = "/" + entry
+            if not match or match.group(1) in live or name in report.segments:
+                continue
+            if _segment_removable(name, in_use) and (dry_run or _unlink_segment(name)):
+                report.segments.append(name)
     return report

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
+from shmblock import paths
 from shmblock.cleanup import cleanup
 from shmblock.copier import SYNC_MODES
 from shmblock.engine import BackupJob, Engine
@@ -234,13 +235,25 @@ def check_output_paths(args: argparse.Namespace) -> None:
 
     Otherwise a whole run happens first, and a missing directory for the reference image
     or the summary only shows at the end, as a failed verification or a bare OSError.
+    Outputs must be regular files (or new), must not exist as ``.part`` already, and no
+    two of target, reference image, summary and device file may be one file
+    (:mod:`shmblock.paths`); a device file must be able to back the device.
     """
-    TargetSpec.parse(args.target, args.format)
-    for option, path in (("--reference-image", args.reference_image), ("--json", args.json)):
-        if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise UsageError(f"{option} {path}: directory {parent!r} does not exist")
+    spec = TargetSpec.parse(args.target, args.format)
+    files: list[tuple[str, str]] = []
+    if spec.format != "nbd":
+        files += paths.with_parts("--target", spec.target)
+    if args.reference_image:
+        paths.check_output("--reference-image", args.reference_image)
+        paths.check_no_part("--reference-image", args.reference_image)
+        files += paths.with_parts("--reference-image", args.reference_image)
+    if args.json:
+        paths.check_output("--json", args.json)
+        files.append(("--json", args.json))
+    if args.device_file:
+        paths.check_device_file(args.device_file, args.size)
+        files.append(("--device-file", args.device_file))
+    paths.check_distinct(files)
 
 
 def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
@@ -331,11 +344,8 @@ def print_summary(s: RunSummary, out: Any = sys.stdout) -> None:
 def write_json(path: str, summary: RunSummary) -> None:
     data = asdict(summary)
     data["ok"] = summary.ok
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    # A private temporary name (never a symlink followed), then a rename: shmblock.paths.
+    paths.write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ from shmblock.errors import (
 from shmblock.guest import WORKLOADS, GuestIO, WriteData
 from shmblock.job import JobEvent, JobResult, JobState, JobTracker, Outcome
 from shmblock.names import NAME_RE, SUPERVISOR_PID_ENV, RunNames, RunRecord
+from shmblock.paths import PART_SUFFIX, check_backup_paths
 from shmblock.stats import WriterStats, merged_percentiles
 from shmblock.targets import TargetSpec
 from shmblock.transport import (
@@ -422,17 +423,22 @@ class Engine:
 
     def _spawn(self, module: str, args: list[str]) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
-        # Workers must import our packages from wherever this process did.
+        # Workers must import our packages from wherever this process did, and never from
+        # the caller's working directory (untrusted: a planted workers/guest.py or
+        # numpy.py would run as the user). `python -P` (3.11) keeps the working directory
+        # off sys.path; relative PYTHONPATH entries (and empty ones, which mean the
+        # working directory) would put it back, so only absolute ones are passed on.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p)]
+        env["PYTHONPATH"] = os.pathsep.join([root, *inherited])
         # So a worker can tell that we died before it got going (workers.common).
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--run", self.names.run_id,
-             "--prefix", self.names.prefix, *args],
-            env=env, stdin=subprocess.DEVNULL, start_new_session=False)
-        self.record.children.append(proc.pid)
-        self.record.save()
+        argv = [sys.executable, "-P", "-m", module, "--run", self.names.run_id,
+                "--prefix", self.names.prefix, *args]
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                start_new_session=False)
+        # Pid, start time and command line: what `cleanup` checks before it kills.
+        self.record.add_child(proc.pid, argv)
         return proc
 
     def start_writers(self, device: DeviceHandle, count: int, workload: str = "random",
@@ -628,10 +634,18 @@ class Engine:
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
             raise JobError(f"device {device.name} already has a backup job")
         spec = TargetSpec.parse(target, format, backing_file, backing_format)
-        if reference_image is not None:
-            parent = os.path.dirname(os.path.abspath(reference_image))
-            if not os.path.isdir(parent):
-                raise UsageError(f"reference image directory {parent!r} does not exist")
+        # Before anything starts: no output may be a device's file, another output or a
+        # running job's file (shmblock.paths).
+        check_backup_paths(
+            None if spec.format == "nbd" else spec.target, reference_image,
+            inputs=[(f"the file of device {h.name}", h.device.backing_file)
+                    for h in self.devices.values() if h.device.backing_file],
+            busy=[(f"job {j.job}'s {role}", path) for j in self.jobs.values()
+                  if not j.tracker.concluded
+                  for role, path in (("target", None if j.spec.format == "nbd" else
+                                      j.spec.target),
+                                     ("reference image", j.capture and
+                                      j.capture.reference_image)) if path])
         job_id = job_id or f"job{next(self._job_ids)}"
         if not NAME_RE.match(job_id) or job_id in self.jobs:
             raise UsageError(f"job id {job_id!r} must be new and 1-32 of [A-Za-z0-9_.-]")
@@ -640,9 +654,10 @@ class Engine:
             on_event = lambda event: engine_hook(job_id, event)  # noqa: E731
         tracker = JobTracker(job_id, on_event)
         queue = device.backup_queue()
-        if spec.format in ("raw", "qcow2"):
-            self.record.files.append(os.path.abspath(spec.target) + ".part")
-            self.record.save()
+        parts = [p + PART_SUFFIX for p in (None if spec.format == "nbd" else spec.target,
+                                           reference_image) if p]
+        for part in parts:  # recorded before they exist, for `cleanup`
+            self.record.add_part(part)
         args = ["--meta", device.device.meta_name, "--device", device.name, "--job", job_id,
                 "--target", spec.target, "--format", spec.format, "--sync", sync,
                 "--speed", str(speed), "--chunk", str(chunk),
@@ -663,8 +678,13 @@ class Engine:
             tracker.conclude(Outcome.FAILED, reason)
             job.wait(STOP_TIMEOUT)
             raise JobError(f"backup of {device.name} to {spec.target} could not start: {reason}")
+        if spec.format != "nbd":  # the worker has created its .part: remember which inode
+            with contextlib.suppress(OSError):
+                st = os.lstat(parts[0])
+                self.record.part_created(parts[0], (st.st_dev, st.st_ino))
         if verify or reference_image:
-            job.capture = SnapshotCapture(device.device, reference_image)
+            job.capture = SnapshotCapture(device.device, reference_image,
+                                          on_part_created=self.record.part_created)
         return job
 
     def _take_snapshot(self, job: BackupJob) -> None:
@@ -731,10 +751,9 @@ class Engine:
                 dev.needs_copy[:] = 0
                 dev.slot_state[:] = L.SLOT_FREE
                 dev.ctl[L.CTL_JOB_ACTIVE] = 0
-            part = os.path.abspath(job.spec.target) + ".part"
             if job.spec.format in ("raw", "qcow2") and outcome is not Outcome.COMPLETED:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(part)
+                # Only if it is still the .part our worker created (not another job's).
+                self.record.discard_part(job.spec.target + PART_SUFFIX)
 
     # -- the pump ---------------------------------------------------------------------------
 
@@ -876,9 +895,7 @@ class Engine:
                 h.device.unlink()
                 with contextlib.suppress(ShmblockError):
                     h.device.close()
-            for path in self.record.files:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            self.record.discard_parts()
             self.record.remove()
 
     def __enter__(self) -> Engine:

@@ -16,6 +16,7 @@ import hashlib
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -23,7 +24,15 @@ import numpy.typing as npt
 
 from shmblock.copier import nonzero_clusters, runs
 from shmblock.device import Device
-from shmblock.errors import TargetError, VerificationError
+from shmblock.errors import TargetError, UsageError, VerificationError
+from shmblock.paths import (
+    PART_SUFFIX,
+    Identity,
+    check_output,
+    create_part,
+    explain_create_error,
+    publish,
+)
 from shmblock.targets import TargetSpec
 
 DIGEST_BYTES = 16
@@ -36,11 +45,30 @@ def cluster_digest(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
-def write_sparse_raw(path: str, data: npt.NDArray[np.uint8], cluster_size: int) -> None:
-    """Write ``data`` to a raw file, leaving all-zero clusters as holes."""
-    tmp = path + ".part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+#: Told the (dev, ino) of a temporary file right after it is created, so the run record
+#: can prove later that a file at that name is the one this run made.
+PartCreated = Callable[[str, Identity], None]
+
+
+def write_sparse_raw(path: str, data: npt.NDArray[np.uint8], cluster_size: int,
+                     on_created: PartCreated | None = None) -> None:
+    """Write ``data`` to a raw file, leaving all-zero clusters as holes.
+
+    Written to ``<path>.part`` (created exclusively, never through a symlink, mode 0600:
+    :func:`shmblock.paths.create_part`) and published by rename; an existing ``path``
+    that is not a regular file is refused. On any failure the ``.part`` is removed.
+    Raises OSError (UsageError for a non-regular ``path``).
+    """
+    check_output("reference image", path)
+    tmp = path + PART_SUFFIX
     try:
+        fd = create_part(tmp, os.O_WRONLY)
+    except OSError as exc:
+        raise OSError(exc.errno, explain_create_error(tmp, exc)) from exc
+    try:
+        if on_created is not None:
+            st = os.fstat(fd)
+            on_created(tmp, (st.st_dev, st.st_ino))
         os.ftruncate(fd, data.size)
         view = data.data
         step = READ_CHUNK
@@ -50,19 +78,22 @@ def write_sparse_raw(path: str, data: npt.NDArray[np.uint8], cluster_size: int) 
                 if has_data:
                     off = start + a * cluster_size
                     os.pwrite(fd, view[off : start + b * cluster_size], off)
-        os.fsync(fd)
+        publish(fd, tmp, path)
     except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
+        # Also when the rename fails (``path`` became a directory meanwhile): no .part left.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
-    os.close(fd)
-    os.replace(tmp, path)
+    finally:
+        os.close(fd)
 
 
 class SnapshotCapture:
     """The device's contents at the snapshot instant, kept as digests (and a file)."""
 
-    def __init__(self, device: Device, reference_image: str | None = None) -> None:
+    def __init__(self, device: Device, reference_image: str | None = None,
+                 on_part_created: PartCreated | None = None) -> None:
+        self.on_part_created = on_part_created
         self.cluster_size = device.cluster_size
         self.size = device.size
         self.reference_image = reference_image
@@ -100,8 +131,8 @@ class SnapshotCapture:
             self.digests = [cluster_digest(view[i : i + cs]) for i in range(0, copy.size, cs)]
             view.release()
             if self.reference_image:
-                write_sparse_raw(self.reference_image, copy, cs)
-        except OSError as exc:
+                write_sparse_raw(self.reference_image, copy, cs, self.on_part_created)
+        except (OSError, UsageError) as exc:
             self.error = f"cannot write the reference image {self.reference_image!r}: {exc}"
         finally:
             self._copy = None

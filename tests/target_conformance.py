@@ -15,12 +15,16 @@ looks like a finished backup.
 from __future__ import annotations
 
 import abc
+import os
+import socket
+import stat
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 
-from shmblock.errors import TargetError
+from shmblock.errors import TargetError, TargetUnreachable, VerificationError
 from shmblock.targets.base import Target
 
 CLUSTER = 64 * 1024
@@ -110,3 +114,124 @@ class TargetTests(abc.ABC):
         target.commit()
         target.close()
         target.close()
+
+
+# -- file targets: what they may create and replace -------------------------------------
+
+
+class FakeCapture:
+    """What :func:`shmblock.verify.verify_target` reads of a snapshot: its digests."""
+
+    def __init__(self, data: bytes, cluster_size: int) -> None:
+        from shmblock.verify import cluster_digest
+
+        self.cluster_size = cluster_size
+        self.size = len(data)
+        self.error = ""
+        self.digests = [cluster_digest(data[i : i + cluster_size])
+                        for i in range(0, len(data), cluster_size)]
+
+    def join(self) -> None:
+        pass
+
+
+class FileTargetTests(abc.ABC):
+    """Subclass per file target kind (raw, qcow2): creation, replacement, privacy."""
+
+    #: the target format and file name used by these tests
+    format: str
+    name: str
+
+    @abc.abstractmethod
+    def open_file(self, path: str, size: int, cluster_size: int) -> Target: ...
+
+    def test_part_is_created_exclusively(self, tmp_path: Path) -> None:
+        """Two jobs to one target: the second fails clearly, the first is unharmed."""
+        path = str(tmp_path / self.name)
+        first = self.open_file(path, SIZE, CLUSTER)
+        first.write(0, pattern(0))
+        with pytest.raises(TargetUnreachable, match=r"\.part' already exists: another backup"):
+            self.open_file(path, SIZE, CLUSTER)
+        first.commit()
+        assert first.read(0, CLUSTER) == pattern(0)
+        first.close()
+
+    def test_symlink_at_part_is_not_followed(self, tmp_path: Path) -> None:
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (tmp_path / (self.name + ".part")).symlink_to(victim)
+        with pytest.raises(TargetUnreachable, match=r"already exists and is a symbolic link"):
+            self.open_file(str(tmp_path / self.name), SIZE, CLUSTER)
+        assert victim.read_bytes() == b"precious"
+        assert (tmp_path / (self.name + ".part")).is_symlink(), "not ours to remove"
+
+    @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "directory",
+                                      "socket", "device node"])
+    def test_non_regular_target_is_refused(self, tmp_path: Path, kind: str) -> None:
+        path = tmp_path / self.name
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        if kind == "symlink":
+            path.symlink_to(victim)
+        elif kind == "dangling symlink":
+            path.symlink_to(tmp_path / "nowhere")
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "directory":
+            path.mkdir()
+        elif kind == "socket":
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(str(path))
+            sock.close()
+        else:
+            if os.geteuid() != 0:
+                pytest.skip("mknod of a device node needs root")
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
+        before = os.lstat(path)
+        with pytest.raises(TargetUnreachable, match=r"exists and is a"):
+            self.open_file(str(path), SIZE, CLUSTER)
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+        assert victim.read_bytes() == b"precious"
+        assert not (tmp_path / (self.name + ".part")).exists()
+
+    def test_backup_is_private_whatever_the_umask(self, tmp_path: Path) -> None:
+        old = os.umask(0)
+        try:
+            target = self.open_file(str(tmp_path / self.name), SIZE, CLUSTER)
+            part = os.stat(tmp_path / (self.name + ".part"))
+            target.write(0, pattern(0))
+            target.commit()
+            target.close()
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(part.st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(tmp_path / self.name).st_mode) == 0o600
+
+    def test_verification_catches_one_wrong_byte_near_the_end(self, tmp_path: Path) -> None:
+        """The oracle itself: a 64 MiB backup whose only wrong byte is 100 bytes from the
+        end is caught (a verify loop that read only the first 8 MiB would pass it)."""
+        from shmblock.targets import TargetSpec
+        from shmblock.verify import SnapshotCapture, verify_target
+
+        size = 64 << 20
+        rng = np.random.default_rng(7)
+        snapshot = rng.integers(0, 256, size, dtype=np.uint8)
+        backup = snapshot.copy()
+        backup[size - 100] ^= 0x01
+        path = str(tmp_path / self.name)
+        target = self.open_file(path, size, CLUSTER)
+        target.write(0, backup.data)
+        target.commit()
+        target.close()
+        spec = TargetSpec(path, self.format)
+        capture = cast(SnapshotCapture, FakeCapture(snapshot.tobytes(), CLUSTER))
+        with pytest.raises(VerificationError, match=rf"1 cluster.*first: {size // CLUSTER - 1}"):
+            verify_target(spec, capture)
+        # And the same backup with the byte right passes: the test can tell them apart.
+        os.unlink(path)
+        target = self.open_file(path, size, CLUSTER)
+        target.write(0, snapshot.data)
+        target.commit()
+        target.close()
+        verify_target(spec, capture)

@@ -32,7 +32,7 @@ from shmblock.targets.qcow2_format import (
     build_header_cluster,
     plan_refcounts,
 )
-from tests.target_conformance import CLUSTER, SIZE, TargetTests, pattern
+from tests.target_conformance import CLUSTER, SIZE, FileTargetTests, TargetTests, pattern
 
 QEMU_IMG = shutil.which("qemu-img")
 _NO_QEMU_IMG = pytest.mark.skipif(
@@ -105,6 +105,14 @@ class TestQcow2Target(TargetTests):
 
     def published(self, target: Target, tmp_path: Path) -> bool:
         return (tmp_path / "backup.qcow2").exists() or (tmp_path / "backup.qcow2.part").exists()
+
+
+class TestQcow2File(FileTargetTests):
+    format = "qcow2"
+    name = "backup.qcow2"
+
+    def open_file(self, path: str, size: int, cluster_size: int) -> Target:
+        return Qcow2Target(path, size, cluster_size)
 
 
 # -- layout, holes and zero clusters -----------------------------------------------------
@@ -467,13 +475,16 @@ def test_missing_directory_and_directory_path(tmp_path: Path) -> None:
         Qcow2Target(str(tmp_path), SIZE, CLUSTER)
 
 
-def test_no_space_when_opening(tmp_path: Path) -> None:
-    # The placeholder header is the first write; /dev/full fails it with ENOSPC.
-    (tmp_path / "b.qcow2.part").symlink_to("/dev/full")
+def test_no_space_when_opening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The placeholder header is the first write. (This test used to plant a symlink to
+    # /dev/full at the .part; a .part is now never opened through a symlink.)
+    def full(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(TargetIOError, match="No space left on device"):
         Qcow2Target(str(tmp_path / "b.qcow2"), SIZE, CLUSTER)
     assert not (tmp_path / "b.qcow2.part").exists()
-    assert os.path.exists("/dev/full")
 
 
 def test_no_space_when_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import pytest
 from shmblock.errors import TargetUnreachable
 from shmblock.targets.base import Target
 from shmblock.targets.raw import RawTarget
-from tests.target_conformance import CLUSTER, SIZE, TargetTests, pattern
+from tests.target_conformance import CLUSTER, SIZE, FileTargetTests, TargetTests, pattern
 
 
 class TestRawTarget(TargetTests):
@@ -22,6 +22,14 @@ class TestRawTarget(TargetTests):
 
     def published(self, target: Target, tmp_path: Path) -> bool:
         return (tmp_path / "backup.raw").exists() or (tmp_path / "backup.raw.part").exists()
+
+
+class TestRawFile(FileTargetTests):
+    format = "raw"
+    name = "backup.raw"
+
+    def open_file(self, path: str, size: int, cluster_size: int) -> Target:
+        return RawTarget(path, size, cluster_size)
 
 
 def test_unwritten_clusters_stay_holes(tmp_path: Path) -> None:

@@ -4,24 +4,29 @@
 
 * ``nbd://host[:port]/export`` and ``nbd+unix:///export?socket=PATH`` → NBD client
   (the NBD URI standard, doc/uri.md of the NBD project);
-* anything else is a file path: ``qcow2`` when the format says so (or the name ends in
-  ``.qcow2`` and no format is given), else ``raw``.
+* anything else is a file path (an existing one must be a regular file): ``qcow2``
+  when the format says so (or the name ends in ``.qcow2`` and no format is given),
+  else ``raw``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from shmblock.errors import UsageError
+from shmblock.paths import check_no_part, check_output
 from shmblock.targets.base import Target
 
 FORMATS = ("raw", "qcow2", "nbd")
 
 
 def is_nbd_uri(target: str) -> bool:
-    """True for the URI schemes of the NBD URI standard."""
-    return target.split(":", 1)[0] in {"nbd", "nbds", "nbd+unix", "nbds+unix"}
+    """True for the URI schemes of the NBD URI standard.
+
+    Schemes are case-insensitive (RFC 3986 section 3.1): ``NBD://host/x`` is a URI, not
+    a file named ``NBD:`` in a directory ``host``.
+    """
+    return target.split(":", 1)[0].lower() in {"nbd", "nbds", "nbd+unix", "nbds+unix"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +67,10 @@ class TargetSpec:
         if backing_file is not None and fmt != "qcow2":
             raise UsageError("only a qcow2 target can name a backing file")
         if not nbd:
-            parent = os.path.dirname(os.path.abspath(target))
-            if not os.path.isdir(parent):
-                raise UsageError(f"target directory {parent!r} does not exist")
+            # Before anything runs: a missing directory, a symlink, FIFO, device node or
+            # directory at the target, or a .part already there (shmblock.paths).
+            check_output("target", target)
+            check_no_part("target", target)
         return cls(target, fmt, backing_file, backing_format)
 
 

@@ -34,7 +34,8 @@ import contextlib
 import os
 from typing import ClassVar
 
-from shmblock.errors import TargetError, TargetIOError
+from shmblock import paths
+from shmblock.errors import TargetError, TargetIOError, TargetUnreachable, UsageError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -107,23 +108,41 @@ class Target(abc.ABC):
 # -- files published by rename (raw and qcow2) ---------------------------------------
 
 #: A file target is written under this suffix and renamed into place on commit.
-PART_SUFFIX = ".part"
+PART_SUFFIX = paths.PART_SUFFIX
+
+
+def check_file_target(kind: str, path: str) -> None:
+    """Refuse a file target whose directory is missing or that exists but is not a
+    regular file (a symlink, FIFO, device node, socket or directory is never replaced).
+    Raises TargetUnreachable."""
+    try:
+        paths.check_output(f"{kind} target", path)
+    except UsageError as exc:
+        raise TargetUnreachable(str(exc)) from exc
+
+
+def create_part(part_path: str, kind: str) -> int:
+    """Create ``part_path`` exclusively (O_EXCL, O_NOFOLLOW, 0600); returns its fd.
+
+    Never replaces anything: a ``.part`` that exists belongs to another job (or to a
+    crashed run, which ``shmblock-run cleanup`` removes), and a symlink there is refused.
+    Raises TargetUnreachable naming the file.
+    """
+    try:
+        return paths.create_part(part_path)
+    except OSError as exc:
+        raise TargetUnreachable(
+            paths.explain_create_error(part_path, exc, f"{kind} target")) from exc
 
 
 def publish_part(fd: int, part_path: str, path: str, kind: str) -> None:
     """Make ``part_path`` durable and rename it onto ``path``, atomically (rename(2)).
 
-    The directory is fsynced too, so the new name survives a crash. Raises
-    TargetIOError naming the file and the reason.
+    fsync(file) before the rename, fsync(directory) after (:func:`shmblock.paths.publish`).
+    Raises TargetIOError naming the file and the reason.
     """
     try:
-        os.fsync(fd)
-        os.rename(part_path, path)
-        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        paths.publish(fd, part_path, path)
     except OSError as exc:
         raise TargetIOError(f"cannot publish {kind} target {path!r}: {exc.strerror}") from exc
 

@@ -51,8 +51,10 @@ message, and :class:`~shmblock.targets.qcow2_format.Qcow2Reader` refuses it as m
 corrupt. A process killed *during* ``commit`` leaves the same placeholder until the
 final header is written (after the first fsync); from then until the rename the
 ``.part`` is a complete, valid image, but still under the temporary name, so ``path``
-is never a partial backup. ``abort()`` removes the ``.part``; a stale one from a killed
-run is replaced (truncated) by the next run to the same path.
+is never a partial backup. ``abort()`` removes the ``.part``. It is created exclusively,
+never through a symlink, mode 0600 (:func:`shmblock.targets.base.create_part`): a stale
+one from a killed run makes the next job to the same path fail clearly until
+``shmblock-run cleanup`` removes it, since it cannot be told apart from a running job's.
 """
 
 from __future__ import annotations
@@ -62,7 +64,15 @@ import os
 import numpy as np
 
 from shmblock.errors import TargetError, TargetIOError, TargetUnreachable
-from shmblock.targets.base import PART_SUFFIX, Buffer, Target, discard_part, publish_part
+from shmblock.targets.base import (
+    PART_SUFFIX,
+    Buffer,
+    Target,
+    check_file_target,
+    create_part,
+    discard_part,
+    publish_part,
+)
 from shmblock.targets.qcow2_format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -145,24 +155,12 @@ class Qcow2Target(Target):
         # Fails early (before any file exists) if the backing name cannot fit.
         build_header_cluster(self._final_header(0, 0, 0), backing_file, backing_format)
 
-        if os.path.isdir(self.path):
-            raise TargetUnreachable(f"qcow2 target {path!r} is a directory")
-        parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
-            raise TargetUnreachable(f"qcow2 target {path!r}: directory {parent!r} does not exist")
+        check_file_target(self.kind, path)
         # Guest cluster c's L2 entry is _entries[c]; padded to whole L2 tables so the
         # array reshapes to (l1_size, l2_size) at commit.
         self._entries: U64 = np.zeros(self._l1_size * self._l2_size, dtype=np.uint64)
         self._end = cluster_size  # next free host offset: data starts after the header
-        try:
-            # O_TRUNC: a stale .part from a crashed run is ours to replace.
-            self._fd = os.open(
-                self.part_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
-            )
-        except OSError as exc:
-            raise TargetUnreachable(
-                f"cannot create qcow2 target {self.part_path!r}: {exc.strerror}"
-            ) from exc
+        self._fd = create_part(self.part_path, self.kind)
         try:
             self._pwrite(self._fd, memoryview(self._placeholder_header()), 0, "header")
         except TargetIOError:

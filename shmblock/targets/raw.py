@@ -3,8 +3,11 @@
 The backup is written to ``<path>.part`` in the same directory and renamed onto ``path``
 only by :meth:`RawTarget.commit`, after an ``fsync``; rename within one directory is
 atomic (rename(2)), so ``path`` is either absent, a previous file, or a finished backup —
-never a half-written one. A failed job removes the partial file; a process killed
-mid-job leaves ``<path>.part``, which ``shmblock-run cleanup`` removes.
+never a half-written one. The ``.part`` is created exclusively, never through a symlink,
+mode 0600 (:func:`shmblock.targets.base.create_part`), and an existing ``path`` that is
+not a regular file is refused. A failed job removes the partial file; a process killed
+mid-job leaves ``<path>.part``, which ``shmblock-run cleanup`` removes (until then a new
+job to the same target is refused: it cannot tell that file from a running job's).
 
 Zero clusters stay holes: the file is created empty and extended with ``ftruncate``, so
 any range never written reads back as zeros without using disk space.
@@ -14,8 +17,16 @@ from __future__ import annotations
 
 import os
 
-from shmblock.errors import TargetIOError, TargetUnreachable
-from shmblock.targets.base import PART_SUFFIX, Buffer, Target, discard_part, publish_part
+from shmblock.errors import TargetIOError
+from shmblock.targets.base import (
+    PART_SUFFIX,
+    Buffer,
+    Target,
+    check_file_target,
+    create_part,
+    discard_part,
+    publish_part,
+)
 
 
 class RawTarget(Target):
@@ -29,19 +40,8 @@ class RawTarget(Target):
         super().__init__(size, cluster_size)
         self.path = os.path.abspath(path)
         self.part_path = self.path + PART_SUFFIX
-        if os.path.isdir(self.path):
-            raise TargetUnreachable(f"raw target {path!r} is a directory")
-        parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
-            raise TargetUnreachable(f"raw target {path!r}: directory {parent!r} does not exist")
-        try:
-            # O_TRUNC: a stale .part from a crashed run is ours to replace.
-            self._fd: int | None = os.open(
-                self.part_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
-            )
-        except OSError as exc:
-            raise TargetUnreachable(
-                f"cannot create raw target {self.part_path!r}: {exc.strerror}") from exc
+        check_file_target(self.kind, path)
+        self._fd: int | None = create_part(self.part_path, self.kind)
         try:
             os.ftruncate(self._fd, size)
         except OSError as exc:
