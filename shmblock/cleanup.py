@@ -25,8 +25,10 @@ else's (another local user's, or a live run's):
   in no live process): :func:`shmblock.paths.remove_part`.
 * The ``/dev/shm`` sweep (segments whose record is gone) takes only names of the form
   ``<prefix>-<8 hex digits>-<device>-(meta|data)`` with exactly our prefix (``shmblock2-…``
-  is not ``shmblock``), of live runs in no registry we know, owned by us and mapped or
-  open by no live process — a run alive under another registry still has them mapped.
+  is not ``shmblock``) whose meta header carries that run id (``shmblock-0badcafe-…`` is
+  not run ``0badcafe`` of ``shmblock``), of no live run of our registry, owned by us and
+  mapped or open by no live process — a run alive under another registry still has
+  them mapped (:func:`swept_segments`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
+from shmblock import layout as L
 from shmblock.device import SHM_DIR
 from shmblock.names import (
     ChildRecord,
@@ -185,13 +188,58 @@ def cleanup(dry_run: bool = False) -> CleanupReport:
     in_use = inodes_in_use(exclude=set(killed) if dry_run else set())
     for record in dead:
         clean_run(record, report, dry_run, in_use)
-    pattern = re.compile(rf"^{re.escape(ours)}-([0-9a-f]{{8}})-[A-Za-z0-9_.-]+-(meta|data)$")
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(os.listdir(SHM_DIR)):
-            match = pattern.match(entry)
-            name = "/" + entry
-            if not match or match.group(1) in live or name in report.segments:
-                continue
-            if _segment_removable(name, in_use) and (dry_run or _unlink_segment(name)):
-                report.segments.append(name)
+    for name in swept_segments(ours, live, in_use):
+        if name not in report.segments and (dry_run or _unlink_segment(name)):
+            report.segments.append(name)
     return report
+
+
+def _meta_header(name: str) -> tuple[str, str] | None:
+    """(run id, contents name) from a meta segment's header; None if it has none."""
+    try:
+        fd = os.open(SHM_DIR + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, L.HEADER_STRUCT.size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) < L.HEADER_STRUCT.size:
+        return None
+    fields = L.HEADER_STRUCT.unpack(raw)
+    if fields[0] != L.MAGIC or fields[1] != L.VERSION:
+        return None
+    return (fields[10].rstrip(b"\0").decode(errors="replace"),
+            fields[11].rstrip(b"\0").decode(errors="replace"))
+
+
+def swept_segments(ours: str, live: set[str], in_use: set[Identity]) -> list[str]:
+    """Segments in /dev/shm that provably belong to a dead run of prefix ``ours``.
+
+    The name alone is not proof: a prefix may contain ``-`` (``shmblock-0badcafe`` makes
+    names that parse as run ``0badcafe`` of ``shmblock``), so a meta segment's header
+    must carry the run id the name says, and a data segment must be the one its meta
+    segment's header names. Segments of live runs (in our registry) or in use by any
+    live process (a run alive under another registry) are never taken.
+    """
+    pattern = re.compile(rf"^/{re.escape(ours)}-([0-9a-f]{{8}})-([A-Za-z0-9_.-]+)-(meta|data)$")
+    try:
+        entries = sorted("/" + e for e in os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in entries:
+        match = pattern.match(name)
+        if not match or match.group(1) in live or not _segment_removable(name, in_use):
+            continue
+        run, device, kind = match.groups()
+        meta = f"/{ours}-{run}-{device}-meta"
+        header = _meta_header(meta)
+        if header is None or header[0] != run:
+            continue
+        if kind == "data" and header[1] != name:
+            continue
+        found.append(name)
+    return found

@@ -245,7 +245,6 @@ def check_output_paths(args: argparse.Namespace) -> None:
         files += paths.with_parts("--target", spec.target)
     if args.reference_image:
         paths.check_output("--reference-image", args.reference_image)
-        paths.check_no_part("--reference-image", args.reference_image)
         files += paths.with_parts("--reference-image", args.reference_image)
     if args.json:
         paths.check_output("--json", args.json)
@@ -254,6 +253,10 @@ def check_output_paths(args: argparse.Namespace) -> None:
         paths.check_device_file(args.device_file, args.size)
         files.append(("--device-file", args.device_file))
     paths.check_distinct(files)
+    for option, path in (("--target", None if spec.format == "nbd" else spec.target),
+                         ("--reference-image", args.reference_image)):
+        if path:
+            paths.check_no_part(option, path)
 
 
 def execute(args: argparse.Namespace, bar: Any) -> RunSummary:

@@ -162,18 +162,21 @@ def check_backup_paths(target: str | None, reference_image: str | None, *,
     ``target`` is a file target (None for NBD; :meth:`TargetSpec.parse` has checked it),
     ``inputs`` (role, path) files that are read or mapped (a device's file), ``busy``
     (role, path) outputs of jobs still running. Each output and its ``.part`` must be
-    distinct from every other file named.
+    distinct from every other file named, and no ``.part`` of ours may exist already.
     """
     files: list[tuple[str, str]] = []
     if target:
         files += with_parts("target", target)
     if reference_image:
         check_output("reference image", reference_image)
-        check_no_part("reference image", reference_image)
         files += with_parts("reference image", reference_image)
     for role, path in busy:
         files += with_parts(role, path)
     check_distinct([*files, *inputs])
+    # After the collisions, whose message is more precise about a job of this engine.
+    for role, path in (("target", target), ("reference image", reference_image)):
+        if path:
+            check_no_part(role, path)
 
 
 # -- creating, publishing and removing temporary files ---------------------------------

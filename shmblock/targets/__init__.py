@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shmblock.errors import UsageError
-from shmblock.paths import check_no_part, check_output
+from shmblock.paths import check_output
 from shmblock.targets.base import Target
 
 FORMATS = ("raw", "qcow2", "nbd")
@@ -67,10 +67,9 @@ class TargetSpec:
         if backing_file is not None and fmt != "qcow2":
             raise UsageError("only a qcow2 target can name a backing file")
         if not nbd:
-            # Before anything runs: a missing directory, a symlink, FIFO, device node or
-            # directory at the target, or a .part already there (shmblock.paths).
+            # Before anything runs: a missing directory, or a symlink, FIFO, device node
+            # or directory at the target (shmblock.paths; check_backup_paths does more).
             check_output("target", target)
-            check_no_part("target", target)
         return cls(target, fmt, backing_file, backing_format)
 
 
