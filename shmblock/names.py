@@ -117,6 +117,9 @@ _OBJECT_TAIL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 # One lock for every record of this process: the reference image's .part is recorded
 # from the digest thread while the main thread records queues.
 _record_lock = threading.RLock()
+# Records removed by this process: a late save (the digest thread recording the
+# reference image's .part after Ctrl-C closed the engine) must not bring one back.
+_removed: set[tuple[str, str]] = set()
 
 
 class RegistryError(ShmblockError):
@@ -292,6 +295,8 @@ class RunRecord:
         """Write atomically (private temp file + rename), so a crash never leaves half a
         record; raises RegistryError."""
         with _record_lock:
+            if (self.prefix, self.run_id) in _removed:
+                return
             data = json.dumps(asdict(self)).encode()
             with open_registry(create=True) as dir_fd:
                 assert dir_fd is not None
@@ -311,10 +316,13 @@ class RunRecord:
                                         f"{str(self.path)!r}: {exc.strerror}") from exc
 
     def remove(self) -> None:
-        with _record_lock, contextlib.suppress(OSError, RegistryError), \
-                open_registry(create=False) as dir_fd:
-            if dir_fd is not None:
-                os.unlink(self.file_name, dir_fd=dir_fd)
+        """Delete the record; later saves of it in this process do nothing."""
+        with _record_lock:
+            _removed.add((self.prefix, self.run_id))
+            with contextlib.suppress(OSError, RegistryError), \
+                    open_registry(create=False) as dir_fd:
+                if dir_fd is not None:
+                    os.unlink(self.file_name, dir_fd=dir_fd)
 
     # -- what the engine records ---------------------------------------------------------
 

@@ -174,9 +174,9 @@ def check_backup_paths(target: str | None, reference_image: str | None, *,
         files += with_parts(role, path)
     check_distinct([*files, *inputs])
     # After the collisions, whose message is more precise about a job of this engine.
-    for role, path in (("target", target), ("reference image", reference_image)):
-        if path:
-            check_no_part(role, path)
+    for role, output in (("target", target), ("reference image", reference_image)):
+        if output:
+            check_no_part(role, output)
 
 
 # -- creating, publishing and removing temporary files ---------------------------------
