@@ -636,16 +636,16 @@ class Engine:
         spec = TargetSpec.parse(target, format, backing_file, backing_format)
         # Before anything starts: no output may be a device's file, another output or a
         # running job's file (shmblock.paths).
+        busy = []
+        for j in self.jobs.values():
+            if not j.tracker.concluded and j.spec.format != "nbd":
+                busy.append((f"job {j.job}'s target", j.spec.target))
+            if not j.tracker.concluded and j.capture and j.capture.reference_image:
+                busy.append((f"job {j.job}'s reference image", j.capture.reference_image))
         check_backup_paths(
-            None if spec.format == "nbd" else spec.target, reference_image,
+            None if spec.format == "nbd" else spec.target, reference_image, busy=busy,
             inputs=[(f"the file of device {h.name}", h.device.backing_file)
-                    for h in self.devices.values() if h.device.backing_file],
-            busy=[(f"job {j.job}'s {role}", path) for j in self.jobs.values()
-                  if not j.tracker.concluded
-                  for role, path in (("target", None if j.spec.format == "nbd" else
-                                      j.spec.target),
-                                     ("reference image", j.capture and
-                                      j.capture.reference_image)) if path])
+                    for h in self.devices.values() if h.device.backing_file])
         job_id = job_id or f"job{next(self._job_ids)}"
         if not NAME_RE.match(job_id) or job_id in self.jobs:
             raise UsageError(f"job id {job_id!r} must be new and 1-32 of [A-Za-z0-9_.-]")
