@@ -91,7 +91,8 @@ def check_no_part(role: str, path: str) -> None:
         raise UsageError(f"{role} {path!r}: cannot check {part!r}: {exc.strerror}") from exc
     if stat.S_ISREG(st.st_mode):
         why = ("another backup is writing it, or a crashed run left it behind "
-               "(`shmblock-run cleanup` removes those)")
+               "(`shmblock-run cleanup` removes those; delete it yourself if no backup is "
+               "running)")
     else:
         why = f"it is {describe_mode(st.st_mode)}"
     raise UsageError(f"{role} {path!r}: the partial file {part!r} already exists: {why}")
@@ -202,7 +203,8 @@ def explain_create_error(path: str, exc: OSError, what: str = "") -> str:
                 return (f"{path!r} already exists and is {describe_mode(mode)}; refusing to "
                         "write through or replace it")
         return (f"{path!r} already exists: another backup is writing the same target, or "
-                "a crashed run left it (`shmblock-run cleanup` removes those)")
+                "a crashed run left it (`shmblock-run cleanup` removes those; delete it "
+                "yourself if no backup is running)")
     return f"cannot create {what + ' ' if what else ''}{path!r}: {exc.strerror}"
 
 
