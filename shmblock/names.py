@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from shmblock.errors import ShmblockError
+from shmblock.errors import ShmblockError, UsageError
 from shmblock.paths import remove_part
 
 RUN_ID_RE = re.compile(r"^[0-9a-f]{8}$")
@@ -84,6 +84,10 @@ class RunNames:
 
     @classmethod
     def new(cls, run_id: str | None = None) -> RunNames:
+        """Names of a run (a fresh id unless given); raises UsageError for a bad id, which
+        ``cleanup`` could not recognise later."""
+        if run_id is not None and not RUN_ID_RE.match(run_id):
+            raise UsageError(f"run id {run_id!r} must be 8 lowercase hex digits")
         return cls(run_id or new_run_id(), prefix())
 
     @property

@@ -190,6 +190,13 @@ def test_engine_records_are_private_and_complete(tmp_path: Path, registry: Path)
     assert (tmp_path / "r.raw").stat().st_mode & 0o777 == 0o600
 
 
+def test_an_engine_refuses_a_run_id_cleanup_could_not_recognise() -> None:
+    for bad in ("", "x", "0BADCAFE", "0badcafe0", "../../x"):
+        with pytest.raises(UsageError, match="run id"):
+            Engine(run_id=bad)
+    assert list_records() == []
+
+
 # -- records that lie ----------------------------------------------------------------------
 
 
