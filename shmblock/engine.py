@@ -63,7 +63,7 @@ from shmblock.transport import (
     WRITER_REPLY_RECEIVES,
     Queue,
 )
-from shmblock.verify import SnapshotCapture, verify_target
+from shmblock.verify import SnapshotCapture, check_capture_memory, verify_target
 
 log = logging.getLogger("shmblock.engine")
 
@@ -632,6 +632,8 @@ class Engine:
             parent = os.path.dirname(os.path.abspath(reference_image))
             if not os.path.isdir(parent):
                 raise UsageError(f"reference image directory {parent!r} does not exist")
+        if verify or reference_image:  # refused before a worker starts, not OOM-killed later
+            check_capture_memory(device.device.size)
         job_id = job_id or f"job{next(self._job_ids)}"
         if not NAME_RE.match(job_id) or job_id in self.jobs:
             raise UsageError(f"job id {job_id!r} must be new and 1-32 of [A-Za-z0-9_.-]")

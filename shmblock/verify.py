@@ -7,6 +7,10 @@ per-cluster BLAKE2b digests and, if asked, a plain sparse raw *reference image*,
 drops the copy. At the end :func:`verify_target` reads the finished backup back through
 an independent reader (the file, our qcow2 reader, a new NBD connection) and compares
 digests cluster by cluster.
+
+The copy costs as much memory as the device: :func:`check_capture_memory` refuses a
+capture that would not fit in ``MemAvailable`` (with a margin) before anything starts,
+rather than let the kernel's OOM killer end the run in the middle of a backup.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import hashlib
 import mmap
 import os
 import threading
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -23,13 +29,62 @@ import numpy.typing as npt
 
 from shmblock.copier import nonzero_clusters, runs
 from shmblock.device import Device
-from shmblock.errors import TargetError, VerificationError
+from shmblock.errors import TargetError, UsageError, VerificationError
 from shmblock.targets import TargetSpec
 
 DIGEST_BYTES = 16
 READ_CHUNK = 8 << 20
+MEMINFO = "/proc/meminfo"
+#: memory left to everything else once the copy is made: the digest thread, the
+#: reference image's page cache, the writers, the rest of the machine
+CAPTURE_MARGIN_BYTES = 256 << 20
+CAPTURE_MARGIN_FRACTION = 0.05
 
 BoolArray = npt.NDArray[np.bool_]
+
+
+class NotEnoughMemoryError(UsageError):
+    """The verification copy of the device would not fit in the memory available."""
+
+
+def mem_available(meminfo: str = MEMINFO) -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes; None when the kernel does not say."""
+    try:
+        with open(meminfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "MemAvailable":
+                    value, _, unit = rest.strip().partition(" ")
+                    return int(value) * (1024 if unit.strip() == "kB" else 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def capture_memory_needed(device_size: int) -> int:
+    """Bytes that must be available to take a verification copy of a device."""
+    return device_size + max(CAPTURE_MARGIN_BYTES, int(device_size * CAPTURE_MARGIN_FRACTION))
+
+
+def check_capture_memory(device_size: int,
+                         available: Callable[[], int | None] | None = None) -> None:
+    """Refuse (NotEnoughMemoryError) a verification copy that would not fit in memory.
+
+    The copy is a private, pre-faulted mapping as large as the device, on top of the
+    device itself (already counted: shared-memory pages are not "available"). Without
+    this check a device of half the machine's memory is OOM-killed mid-run instead of
+    refused. ``available`` (default :func:`mem_available`, looked up at call time so a
+    test can replace it) returns bytes, or None when unknown: then nothing is refused.
+    """
+    avail = (available or mem_available)()
+    need = capture_memory_needed(device_size)
+    if avail is not None and need > avail:
+        raise NotEnoughMemoryError(
+            f"verification needs a copy of the device: {need / 2**20:.0f} MiB "
+            f"({device_size / 2**20:.0f} MiB plus a margin), but only "
+            f"{avail / 2**20:.0f} MiB of memory is available (MemAvailable); use "
+            "--no-verify (verify=False) and no reference image, or a smaller device"
+        )
 
 
 def cluster_digest(data: bytes | memoryview) -> bytes:
@@ -62,7 +117,9 @@ def write_sparse_raw(path: str, data: npt.NDArray[np.uint8], cluster_size: int) 
 class SnapshotCapture:
     """The device's contents at the snapshot instant, kept as digests (and a file)."""
 
-    def __init__(self, device: Device, reference_image: str | None = None) -> None:
+    def __init__(self, device: Device, reference_image: str | None = None, *,
+                 available: Callable[[], int | None] | None = None) -> None:
+        check_capture_memory(device.size, available)
         self.cluster_size = device.cluster_size
         self.size = device.size
         self.reference_image = reference_image
@@ -73,13 +130,18 @@ class SnapshotCapture:
         self._copy: npt.NDArray[np.uint8] | None = np.frombuffer(self._map, dtype=np.uint8)
         self.digests: list[bytes] = []
         self.error = ""
+        #: seconds the copy took inside the freeze (the part of the guest stall that
+        #: verification adds; the rest of the freeze is the snapshot itself)
+        self.copy_s = 0.0
         self._thread: threading.Thread | None = None
         self._device = device
 
     def capture(self) -> None:
         """Copy the device; call only while every writer is frozen."""
         assert self._copy is not None
+        t0 = time.monotonic()
         np.copyto(self._copy, self._device.data)
+        self.copy_s = time.monotonic() - t0
 
     def finish_async(self) -> None:
         """Digest the copy (and write the reference image) in a background thread."""
