@@ -94,6 +94,10 @@ def test_quick_bench_json_is_complete(quick_run: QuickRun) -> None:
     plan = res["plan"]
     per_group = 1 + len(plan["targets"])
     assert len(cells) == len(plan["workloads"]) * len(plan["writers"]) * per_group
+    # One backup cell per target in every group: the checks of backup cells below run.
+    backups = [c for c in cells if c["backup"]]
+    assert len(backups) == len(plan["workloads"]) * len(plan["writers"]) * len(plan["targets"])
+    assert {c["target"] for c in backups} == set(plan["targets"])
     for cell in cells:
         assert cell.keys() >= CELL_FIELDS
         # Every cell runs writers: a cell that measured no guest op measured nothing.
