@@ -29,7 +29,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shmblock.errors import TargetError
+from shmblock.device import Geometry
+from shmblock.errors import TargetError, VerificationError
+from shmblock.targets import TargetSpec
 from shmblock.targets.qcow2 import Qcow2Target
 from shmblock.targets.qcow2_format import (
     OFFSET_MASK,
@@ -41,6 +43,8 @@ from shmblock.targets.qcow2_format import (
     RawReader,
     open_image,
 )
+from shmblock.verify import SnapshotCapture, verify_target
+from tests.helpers import CS, new_device
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -391,3 +395,36 @@ def test_raw_reader_refuses_offsets_beyond_any_file(tmp_path: Path) -> None:
             reader.read(-1, 4)
     with pytest.raises(TargetError):
         open_image(str(tmp_path), None)
+
+
+@pytest.mark.parametrize(("field_offset", "value", "error"), [
+    (40, 1 << 63, "cannot open the backup"),  # l1_table_offset
+    (8, (1 << 64) - 512, "cannot open the backup"),  # backing_file_offset
+    (None, OFLAG_COPIED | (1 << 55), "cannot read the backup back"),  # an L2 entry
+])
+def test_verification_of_a_forged_backup_is_a_verification_error(
+        tmp_path: Path, field_offset: int | None, value: int, error: str) -> None:
+    """The end-to-end property: verify_target reports a hostile qcow2 backup as a failed
+    verification, it does not crash the run with OverflowError."""
+    geo = Geometry(16 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    path = tmp_path / "b.qcow2"
+    with new_device(geo) as dev:
+        dev.data[: 4 * CS] = 7
+        capture = SnapshotCapture(dev)
+        capture.capture()
+        capture.finish_async()
+        target = Qcow2Target(str(path), geo.size, CS)
+        target.write(0, dev.data[: 4 * CS].tobytes())
+        target.commit()
+        target.close()
+    spec = TargetSpec.parse(str(path), "qcow2")
+    verify_target(spec, capture)  # the untouched backup verifies
+    raw = bytearray(path.read_bytes())
+    if field_offset is None:
+        h = Qcow2Header.unpack(bytes(raw))
+        l2 = _u64(bytes(raw), h.l1_table_offset) & OFFSET_MASK
+        field_offset = l2 + 8  # guest cluster 1, which holds data
+    struct.pack_into(">Q", raw, field_offset, value)
+    path.write_bytes(raw)
+    with pytest.raises(VerificationError, match=error):
+        verify_target(spec, capture)
