@@ -35,6 +35,8 @@ from shmblock.targets import TargetSpec
 DIGEST_BYTES = 16
 READ_CHUNK = 8 << 20
 MEMINFO = "/proc/meminfo"
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
 #: memory left to everything else once the copy is made: the digest thread, the
 #: reference image's page cache, the writers, the rest of the machine
 CAPTURE_MARGIN_BYTES = 256 << 20
@@ -47,8 +49,22 @@ class NotEnoughMemoryError(UsageError):
     """The verification copy of the device would not fit in the memory available."""
 
 
-def mem_available(meminfo: str = MEMINFO) -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes; None when the kernel does not say."""
+def mem_available(meminfo: str = MEMINFO, proc_cgroup: str = PROC_CGROUP,
+                  cgroup_root: str = CGROUP_ROOT) -> int | None:
+    """Bytes a new allocation of this process can take without the OOM killer.
+
+    ``MemAvailable`` of ``/proc/meminfo``, capped by the headroom under every cgroup v2
+    ``memory.max`` from our cgroup up to the root (a container or a systemd slice is
+    OOM-killed at its own limit, whatever the machine has free). None when the kernel
+    says neither.
+    """
+    found = [v for v in (_meminfo_available(meminfo), _cgroup_headroom(proc_cgroup,
+                                                                         cgroup_root))
+             if v is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available(meminfo: str) -> int | None:
     try:
         with open(meminfo, encoding="ascii", errors="replace") as f:
             for line in f:
@@ -59,6 +75,38 @@ def mem_available(meminfo: str = MEMINFO) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _cgroup_headroom(proc_cgroup: str, cgroup_root: str) -> int | None:
+    """Smallest ``memory.max - memory.current`` from our cgroup v2 up; None if unlimited.
+
+    Shared-memory pages are charged to the cgroup that faulted them in, so the device
+    itself is already in ``memory.current``.
+    """
+    try:
+        with open(proc_cgroup, encoding="ascii", errors="replace") as f:
+            paths = [line.strip()[3:] for line in f if line.startswith("0::")]
+    except OSError:
+        return None
+    if not paths:
+        return None
+    headroom: int | None = None
+    path = paths[0]
+    while True:
+        directory = os.path.join(cgroup_root, path.lstrip("/"))
+        try:
+            with open(os.path.join(directory, "memory.max"), encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(os.path.join(directory, "memory.current"), encoding="ascii") as f:
+                current = int(f.read().strip())
+            if limit != "max":
+                room = max(int(limit) - current, 0)
+                headroom = room if headroom is None else min(headroom, room)
+        except (OSError, ValueError):
+            pass  # the root cgroup has neither file; a controller may not be enabled
+        if path in ("", "/"):
+            return headroom
+        path = os.path.dirname(path.rstrip("/"))
 
 
 def capture_memory_needed(device_size: int) -> int:
@@ -82,7 +130,8 @@ def check_capture_memory(device_size: int,
         raise NotEnoughMemoryError(
             f"verification needs a copy of the device: {need / 2**20:.0f} MiB "
             f"({device_size / 2**20:.0f} MiB plus a margin), but only "
-            f"{avail / 2**20:.0f} MiB of memory is available (MemAvailable); use "
+            f"{avail / 2**20:.0f} MiB of memory is available (MemAvailable, or the "
+            "cgroup's memory.max); use "
             "--no-verify (verify=False) and no reference image, or a smaller device"
         )
 

@@ -32,15 +32,40 @@ MiB = 1 << 20
 
 def test_mem_available_reads_meminfo(tmp_path: Path) -> None:
     info = tmp_path / "meminfo"
+    no_cgroup = {"proc_cgroup": str(tmp_path / "no-cgroup")}
     info.write_text("MemTotal:       24000000 kB\nMemFree:          100 kB\n"
                     "MemAvailable:    1234567 kB\nBuffers:  1 kB\n")
-    assert mem_available(str(info)) == 1234567 * 1024
+    assert mem_available(str(info), **no_cgroup) == 1234567 * 1024
     info.write_text("MemTotal:       24000000 kB\n")  # kernels before 3.14
-    assert mem_available(str(info)) is None
+    assert mem_available(str(info), **no_cgroup) is None
     info.write_text("MemAvailable:    lots kB\n")
-    assert mem_available(str(info)) is None
-    assert mem_available(str(tmp_path / "missing")) is None
-    assert (mem_available() or 0) > 0  # this machine's real file
+    assert mem_available(str(info), **no_cgroup) is None
+    assert mem_available(str(tmp_path / "missing"), **no_cgroup) is None
+    assert (mem_available() or 0) > 0  # this machine's real files
+
+
+def test_mem_available_is_capped_by_cgroup_limits(tmp_path: Path) -> None:
+    """A container (or systemd slice) is OOM-killed at its own memory.max: the smallest
+    headroom from our cgroup up to the root counts, not the machine's free memory."""
+    info = tmp_path / "meminfo"
+    info.write_text(f"MemAvailable: {20 << 20} kB\n")  # 20 GiB
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/slice/job\n")
+    root = tmp_path / "sys"
+    for path, limit, current in [("slice/job", "max", 1 << 30),
+                                 ("slice", str(6 << 30), 2 << 30)]:
+        (root / path).mkdir(parents=True, exist_ok=True)
+        (root / path / "memory.max").write_text(limit + "\n")
+        (root / path / "memory.current").write_text(f"{current}\n")
+    args = (str(info), str(proc), str(root))
+    assert mem_available(*args) == 4 << 30  # the slice's 6 GiB less its 2 GiB in use
+    (root / "slice/job/memory.max").write_text(f"{(1 << 30) + (1 << 20)}\n")
+    assert mem_available(*args) == 1 << 20  # the tighter limit of our own cgroup
+    for path in ("slice", "slice/job"):
+        (root / path / "memory.max").write_text("max\n")
+    assert mem_available(*args) == 20 << 30  # no limit anywhere: MemAvailable
+    proc.write_text("12:memory:/x\n")  # cgroup v1 only: not read
+    assert mem_available(*args) == 20 << 30
 
 
 def test_check_refuses_a_copy_that_does_not_fit() -> None:
@@ -53,6 +78,7 @@ def test_check_refuses_a_copy_that_does_not_fit() -> None:
         check_capture_memory(size, lambda: need - 1)
     assert isinstance(info.value, UsageError)
     assert "12288 MiB" in str(info.value) and "MemAvailable" in str(info.value)
+    assert "memory.max" in str(info.value)
 
 
 def test_snapshot_capture_checks_memory_and_times_the_copy() -> None:
