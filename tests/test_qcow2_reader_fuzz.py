@@ -366,24 +366,36 @@ def _with_backing_name(tmp_path: Path, name: bytes) -> Path:
     return image
 
 
-@pytest.mark.parametrize("kind", ["directory", "fifo", "nul", "empty", "device"])
+@pytest.mark.parametrize("kind", ["directory", "fifo", "nul", "device"])
 def test_backing_names_that_are_no_image_are_refused(tmp_path: Path, kind: str) -> None:
     """A forged backing name never hangs (a FIFO), never reads a directory or a device,
     and never reaches os.open with a NUL byte."""
     (tmp_path / "sub").mkdir()
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "placeholder").write_bytes(bytes(1 * MiB))
-    name = {"directory": b"sub", "fifo": b"fifo", "nul": b"place\0holder", "empty": b"",
+    name = {"directory": b"sub", "fifo": b"fifo", "nul": b"place\0holder",
             "device": b"/dev/zero"}[kind]
-    if kind == "empty":
-        image = _with_backing_name(tmp_path, b"x")
-        raw = bytearray(image.read_bytes())
-        struct.pack_into(">I", raw, 16, 0)
-        image.write_bytes(raw)
-    else:
-        image = _with_backing_name(tmp_path, name)
+    image = _with_backing_name(tmp_path, name)
     with pytest.raises(TargetError), Qcow2Reader(str(image)) as reader:
         reader.read(0, reader.size)
+
+
+def test_an_empty_backing_name_is_no_backing_file(tmp_path: Path) -> None:
+    """As in QEMU: not the image's own directory opened as a backing file."""
+    (tmp_path / "placeholder").write_bytes(bytes(1 * MiB))
+    image = _with_backing_name(tmp_path, b"x")
+    raw = bytearray(image.read_bytes())
+    struct.pack_into(">I", raw, 16, 0)
+    image.write_bytes(raw)
+    with Qcow2Reader(str(image)) as reader:
+        assert reader.backing_file is None
+        data = reader.read(0, reader.size)
+    expected = bytearray(1 * MiB)
+    expected[2 * 64 * KiB : 3 * 64 * KiB] = _guest_bytes(2, 64 * KiB, 6)
+    assert data == bytes(expected)
+    if QEMU_IMG is not None:
+        _run(QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", image, tmp_path / "q.raw")
+        assert (tmp_path / "q.raw").read_bytes() == data
 
 
 def test_raw_reader_refuses_offsets_beyond_any_file(tmp_path: Path) -> None:
@@ -397,13 +409,13 @@ def test_raw_reader_refuses_offsets_beyond_any_file(tmp_path: Path) -> None:
         open_image(str(tmp_path), None)
 
 
-@pytest.mark.parametrize(("field_offset", "value", "error"), [
-    (40, 1 << 63, "cannot open the backup"),  # l1_table_offset
-    (8, (1 << 64) - 512, "cannot open the backup"),  # backing_file_offset
-    (None, OFLAG_COPIED | (1 << 55), "cannot read the backup back"),  # an L2 entry
+@pytest.mark.parametrize(("forged", "error"), [
+    ([(40, ">Q", 1 << 63)], "cannot open the backup"),  # l1_table_offset
+    ([(8, ">Q", (1 << 64) - 512), (16, ">I", 8)], "cannot open the backup"),  # backing name
+    ([(None, ">Q", OFLAG_COPIED | (1 << 55))], "cannot read the backup back"),  # L2 entry
 ])
 def test_verification_of_a_forged_backup_is_a_verification_error(
-        tmp_path: Path, field_offset: int | None, value: int, error: str) -> None:
+        tmp_path: Path, forged: list[tuple[int | None, str, int]], error: str) -> None:
     """The end-to-end property: verify_target reports a hostile qcow2 backup as a failed
     verification, it does not crash the run with OverflowError."""
     geo = Geometry(16 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
@@ -420,11 +432,11 @@ def test_verification_of_a_forged_backup_is_a_verification_error(
     spec = TargetSpec.parse(str(path), "qcow2")
     verify_target(spec, capture)  # the untouched backup verifies
     raw = bytearray(path.read_bytes())
-    if field_offset is None:
-        h = Qcow2Header.unpack(bytes(raw))
-        l2 = _u64(bytes(raw), h.l1_table_offset) & OFFSET_MASK
-        field_offset = l2 + 8  # guest cluster 1, which holds data
-    struct.pack_into(">Q", raw, field_offset, value)
+    h = Qcow2Header.unpack(bytes(raw))
+    l2_entry_1 = (_u64(bytes(raw), h.l1_table_offset) & OFFSET_MASK) + 8  # holds data
+    for field_offset, fmt, value in forged:
+        where = l2_entry_1 if field_offset is None else field_offset
+        struct.pack_into(fmt, raw, where, value)
     path.write_bytes(raw)
     with pytest.raises(VerificationError, match=error):
         verify_target(spec, capture)

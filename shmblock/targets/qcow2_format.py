@@ -548,11 +548,10 @@ class Qcow2Reader:
                 self.backing_format = cluster0[pos + 8 : pos + 8 + ext_len].decode(errors="replace")
             pos += 8 + ext_len + (-ext_len % 8)
         self.backing_file: str | None = None
-        if header.backing_file_offset:
+        # An empty name means no backing file, as in QEMU (never the image's directory).
+        if header.backing_file_offset and header.backing_file_size:
             if header.backing_file_size > MAX_BACKING_NAME:
                 raise Qcow2FormatError(f"{name}: backing file name too long")
-            if not header.backing_file_size:
-                raise Qcow2FormatError(f"{name}: empty backing file name")
             raw_name = _pread_exact(fd, header.backing_file_size, header.backing_file_offset,
                                     f"{name}: backing file name")
             if b"\0" in raw_name:
