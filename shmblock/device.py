@@ -38,6 +38,13 @@ so no process ever does a read-modify-write of shared bits and no lock is needed
     Writers store the slot data, then FULL, then clear ``needs_copy``; x86-64 keeps
     stores in order (TSO), so a worker that sees ``needs_copy == 0`` everywhere and then
     drains every FULL slot has every saved cluster.
+
+Memory ordering: the maps, slots and control words are plain numpy stores and loads with
+no fences, which is only correct where the CPU keeps stores in program order and loads
+in program order (x86-64's TSO). On a weakly ordered CPU (ARM, POWER, RISC-V) the
+worker could see ``needs_copy[c] == 0`` or a FULL slot before the slot's data, and save
+stale bytes into the backup. :func:`check_memory_ordering` therefore refuses to create
+or attach a device on any other architecture.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +73,26 @@ SHM_DIR = "/dev/shm"
 
 U8Array = npt.NDArray[np.uint8]
 U64Array = npt.NDArray[np.uint64]
+
+#: architectures whose memory model (TSO) the lock-free maps rely on; what
+#: ``platform.machine()`` says on Linux, the BSDs and Windows for x86-64
+TSO_MACHINES = frozenset({"x86_64", "amd64", "AMD64"})
+
+
+class UnsupportedPlatformError(DeviceError):
+    """The CPU does not keep stores in order, which the device's maps rely on."""
+
+
+def check_memory_ordering() -> None:
+    """Refuse to run on a CPU that is not x86-64 (see "Memory ordering" above)."""
+    machine = platform.machine()
+    if machine not in TSO_MACHINES:
+        raise UnsupportedPlatformError(
+            f"shmblock needs an x86-64 CPU, this one is {machine or 'unknown'!r}: staging "
+            "writers store a slot's data, then mark it FULL, then clear needs_copy with "
+            "plain stores and no memory fences, which only x86-64 (TSO) keeps in order; "
+            "on a weakly ordered CPU the backup worker could save stale data"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +201,9 @@ class Device:
         memory (created sparse if missing; an existing file must have the device size).
         ``prefault``: reserve every page now with ``posix_fallocate``, so a full
         /dev/shm fails here with ENOSPC instead of SIGBUS on a later first touch.
+        Raises UnsupportedPlatformError on a CPU other than x86-64.
         """
+        check_memory_ordering()
         lay = geometry.layout()
         need = lay.total_size + (0 if backing_file else geometry.size)
         free = shm_free_bytes()
@@ -273,6 +303,7 @@ class Device:
         page fault on first touch later: 0.1-0.3 s per GiB now instead of 3-10 µs per
         4 KiB page in the middle of a timed write or copy.
         """
+        check_memory_ordering()
         try:
             shm = posix_ipc.SharedMemory(meta_name)
         except posix_ipc.ExistentialError as exc:

@@ -64,7 +64,7 @@ from shmblock.transport import (
     WRITER_REPLY_RECEIVES,
     Queue,
 )
-from shmblock.verify import SnapshotCapture, verify_target
+from shmblock.verify import SnapshotCapture, check_capture_memory, verify_target
 
 log = logging.getLogger("shmblock.engine")
 
@@ -646,6 +646,8 @@ class Engine:
             None if spec.format == "nbd" else spec.target, reference_image, busy=busy,
             inputs=[(f"the file of device {h.name}", h.device.backing_file)
                     for h in self.devices.values() if h.device.backing_file])
+        if verify or reference_image:  # refused before a worker starts, not OOM-killed later
+            check_capture_memory(device.device.size)
         job_id = job_id or f"job{next(self._job_ids)}"
         if not NAME_RE.match(job_id) or job_id in self.jobs:
             raise UsageError(f"job id {job_id!r} must be new and 1-32 of [A-Za-z0-9_.-]")

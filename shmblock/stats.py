@@ -32,6 +32,8 @@ W_END_NS = 11
 W_RUNNING = 12
 W_FREEZES = 13
 HIST_BASE = 16
+# (word 15, kept apart from the counters above so each can grow on its own)
+W_FREEZE_TIMEOUTS = 15  # freezes this writer gave up on (no Thaw in time) and wrote on
 
 SUB_BITS = 3
 SUB_BUCKETS = 1 << SUB_BITS
@@ -89,6 +91,9 @@ class WriterStats:
     p50_us: float
     p99_us: float
     p999_us: float
+    #: freezes the writer stopped waiting for (no Thaw within its timeout): it then
+    #: wrote on while the supervisor may still have believed it frozen
+    freeze_timeouts: int = 0
 
     @classmethod
     def from_row(cls, writer: int, row: U64Array) -> WriterStats:
@@ -110,6 +115,7 @@ class WriterStats:
             p50_us=percentile(hist, 50) / 1e3,
             p99_us=percentile(hist, 99) / 1e3,
             p999_us=percentile(hist, 99.9) / 1e3,
+            freeze_timeouts=int(row[W_FREEZE_TIMEOUTS]),
         )
 
     @property

@@ -7,6 +7,10 @@ per-cluster BLAKE2b digests and, if asked, a plain sparse raw *reference image*,
 drops the copy. At the end :func:`verify_target` reads the finished backup back through
 an independent reader (the file, our qcow2 reader, a new NBD connection) and compares
 digests cluster by cluster.
+
+The copy costs as much memory as the device: :func:`check_capture_memory` refuses a
+capture that would not fit in ``MemAvailable`` (with a margin) before anything starts,
+rather than let the kernel's OOM killer end the run in the middle of a backup.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -37,8 +42,106 @@ from shmblock.targets import TargetSpec
 
 DIGEST_BYTES = 16
 READ_CHUNK = 8 << 20
+MEMINFO = "/proc/meminfo"
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+#: memory left to everything else once the copy is made: the digest thread, the
+#: reference image's page cache, the writers, the rest of the machine
+CAPTURE_MARGIN_BYTES = 256 << 20
+CAPTURE_MARGIN_FRACTION = 0.05
 
 BoolArray = npt.NDArray[np.bool_]
+
+
+class NotEnoughMemoryError(UsageError):
+    """The verification copy of the device would not fit in the memory available."""
+
+
+def mem_available(meminfo: str = MEMINFO, proc_cgroup: str = PROC_CGROUP,
+                  cgroup_root: str = CGROUP_ROOT) -> int | None:
+    """Bytes a new allocation of this process can take without the OOM killer.
+
+    ``MemAvailable`` of ``/proc/meminfo``, capped by the headroom under every cgroup v2
+    ``memory.max`` from our cgroup up to the root (a container or a systemd slice is
+    OOM-killed at its own limit, whatever the machine has free). None when the kernel
+    says neither.
+    """
+    found = [v for v in (_meminfo_available(meminfo), _cgroup_headroom(proc_cgroup,
+                                                                         cgroup_root))
+             if v is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available(meminfo: str) -> int | None:
+    try:
+        with open(meminfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "MemAvailable":
+                    value, _, unit = rest.strip().partition(" ")
+                    return int(value) * (1024 if unit.strip() == "kB" else 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _cgroup_headroom(proc_cgroup: str, cgroup_root: str) -> int | None:
+    """Smallest ``memory.max - memory.current`` from our cgroup v2 up; None if unlimited.
+
+    Shared-memory pages are charged to the cgroup that faulted them in, so the device
+    itself is already in ``memory.current``.
+    """
+    try:
+        with open(proc_cgroup, encoding="ascii", errors="replace") as f:
+            paths = [line.strip()[3:] for line in f if line.startswith("0::")]
+    except OSError:
+        return None
+    if not paths:
+        return None
+    headroom: int | None = None
+    path = paths[0]
+    while True:
+        directory = os.path.join(cgroup_root, path.lstrip("/"))
+        try:
+            with open(os.path.join(directory, "memory.max"), encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(os.path.join(directory, "memory.current"), encoding="ascii") as f:
+                current = int(f.read().strip())
+            if limit != "max":
+                room = max(int(limit) - current, 0)
+                headroom = room if headroom is None else min(headroom, room)
+        except (OSError, ValueError):
+            pass  # the root cgroup has neither file; a controller may not be enabled
+        if path in ("", "/"):
+            return headroom
+        path = os.path.dirname(path.rstrip("/"))
+
+
+def capture_memory_needed(device_size: int) -> int:
+    """Bytes that must be available to take a verification copy of a device."""
+    return device_size + max(CAPTURE_MARGIN_BYTES, int(device_size * CAPTURE_MARGIN_FRACTION))
+
+
+def check_capture_memory(device_size: int,
+                         available: Callable[[], int | None] | None = None) -> None:
+    """Refuse (NotEnoughMemoryError) a verification copy that would not fit in memory.
+
+    The copy is a private, pre-faulted mapping as large as the device, on top of the
+    device itself (already counted: shared-memory pages are not "available"). Without
+    this check a device of half the machine's memory is OOM-killed mid-run instead of
+    refused. ``available`` (default :func:`mem_available`, looked up at call time so a
+    test can replace it) returns bytes, or None when unknown: then nothing is refused.
+    """
+    avail = (available or mem_available)()
+    need = capture_memory_needed(device_size)
+    if avail is not None and need > avail:
+        raise NotEnoughMemoryError(
+            f"verification needs a copy of the device: {need / 2**20:.0f} MiB "
+            f"({device_size / 2**20:.0f} MiB plus a margin), but only "
+            f"{avail / 2**20:.0f} MiB of memory is available (MemAvailable, or the "
+            "cgroup's memory.max); use "
+            "--no-verify (verify=False) and no reference image, or a smaller device"
+        )
 
 
 def cluster_digest(data: bytes | memoryview) -> bytes:
@@ -92,7 +195,9 @@ class SnapshotCapture:
     """The device's contents at the snapshot instant, kept as digests (and a file)."""
 
     def __init__(self, device: Device, reference_image: str | None = None,
-                 on_part_created: PartCreated | None = None) -> None:
+                 on_part_created: PartCreated | None = None, *,
+                 available: Callable[[], int | None] | None = None) -> None:
+        check_capture_memory(device.size, available)
         self.on_part_created = on_part_created
         self.cluster_size = device.cluster_size
         self.size = device.size
@@ -104,13 +209,18 @@ class SnapshotCapture:
         self._copy: npt.NDArray[np.uint8] | None = np.frombuffer(self._map, dtype=np.uint8)
         self.digests: list[bytes] = []
         self.error = ""
+        #: seconds the copy took inside the freeze (the part of the guest stall that
+        #: verification adds; the rest of the freeze is the snapshot itself)
+        self.copy_s = 0.0
         self._thread: threading.Thread | None = None
         self._device = device
 
     def capture(self) -> None:
         """Copy the device; call only while every writer is frozen."""
         assert self._copy is not None
+        t0 = time.monotonic()
         np.copyto(self._copy, self._device.data)
+        self.copy_s = time.monotonic() - t0
 
     def finish_async(self) -> None:
         """Digest the copy (and write the reference image) in a background thread."""

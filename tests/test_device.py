@@ -15,7 +15,7 @@ import posix_ipc
 import pytest
 
 from shmblock import layout as L
-from shmblock.device import Device, Geometry
+from shmblock.device import Device, Geometry, UnsupportedPlatformError
 from shmblock.errors import AttachError, DeviceError, NoSpaceError, UsageError
 from shmblock.names import RunNames
 from tests.helpers import CS, create_device, destroy, new_device, pattern, run_names, shm_names
@@ -293,6 +293,32 @@ def test_fallocate_failure_unlinks_everything(monkeypatch: pytest.MonkeyPatch,
     assert "No space left" in str(info.value)
     assert len(calls) == 2
     assert shm_names(shm_prefix) == []
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le", "riscv64", "i686", ""])
+def test_weakly_ordered_cpus_are_refused(monkeypatch: pytest.MonkeyPatch, names: RunNames,
+                                         shm_prefix: str, device: Device,
+                                         machine: str) -> None:
+    """The maps rely on x86-64 store ordering (no fences): elsewhere nothing is created
+    or attached, and the error names the architecture and the reason."""
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    before = shm_names(shm_prefix)
+    with pytest.raises(UnsupportedPlatformError) as info:
+        create_device(names, GEO, name="dev1")
+    message = str(info.value)
+    assert repr(machine or "unknown") in message
+    assert "x86-64" in message and "needs_copy" in message and "fences" in message
+    assert shm_names(shm_prefix) == before
+    with pytest.raises(UnsupportedPlatformError):
+        Device.attach(device.meta_name, run_id=names.run_id)
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "amd64", "AMD64"])
+def test_x86_64_is_accepted(monkeypatch: pytest.MonkeyPatch, names: RunNames,
+                            machine: str) -> None:
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    with new_device(GEO, names=names) as dev:
+        Device.attach(dev.meta_name, run_id=names.run_id).close()
 
 
 # -- close / unlink -------------------------------------------------------------------------

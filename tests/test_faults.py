@@ -735,13 +735,21 @@ def test_backup_worker_killed_under_shmblock_run(tmp_path: Path) -> None:
     assert not (tmp_path / "b.raw.part").exists()
 
 
-def test_cleanup_leaves_a_live_run_alone(tmp_path: Path, shm_prefix: str) -> None:
+@pytest.mark.parametrize("registry", ["same", "other"])
+def test_cleanup_leaves_a_live_run_alone(tmp_path: Path, shm_prefix: str,
+                                         registry: str) -> None:
+    """``same``: cleanup finds the live run's record and sees it alive. ``other``: a
+    cleanup with its own, empty registry (another user session, another
+    SHMBLOCK_RUN_DIR) has no record of the run and must still leave it alone."""
     proc = start_run(tmp_path, "--duration", "2", "--speed", "16M")
+    env = None
+    if registry == "other":
+        env = {**os.environ, "SHMBLOCK_RUN_DIR": str(tmp_path / "other-runs")}
     try:
         wait_until(lambda: "backup-worker" in worker_pids(proc.pid), 30.0,
                    what="the backup worker")
         mine = sorted(p for p in os.listdir("/dev/shm") if p.startswith(shm_prefix))
-        out = run_cli("cleanup", cwd=tmp_path, timeout=60)
+        out = run_cli("cleanup", cwd=tmp_path, timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         assert "nothing to clean up" in out.stdout
         assert sorted(p for p in os.listdir("/dev/shm") if p.startswith(shm_prefix)) == mine

@@ -170,3 +170,18 @@ def test_writer_stats_end_before_start_is_zero_elapsed() -> None:
     row[S.W_START_NS] = 100
     row[S.W_END_NS] = 50  # a row read while its writer was mid-flush
     assert S.WriterStats.from_row(0, row).elapsed_s == 0.0
+
+
+def test_row_words_are_distinct_and_below_the_histogram() -> None:
+    """Two counters sharing a word would each read the other's count (a merge of two
+    branches that both add a column can do that without any other test noticing)."""
+    words = {name: getattr(S, name) for name in dir(S) if name.startswith("W_")}
+    assert len(set(words.values())) == len(words), words
+    assert all(0 <= w < S.HIST_BASE for w in words.values()), words
+
+
+def test_writer_stats_reads_freeze_timeouts() -> None:
+    row = np.zeros(S.STATS_WORDS, dtype=np.uint64)
+    row[S.W_FREEZES] = 5
+    row[S.W_FREEZE_TIMEOUTS] = 2
+    assert S.WriterStats.from_row(0, row).freeze_timeouts == 2

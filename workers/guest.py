@@ -22,7 +22,7 @@ from shmblock.device import Device
 from shmblock.errors import CopyBeforeWriteError, ShmblockError
 from shmblock.guest import WORKLOADS, GuestIO
 from shmblock.names import RunNames
-from shmblock.stats import W_FREEZES
+from shmblock.stats import W_FREEZE_TIMEOUTS, W_FREEZES
 from shmblock.transport import Queue
 from workers.common import Terminated, parent_alive, start_worker
 from workers.workloads import batches
@@ -50,6 +50,7 @@ class GuestWriter:
                           on_epoch=self.service_control)
         self.stop = False
         self.freezes = 0
+        self.freeze_timeouts = 0
 
     # -- control ------------------------------------------------------------------------
 
@@ -79,7 +80,15 @@ class GuestWriter:
                 return
             if not parent_alive(self.parent):
                 raise Terminated("the supervisor died while we were frozen")
-        log.warning("no Thaw for freeze %d within %.0f s: resuming", epoch, FREEZE_TIMEOUT)
+        # Writing on is the lesser evil (a supervisor that never thaws would otherwise
+        # stop the guest for good), but the supervisor must be able to see it: a write
+        # during its freeze breaks the snapshot instant. The count is in shared memory,
+        # where the supervisor reads it (WriterStats.freeze_timeouts) even if we die.
+        self.freeze_timeouts += 1
+        self.device.stats[self.ident, W_FREEZE_TIMEOUTS] = self.freeze_timeouts
+        log.warning("no Thaw for freeze %d within %.0f s: writing on without it "
+                    "(a snapshot taken in that freeze is no longer point-in-time)",
+                    epoch, FREEZE_TIMEOUT)
 
     # -- the workload -------------------------------------------------------------------
 

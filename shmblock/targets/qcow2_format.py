@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable
@@ -39,6 +40,9 @@ MAX_L1_BYTES = 32 * 1024 * 1024  # QEMU's implementation limit on the L1 table
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024  # QEMU's implementation limit on the refcount table
 MAX_CHAIN_DEPTH = 64  # a backing chain deeper than this is treated as a loop
 REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
+#: the largest file offset the kernel takes (off_t is signed 64-bit); an on-disk offset
+#: field is unsigned 64-bit, so anything above this is refused before it reaches pread
+MAX_FILE_OFFSET = (1 << 63) - 1
 
 V2_HEADER_LENGTH = 72
 V3_HEADER_LENGTH = 104
@@ -270,7 +274,14 @@ class ImageReader(Protocol):
 
 
 def _preadv_all(fd: int, out: memoryview, offset: int) -> int:
-    """pread until ``out`` is full or EOF; returns the bytes read."""
+    """pread until ``out`` is full or EOF; returns the bytes read.
+
+    Offsets come from untrusted files: one outside what off_t holds is a format error
+    here, not an OverflowError from ``os.preadv``.
+    """
+    if offset < 0 or offset + len(out) > MAX_FILE_OFFSET:
+        raise Qcow2FormatError(f"read of {len(out)} bytes at file offset {offset} is "
+                               "outside any file")
     done = 0
     while done < len(out):
         got = os.preadv(fd, [out[done:]], offset + done)
@@ -280,11 +291,40 @@ def _preadv_all(fd: int, out: memoryview, offset: int) -> int:
     return done
 
 
+def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+    """``length`` bytes at ``offset``, or Qcow2FormatError naming ``what`` (which starts
+    with the image's name) when the range is outside the file or off_t."""
+    if offset < 0 or offset + length > MAX_FILE_OFFSET:
+        raise Qcow2FormatError(f"{what} at offset {offset} is outside any file")
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise Qcow2FormatError(f"{what} at offset {offset} is past the end of the file")
+    return data
+
+
 def _open_ro(path: str, what: str) -> int:
+    """Open an image read-only; refuse anything but a regular file or a block device.
+
+    Paths can come from a backing-file field of an untrusted image: ``O_NONBLOCK`` keeps
+    a FIFO from hanging the open, and the file-type check keeps a directory, a FIFO or a
+    character device (``/dev/zero``, a terminal) from being read as an image.
+    """
+    if "\0" in path:
+        raise Qcow2FormatError(f"{what} name {path!r} contains a NUL byte")
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise TargetUnreachable(f"cannot open {what} {path!r}: {exc.strerror}") from exc
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise TargetUnreachable(f"{what} {path!r} is not a regular file or block device")
+    return fd
+
+
+def _file_size(fd: int) -> int:
+    """Size of a regular file or of a block device (whose st_size is 0)."""
+    return os.lseek(fd, 0, os.SEEK_END)
 
 
 class RawReader:
@@ -293,7 +333,7 @@ class RawReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = _open_ro(path, "raw image")
-        self.size = os.fstat(self._fd).st_size
+        self.size = _file_size(self._fd)
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
@@ -303,6 +343,10 @@ class RawReader:
     def fill(self, offset: int, out: memoryview) -> None:
         if self._fd is None:
             raise TargetIOError(f"raw image {self.path!r} is closed")
+        if offset < 0:
+            raise TargetError(f"read at offset {offset} of raw image {self.path!r}")
+        if offset >= self.size:
+            return  # past the end: zeros (``out`` is zero-filled)
         try:
             _preadv_all(self._fd, out, offset)
         except OSError as exc:
@@ -312,6 +356,12 @@ class RawReader:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+    def __enter__(self) -> RawReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def resolve_backing(image_path: str, backing_file: str) -> str:
@@ -330,6 +380,8 @@ def open_image(path: str, fmt: str | None = None, *, _depth: int = 0) -> ImageRe
         fd = _open_ro(path, "image")
         try:
             fmt = "qcow2" if os.pread(fd, 4, 0) == MAGIC else "raw"
+        except OSError as exc:
+            raise TargetIOError(f"cannot read image {path!r}: {exc.strerror}") from exc
         finally:
             os.close(fd)
     if fmt == "qcow2":
@@ -410,6 +462,8 @@ def _decompress(fd: int, entry: int, cluster_bits: int, name: str) -> bytes:
     where = entry & ((1 << x) - 1)
     extra_sectors = (entry >> x) & ((1 << (62 - x)) - 1)
     nbytes = (extra_sectors + 1) * 512 - (where & 511)
+    # At most 2^(62-x) sectors (4 MiB with 2 MiB clusters) at an offset below 2^61: the
+    # descriptor's own bit widths bound this read, so a forged one cannot overflow it.
     raw = os.pread(fd, nbytes, where)
     try:
         # QEMU writes raw deflate streams (no zlib header), window bits 12.
@@ -457,6 +511,9 @@ class Qcow2Reader:
     def _load(self) -> None:
         fd = self._require_fd()
         name = repr(self.path)
+        # Every table and name the header points at must lie inside the file: checked
+        # before it is read, so a forged size never becomes an allocation.
+        file_size = _file_size(fd)
         head = os.pread(fd, V3_HEADER_LENGTH, 0)
         header = Qcow2Header.unpack(head, name)
         cluster0 = os.pread(fd, header.cluster_size, 0)
@@ -491,12 +548,14 @@ class Qcow2Reader:
                 self.backing_format = cluster0[pos + 8 : pos + 8 + ext_len].decode(errors="replace")
             pos += 8 + ext_len + (-ext_len % 8)
         self.backing_file: str | None = None
-        if header.backing_file_offset:
+        # An empty name means no backing file, as in QEMU (never the image's directory).
+        if header.backing_file_offset and header.backing_file_size:
             if header.backing_file_size > MAX_BACKING_NAME:
                 raise Qcow2FormatError(f"{name}: backing file name too long")
-            raw_name = os.pread(fd, header.backing_file_size, header.backing_file_offset)
-            if len(raw_name) != header.backing_file_size:
-                raise Qcow2FormatError(f"{name}: backing file name past the end of the file")
+            raw_name = _pread_exact(fd, header.backing_file_size, header.backing_file_offset,
+                                    f"{name}: backing file name")
+            if b"\0" in raw_name:
+                raise Qcow2FormatError(f"{name}: backing file name contains a NUL byte")
             self.backing_file = os.fsdecode(raw_name)
         self.l2_entries_per_table = self.cluster_size // 8
         needed = ceil_div(ceil_div(self.size, self.cluster_size), self.l2_entries_per_table)
@@ -507,9 +566,13 @@ class Qcow2Reader:
             )
         if header.l1_size * 8 > MAX_L1_BYTES or header.l1_table_offset % self.cluster_size:
             raise Qcow2FormatError(f"{name}: bad L1 table (size or offset)")
-        l1_bytes = os.pread(fd, header.l1_size * 8, header.l1_table_offset)
-        if len(l1_bytes) != header.l1_size * 8:
-            raise Qcow2FormatError(f"{name}: L1 table past the end of the file")
+        if header.l1_table_offset + header.l1_size * 8 > file_size:
+            raise Qcow2FormatError(
+                f"{name}: L1 table of {header.l1_size} entries at offset "
+                f"{header.l1_table_offset} is past the end of the {file_size}-byte file"
+            )
+        l1_bytes = _pread_exact(fd, header.l1_size * 8, header.l1_table_offset,
+                                f"{name}: L1 table")
         self._l1: U64 = np.frombuffer(l1_bytes, dtype=">u8").astype(np.uint64)
 
     @property
@@ -535,19 +598,20 @@ class Qcow2Reader:
     def _l2_table(self, l1_index: int) -> U64 | None:
         if l1_index >= len(self._l1):
             return None
-        table = self._l2_cache.get(l1_index)
-        if table is not None:
-            return table
         where = int(self._l1[l1_index]) & OFFSET_MASK
         if where == 0:
             return None
+        # Keyed by host offset: a forged L1 table that points every entry at one cluster
+        # caches it once, so the cache never outgrows the file.
+        table = self._l2_cache.get(where)
+        if table is not None:
+            return table
         if where % self.cluster_size:
             raise Qcow2FormatError(f"{self.path!r}: misaligned L2 table at {where}")
-        raw = os.pread(self._require_fd(), self.cluster_size, where)
-        if len(raw) != self.cluster_size:
-            raise Qcow2FormatError(f"{self.path!r}: L2 table at {where} is past end of file")
+        raw = _pread_exact(self._require_fd(), self.cluster_size, where,
+                           f"{self.path!r}: L2 table")
         table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-        self._l2_cache[l1_index] = table
+        self._l2_cache[where] = table
         return table
 
     def l2_entries(self, first_cluster: int, count: int) -> U64:
