@@ -6,7 +6,8 @@
                    state (CLEAN / OPEN), the owning run (boot id, pid, start time, run
                    id), epoch; CRC32 of all that
     4096           directory: MAX_BITMAPS entries of 256 bytes: name, granularity,
-                   flags, CRC32 of the map, reason text if inconsistent; CRC32 of the entry
+                   flags, CRC32 of the map (and of its replacement while one is
+                   being written), reason text if inconsistent; CRC32 of the entry
     8192           dirty[i], one byte per cluster, page-aligned rows, i < MAX_BITMAPS
                    (exactly the shape of the device's ``dirty`` region, layout.py, so the
                    engine can view these rows in place of its shared-memory ones)
@@ -56,6 +57,8 @@ F_ENABLED = 2
 F_IN_USE = 4  # set while a run has the store open and the bitmap records (QEMU's in-use)
 F_CRC_VALID = 8  # map_crc matches the map (bitmap disabled, or store closed cleanly)
 F_INCONSISTENT = 16
+F_CHANGING = 32  # the row is being replaced: it matches map_crc (old) or new_crc (new)
+F_ALL = F_DEFINED | F_ENABLED | F_IN_USE | F_CRC_VALID | F_INCONSISTENT | F_CHANGING
 
 NAME_BYTES = 32
 REASON_BYTES = 160
@@ -63,8 +66,8 @@ REASON_BYTES = 160
 # magic, version, super size, device size, cluster size, clusters, max bitmaps,
 # region size, store id, boot id, state, owner pid, owner start time, run id, epoch
 SUPER = struct.Struct("<8sIIQIQIQ16s16sIQQ16sQ")
-# name, granularity, flags, map crc, reason
-ENTRY = struct.Struct(f"<{NAME_BYTES}sQII{REASON_BYTES}s")
+# name, granularity, flags, map crc, new map crc (while F_CHANGING), reason
+ENTRY = struct.Struct(f"<{NAME_BYTES}sQIII{REASON_BYTES}s")
 # magic, version, header size, region size, regions, store id, device size
 INTENT = struct.Struct("<8sIIQQ16sQ")
 CRC = struct.Struct("<I")
@@ -194,6 +197,7 @@ class Entry:
     flags: int = 0
     map_crc: int = 0
     reason: str = ""
+    new_crc: int = 0
 
     @property
     def defined(self) -> bool:
@@ -204,7 +208,7 @@ class Entry:
         # Cut on a character boundary so the stored reason always decodes.
         reason = reason.decode("utf-8", "ignore").encode()
         body = ENTRY.pack(self.name.encode("ascii"), self.granularity, self.flags,
-                          self.map_crc, reason)
+                          self.map_crc, self.new_crc, reason)
         return (body + CRC.pack(crc32(body))).ljust(ENTRY_SIZE, b"\0")
 
 
@@ -219,13 +223,13 @@ def unpack_entry(raw: bytes) -> Entry:
     (stored,) = CRC.unpack_from(raw, ENTRY.size)
     if stored != crc32(body):
         raise FormatError("directory entry checksum mismatch (torn or corrupt write)")
-    raw_name, granularity, flags, map_crc, raw_reason = ENTRY.unpack(body)
+    raw_name, granularity, flags, map_crc, new_crc, raw_reason = ENTRY.unpack(body)
     try:
         name = raw_name.rstrip(b"\0").decode("ascii")
         reason = raw_reason.rstrip(b"\0").decode("utf-8")
     except UnicodeDecodeError:
         raise FormatError("directory entry has undecodable text") from None
-    return Entry(name, granularity, flags, map_crc, reason)
+    return Entry(name, granularity, flags, map_crc, reason, new_crc)
 
 
 def pack_intent_header(shape: Shape, store_id: bytes) -> bytes:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import numpy.typing as npt
@@ -182,7 +183,7 @@ class PersistentBitmapFile:
              region_size: int = DEFAULT_REGION_SIZE, run_id: str = "",
              intent: Persistence | None = None,
              image_sync: Callable[[], None] | None = None,
-             boot_id: bytes | None = None) -> PersistentBitmapFile:
+             boot_id: bytes | None = None) -> Self:
         """Open (creating if missing) the bitmaps of ``image`` as their owner.
 
         ``region_size`` applies when the store is created; an existing store keeps its
@@ -245,7 +246,7 @@ class PersistentBitmapFile:
 
     @classmethod
     def attach(cls, image: str | os.PathLike[str],
-               intent: Persistence | None = None) -> PersistentBitmapFile:
+               intent: Persistence | None = None) -> Self:
         """A writer's handle on a store some live owner has open."""
         image = os.fspath(image)
         maps_path = str(store_dir(image) / "maps")
@@ -328,18 +329,26 @@ class PersistentBitmapFile:
         g = e.granularity
         if g < self.shape.cluster_size or g > MAX_GRANULARITY or g & (g - 1):
             raise D.FormatError(f"directory entry {e.name!r} has a bad granularity {g}")
-        if e.flags & ~(D.F_DEFINED | D.F_ENABLED | D.F_IN_USE | D.F_CRC_VALID
-                       | D.F_INCONSISTENT):
+        if e.flags & ~D.F_ALL:
             raise D.FormatError(f"directory entry {e.name!r} has unknown flags {e.flags:#x}")
 
     def _verify_checksums(self, which: Callable[[D.Entry], bool]) -> None:
         for i, e in enumerate(self._entries):
             if not e.defined or e.flags & D.F_INCONSISTENT or not which(e):
                 continue
+            actual = D.crc32(self._row_bytes(i))
             if not e.flags & D.F_CRC_VALID:
                 self._mark_inconsistent(i, "no checksum was recorded for the map (it was "
                                            "not stored cleanly)")
-            elif D.crc32(self._row_bytes(i)) != e.map_crc:
+            elif e.flags & D.F_CHANGING and actual in (e.map_crc, e.new_crc):
+                # A change was cut short, but the row is wholly the old or the new one.
+                e.map_crc = actual
+                e.flags &= ~D.F_CHANGING
+                self._write_entry(i)
+            elif e.flags & D.F_CHANGING:
+                self._mark_inconsistent(i, "a change to the map was cut short by a crash "
+                                           "and left it half old, half new")
+            elif actual != e.map_crc:
                 self._mark_inconsistent(i, "checksum mismatch: the map on disk is corrupt")
 
     def _replay_intent(self, rec: Recovery) -> None:
@@ -418,15 +427,16 @@ class PersistentBitmapFile:
         regions' intent bytes durable (pwrite + one fdatasync) *before returning*, so
         the guest write that follows cannot reach the disk before its intent does.
         """
-        cpr = self._cpr
-        r0 = c0 // cpr
-        armed = self.armed
-        if c1 - c0 <= cpr and (c1 - 1) // cpr == r0 and armed[r0]:
-            return False
+        # Checked first: a negative index would wrap around and read another region.
         if not 0 <= c0 < c1 <= self.shape.clusters:
             raise UsageError(f"clusters [{c0}, {c1}) outside the device "
                              f"({self.shape.clusters} clusters)")
+        cpr = self._cpr
+        r0 = c0 // cpr
         r1 = (c1 - 1) // cpr + 1
+        armed = self.armed
+        if r1 - r0 == 1 and armed[r0]:
+            return False
         if armed[r0:r1].all():
             return False
         self._arm([r for r in range(r0, r1) if not armed[r]], timeout)
@@ -543,16 +553,18 @@ class PersistentBitmapFile:
         self._require_owner()
         i = self._index(name)
         self._refuse_busy(name, "remove")
-        self.dirty[i] = 0
+        # The entry goes first: a crash in between leaves no entry, never an entry
+        # whose checksum describes a row that is half zeroed.
         self._entries[i] = D.Entry()
         self._write_entry(i)
+        self._sync_maps()
+        self.dirty[i] = 0
         self._sync_maps()
 
     def clear(self, name: str) -> None:
         """Reset every bit of ``name``. Call while writers are frozen; refused if busy."""
         i = self._usable(name, "clear")
-        self.dirty[i] = 0
-        self._after_change(i)
+        self._change_row(i, np.zeros(self.shape.clusters, dtype=np.uint8))
 
     def enable(self, name: str) -> None:
         """Start recording guest writes into ``name``."""
@@ -584,10 +596,10 @@ class PersistentBitmapFile:
             indices.append(i)
         if not indices:
             raise UsageError("merge needs at least one source bitmap")
-        row = self.dirty[t]
+        row = self.dirty[t].copy()
         for i in indices:
             row |= self._expanded(i)
-        self._after_change(t)
+        self._change_row(t, row)
 
     def set_busy(self, name: str, job: str | None) -> None:
         """Mark ``name`` in use by ``job`` (None: free). Busy bitmaps refuse clear/remove."""
@@ -641,8 +653,7 @@ class PersistentBitmapFile:
         if arr.shape != (self.shape.clusters,) or arr.dtype not in (np.uint8, np.bool_):
             raise UsageError(f"a map for bitmap {name!r} must be uint8 or bool of shape "
                              f"({self.shape.clusters},), not {arr.dtype} {arr.shape}")
-        self.dirty[i] = arr != 0
-        self._after_change(i)
+        self._change_row(i, (arr != 0).astype(np.uint8))
 
     # -- closing --------------------------------------------------------------------------
 
@@ -672,19 +683,27 @@ class PersistentBitmapFile:
 
     def _release(self) -> None:
         self._drop_views()
+        stuck: BufferError | None = None
         if self._map is not None:
             m, self._map = self._map, None
-            m.close()
+            try:
+                m.close()
+            except BufferError as exc:
+                stuck = exc
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)  # drops the owner lock
+            os.close(fd)  # drops the owner lock (once the mapping's own fd goes too)
         self._intent.close()
+        if stuck is not None:
+            raise BitmapError(
+                f"{self.path}: closed, but a numpy view of the maps is still alive, so the "
+                "mapping (and the owner lock) stays until that view is dropped") from stuck
 
     def _drop_views(self) -> None:
         for attr in ("dirty", "armed"):
             self.__dict__.pop(attr, None)
 
-    def __enter__(self) -> PersistentBitmapFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -760,6 +779,34 @@ class PersistentBitmapFile:
         else:
             e.flags |= D.F_CRC_VALID
             e.map_crc = D.crc32(self._row_bytes(i))
+        self._write_entry(i)
+        self._sync_maps()
+
+    def _change_row(self, i: int, new: U8Array) -> None:
+        """Replace row i with ``new``, so that a crash at any point leaves a row the
+        next open can trust.
+
+        A recording bitmap is simply overwritten and synced: after a machine crash its
+        row is rebuilt from the region map anyway, and after a process crash the page
+        cache holds whatever was stored. A bitmap that does not record is trusted by its
+        checksum, and its row may reach the disk page by page before or after its entry,
+        so: entry with both checksums and CHANGING (synced), then the row (synced), then
+        the entry with the new checksum (synced). The next open accepts a row that is
+        wholly old or wholly new, and names a half-written one inconsistent.
+        """
+        e = self._entries[i]
+        if e.flags & D.F_ENABLED:
+            self.dirty[i] = new
+            self._sync_maps()
+            return
+        e.new_crc = D.crc32(new.tobytes())
+        e.flags |= D.F_CHANGING | D.F_CRC_VALID
+        self._write_entry(i)
+        self._sync_maps()
+        self.dirty[i] = new
+        self._sync_maps()
+        e.map_crc = e.new_crc
+        e.flags &= ~D.F_CHANGING
         self._write_entry(i)
         self._sync_maps()
 
