@@ -98,10 +98,9 @@ def shm_image(shm_prefix: str) -> Iterator[Path]:
         yield image
     finally:
         d = store_dir(image)
-        for p in (d / "maps", d / "intent", d / "maps.new"):
-            if p.exists():
-                p.unlink()
         if d.exists():
+            for p in d.iterdir():
+                p.unlink()
             d.rmdir()
         image.unlink()
 

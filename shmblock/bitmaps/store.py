@@ -880,19 +880,27 @@ def _open_nofollow(path: str) -> int:
 
 def _create_maps_file(path: Path, shape: D.Shape) -> None:
     sup = D.Super(shape, uuid.uuid4().bytes, bytes(16), D.STATE_CLEAN, 0, 0, "", 0)
-    tmp = path.with_name(path.name + ".new")
+    tmp = path.with_name(f"{path.name}.new.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
     try:
-        os.ftruncate(fd, shape.maps_file_size)
-        os.pwrite(fd, sup.pack(), 0)
-        os.fdatasync(fd)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            os.ftruncate(fd, shape.maps_file_size)
+            os.pwrite(fd, sup.pack(), 0)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        # Publish with link(2), which never replaces: a crash mid-create leaves no
+        # half-made store, and of two runs creating at once one store wins.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    except OSError as exc:
+        raise BitmapError(f"cannot create {path}: {exc.strerror}") from exc
     finally:
-        os.close(fd)
-    # Publish by rename, so a crash mid-create leaves no half-made store.
-    os.rename(tmp, path)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
