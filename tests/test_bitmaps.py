@@ -636,3 +636,91 @@ def test_volatile_disk_keeps_only_what_was_synced() -> None:
     d.write(2, b"C")
     assert d.power_loss(keep=lambda i: i == 1)[:3] == b"A\0C"  # adversarial write-back
     assert d.read(0, 3) == b"A\0C"
+
+
+# -- a backup consumes a bitmap: the frozen copy ----------------------------------------------
+
+
+def test_begin_backup_hands_over_the_bits_and_records_new_writes(
+        store: PersistentBitmapFile) -> None:
+    store.add("inc")
+    written(store, 2, 4)
+    frozen = store.begin_backup("inc", "job-1")
+    assert np.flatnonzero(frozen).tolist() == [2, 3]
+    assert info(store, "inc").count == 0
+    assert info(store, "inc").busy == "job-1"
+    assert store.names() == ["inc"]  # the frozen copy is not a bitmap of its own
+    written(store, 3, 4)  # a write during the job stays dirty for the next backup
+    store.end_backup("inc", "job-1", put_back=False)  # completed
+    assert np.flatnonzero(store.load("inc")).tolist() == [3]
+    assert info(store, "inc").busy is None
+    for k in range(D.MAX_BITMAPS - 1):  # the frozen copy's slot is free again
+        store.add(f"x{k}")
+
+
+def test_a_failed_backup_puts_every_frozen_bit_back(store: PersistentBitmapFile) -> None:
+    store.add("inc")
+    written(store, 2, 4)
+    store.begin_backup("inc", "job-1")
+    written(store, 9, 10)
+    store.end_backup("inc", "job-1", put_back=True)
+    assert np.flatnonzero(store.load("inc")).tolist() == [2, 3, 9]
+
+
+def test_bitmap_mode_always_puts_back_only_what_was_not_saved(
+        store: PersistentBitmapFile) -> None:
+    store.add("inc", enabled=False)
+    store.store("inc", np.isin(np.arange(128), [1, 2, 3]))
+    store.begin_backup("inc", "j")
+    not_saved = np.isin(np.arange(128), [3, 50]).astype(np.uint8)
+    store.end_backup("inc", "j", put_back=not_saved)
+    assert np.flatnonzero(store.load("inc")).tolist() == [3]
+    assert info(store, "inc").status == "consistent"
+
+
+def test_backup_hand_over_errors(image: Path, store: PersistentBitmapFile) -> None:
+    store.add("a")
+    with pytest.raises(UsageError, match="job id"):
+        store.begin_backup("a", "bad job")
+    store.begin_backup("a", "j1")
+    with pytest.raises(BitmapBusy, match="in use by job j1"):
+        store.begin_backup("a", "j2")
+    with pytest.raises(BitmapError, match="not held by job j2"):
+        store.end_backup("a", "j2", put_back=True)
+    with pytest.raises(UsageError, match="put_back must have shape"):
+        store.end_backup("a", "j1", put_back=np.zeros(3, np.uint8))
+    store.end_backup("a", "j1", put_back=True)
+    for k in range(D.MAX_BITMAPS - 1):
+        store.add(f"x{k}")
+    with pytest.raises(BitmapError, match="no free slot for a frozen copy"):
+        store.begin_backup("a", "j3")
+
+
+def test_a_run_that_dies_mid_backup_gets_its_bits_back_at_the_next_open(image: Path) -> None:
+    s = open_store(image)
+    s.add("inc")
+    written(s, 5, 8)
+    s.begin_backup("inc", "job-9")
+    written(s, 20, 21)
+    s.abandon()  # SIGKILL of the run while the job copies
+    with open_store(image) as r:
+        assert r.recovery.stop == "process-crash"
+        assert r.recovery.restored == {"inc": "job-9"}
+        assert np.flatnonzero(r.load("inc")).tolist() == [5, 6, 7, 20]
+        assert info(r, "inc").busy is None
+        assert r.names() == ["inc"]
+
+
+def test_a_damaged_frozen_copy_makes_its_bitmap_inconsistent(image: Path) -> None:
+    s = open_store(image)
+    s.add("inc")
+    written(s, 5, 8)
+    s.begin_backup("inc", "job-9")
+    shape = s.shape
+    s.abandon()
+    corrupt(maps_path(image), D.MAPS_OFFSET + shape.map_bytes + 100, b"\1")  # row 1: copy
+    with open_store(image) as r:
+        i = info(r, "inc")
+        assert i.status == "inconsistent"
+        assert i.reason == ("backup job job-9 did not finish and the copy of the bits it "
+                            "held is damaged")

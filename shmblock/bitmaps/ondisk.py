@@ -58,7 +58,11 @@ F_IN_USE = 4  # set while a run has the store open and the bitmap records (QEMU'
 F_CRC_VALID = 8  # map_crc matches the map (bitmap disabled, or store closed cleanly)
 F_INCONSISTENT = 16
 F_CHANGING = 32  # the row is being replaced: it matches map_crc (old) or new_crc (new)
-F_ALL = F_DEFINED | F_ENABLED | F_IN_USE | F_CRC_VALID | F_INCONSISTENT | F_CHANGING
+# A frozen copy of bitmap ``name`` taken by a backup job (whose id is in the reason
+# field, "job:<id>"): what the job copies, put back into ``name`` if the job fails.
+F_FROZEN = 64
+F_ALL = (F_DEFINED | F_ENABLED | F_IN_USE | F_CRC_VALID | F_INCONSISTENT | F_CHANGING
+         | F_FROZEN)
 
 NAME_BYTES = 32
 REASON_BYTES = 160

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 import stat
 import struct
 import time
@@ -89,6 +90,14 @@ def _fdatasync_path(path: str) -> None:
         os.close(fd)
 
 
+JOB_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def _key(e: D.Entry) -> str:
+    """Directory uniqueness key: a bitmap and its frozen copy share a name."""
+    return e.name + "@frozen" if e.flags & D.F_FROZEN else e.name
+
+
 def validate_name(name: str) -> None:
     """UsageError unless ``name`` is 1-32 of ``[A-Za-z0-9_.-]``."""
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -125,6 +134,7 @@ class Recovery:
     previous_run: str = ""
     regions_replayed: int = 0  # machine crash: regions marked dirty from the region map
     inconsistent: dict[str, str] = field(default_factory=dict)  # name → reason, found now
+    restored: dict[str, str] = field(default_factory=dict)  # name → job whose copy came back
 
 
 class PersistentBitmapFile:
@@ -288,6 +298,7 @@ class PersistentBitmapFile:
         else:
             rec.stop = "machine-crash"
             self._replay_intent(rec)
+        self._restore_frozen_copies()
         # Make what we found durable, then start a fresh region map: the image sync
         # makes every earlier write durable and the maps sync every earlier bit, so no
         # intent byte of a previous run is needed any more.
@@ -320,12 +331,15 @@ class PersistentBitmapFile:
                 e = D.Entry(f"corrupt-entry-{i}", self.shape.cluster_size,
                             D.F_DEFINED | D.F_INCONSISTENT, 0, str(exc))
             if e.defined:
-                taken.add(e.name)
+                taken.add(_key(e))
             self._entries[i] = e
 
     def _check_entry(self, e: D.Entry, taken: set[str]) -> None:
-        if not NAME_RE.match(e.name) or e.name in taken:
+        if not NAME_RE.match(e.name) or _key(e) in taken:
             raise D.FormatError(f"directory entry has a bad or duplicate name {e.name!r}")
+        if e.flags & D.F_FROZEN and (e.flags & D.F_ENABLED
+                                     or not JOB_RE.match(e.reason.removeprefix("job:"))):
+            raise D.FormatError(f"directory entry for a frozen copy of {e.name!r} is bad")
         g = e.granularity
         if g < self.shape.cluster_size or g > MAX_GRANULARITY or g & (g - 1):
             raise D.FormatError(f"directory entry {e.name!r} has a bad granularity {g}")
@@ -334,8 +348,9 @@ class PersistentBitmapFile:
 
     def _verify_checksums(self, which: Callable[[D.Entry], bool]) -> None:
         for i, e in enumerate(self._entries):
-            if not e.defined or e.flags & D.F_INCONSISTENT or not which(e):
-                continue
+            if (not e.defined or e.flags & (D.F_INCONSISTENT | D.F_FROZEN)
+                    or not which(e)):
+                continue  # frozen copies: _restore_frozen_copies checks them
             actual = D.crc32(self._row_bytes(i))
             if not e.flags & D.F_CRC_VALID:
                 self._mark_inconsistent(i, "no checksum was recorded for the map (it was "
@@ -405,7 +420,7 @@ class PersistentBitmapFile:
         for i, e in enumerate(entries):
             if e.defined:
                 e.granularity = max(e.granularity, shape.cluster_size)
-                if not e.flags & D.F_INCONSISTENT:
+                if not e.flags & (D.F_INCONSISTENT | D.F_FROZEN):
                     self._mark_inconsistent(i, why)
                 self._write_entry(i)
         self.recovery.stop = "geometry-changed"
@@ -539,10 +554,8 @@ class PersistentBitmapFile:
         validate_granularity(g, self.shape.cluster_size)
         if self._find(name) is not None:
             raise BitmapError(f"{self.image}: a bitmap named {name!r} already exists")
-        free = [i for i, e in enumerate(self._entries) if not e.defined]
-        if not free:
-            raise BitmapError(f"{self.image}: already has {D.MAX_BITMAPS} bitmaps")
-        i = free[0]
+        i = self._free_slot(f"{self.image}: already has {D.MAX_BITMAPS} bitmaps (frozen "
+                            "copies held by running backups included)")
         self.dirty[i] = 0
         flags = D.F_DEFINED | (D.F_ENABLED | D.F_IN_USE if enabled else 0)
         self._entries[i] = D.Entry(name, g, flags, 0, "")
@@ -553,6 +566,9 @@ class PersistentBitmapFile:
         self._require_owner()
         i = self._index(name)
         self._refuse_busy(name, "remove")
+        self._drop_slot(i)
+
+    def _drop_slot(self, i: int) -> None:
         # The entry goes first: a crash in between leaves no entry, never an entry
         # whose checksum describes a row that is half zeroed.
         self._entries[i] = D.Entry()
@@ -560,6 +576,12 @@ class PersistentBitmapFile:
         self._sync_maps()
         self.dirty[i] = 0
         self._sync_maps()
+
+    def _free_slot(self, message: str) -> int:
+        for i, e in enumerate(self._entries):
+            if not e.defined:
+                return i
+        raise BitmapError(message)
 
     def clear(self, name: str) -> None:
         """Reset every bit of ``name``. Call while writers are frozen; refused if busy."""
@@ -611,10 +633,93 @@ class PersistentBitmapFile:
         else:
             self._busy[name] = job
 
+    # -- a backup consumes a bitmap (owner) ---------------------------------------------------
+
+    def begin_backup(self, name: str, job: str) -> U8Array:
+        """Hand bitmap ``name`` to backup ``job``: returns what the job must copy.
+
+        Call at the snapshot instant, writers frozen. The bitmap's bits move into a
+        *frozen copy* (a hidden row, checksummed and synced before anything else
+        changes) and the bitmap starts empty, recording the writes made during the job,
+        which stay dirty for the next backup whatever the outcome. The bitmap is busy
+        until :meth:`end_backup`. This is QEMU's successor bitmap, kept on disk: if the
+        run dies before the job ends, the next open puts the frozen copy back, so a
+        crash never loses a bit that was not safely backed up (DESIGN.md invariant 8).
+        Typically followed by :meth:`begin_epoch` in the same freeze.
+        """
+        i = self._usable(name, "back up")
+        if not isinstance(job, str) or not JOB_RE.match(job):
+            raise UsageError(f"job id {job!r} must be 1-64 of [A-Za-z0-9_.:-]")
+        f = self._free_slot(f"{self.image}: no free slot for a frozen copy of {name!r} "
+                            f"({D.MAX_BITMAPS} bitmaps): remove one")
+        e = self._entries[i]
+        self.dirty[f] = self.dirty[i]
+        self._sync_maps()  # the row before the entry that vouches for it
+        self._entries[f] = D.Entry(e.name, e.granularity, D.F_DEFINED | D.F_FROZEN
+                                   | D.F_CRC_VALID, D.crc32(self._row_bytes(f)), f"job:{job}")
+        self._write_entry(f)
+        self._sync_maps()
+        frozen = self._expanded(f)
+        self._change_row(i, np.zeros(self.shape.clusters, dtype=np.uint8))
+        self._busy[name] = job
+        return frozen
+
+    def end_backup(self, name: str, job: str,
+                   put_back: bool | npt.NDArray[np.uint8 | np.bool_]) -> None:
+        """End ``job``'s hold on ``name``: put back what was not safely backed up.
+
+        ``put_back``: True — every frozen bit (job failed or cancelled, bitmap-mode
+        ``on-success``); False — none (job completed); a per-cluster map — the frozen
+        bits it marks (bitmap-mode ``always`` after a failure: the clusters not saved).
+        """
+        i = self._index(name)
+        f = self._find_frozen(name)
+        if f is None or self._entries[f].reason != f"job:{job}":
+            raise BitmapError(f"bitmap {name!r} is not held by job {job}")
+        frozen = self._expanded(f)
+        if isinstance(put_back, np.ndarray):
+            if put_back.shape != (self.shape.clusters,):
+                raise UsageError(f"put_back must have shape ({self.shape.clusters},)")
+            frozen &= (put_back != 0).astype(np.uint8)
+        elif not put_back:
+            frozen[:] = 0
+        if frozen.any():
+            self._restore_into(i, frozen)
+        self._drop_slot(f)
+        self._busy.pop(name, None)
+
+    def _restore_into(self, i: int, bits: U8Array) -> None:
+        e = self._entries[i]
+        if e.flags & D.F_ENABLED:
+            # Recording: OR in place (writers may store 1s concurrently; an OR loses none).
+            self.dirty[i] |= bits
+            self._sync_maps()
+        else:
+            self._change_row(i, self.dirty[i] | bits)
+
+    def _restore_frozen_copies(self) -> None:
+        """At open: a frozen copy left behind means its job died with its run."""
+        for f, e in enumerate(self._entries):
+            if not e.defined or not e.flags & D.F_FROZEN:
+                continue
+            job = e.reason.removeprefix("job:")
+            i = self._find(e.name)
+            if i is not None and not self._entries[i].flags & D.F_INCONSISTENT:
+                if (e.flags & D.F_CRC_VALID and not e.flags & D.F_INCONSISTENT
+                        and D.crc32(self._row_bytes(f)) == e.map_crc):
+                    self._restore_into(i, self._expanded(f))
+                    self.recovery.restored[e.name] = job
+                else:
+                    self._mark_inconsistent(i, f"backup job {job} did not finish and the "
+                                               "copy of the bits it held is damaged")
+                    self._sync_maps()  # the verdict before the copy goes
+            self._drop_slot(f)
+
     # -- reading --------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(e.name for e in self._entries if e.defined)
+        return sorted(e.name for e in self._entries
+                      if e.defined and not e.flags & D.F_FROZEN)
 
     def info(self, name: str) -> BitmapInfo:
         i = self._index(name)
@@ -723,7 +828,13 @@ class PersistentBitmapFile:
 
     def _find(self, name: str) -> int | None:
         for i, e in enumerate(self._entries):
-            if e.defined and e.name == name:
+            if e.defined and e.name == name and not e.flags & D.F_FROZEN:
+                return i
+        return None
+
+    def _find_frozen(self, name: str) -> int | None:
+        for i, e in enumerate(self._entries):
+            if e.defined and e.name == name and e.flags & D.F_FROZEN:
                 return i
         return None
 
