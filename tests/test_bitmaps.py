@@ -102,6 +102,22 @@ def test_missing_or_odd_image_is_a_clear_error(tmp_path: Path) -> None:
         open_store(make_image(tmp_path / "b.raw"), region_size=CS // 2)
 
 
+def test_reopen_without_a_cluster_size_uses_the_stores_own(image: Path) -> None:
+    with open_store(image, cluster_size=4096) as s:
+        s.add("a")
+        written(s, 2000, 2001)
+    with PersistentBitmapFile.open(image) as s:  # no cluster size: not a geometry change
+        assert s.shape.cluster_size == 4096
+        assert info(s, "a").status == "consistent"
+        assert info(s, "a").count == 4096
+
+
+@pytest.mark.parametrize("run_id", ["x" * 17, "a b", "ü", "r/1"])
+def test_bad_run_id_is_a_usage_error(image: Path, run_id: str) -> None:
+    with pytest.raises(UsageError, match="run id"):
+        open_store(image, run_id=run_id)
+
+
 def test_a_second_owner_is_refused_while_the_first_is_open(
         image: Path, store: PersistentBitmapFile) -> None:
     with pytest.raises(BitmapBusy, match=r"open by run run1 \(pid \d+\)"):

@@ -75,7 +75,8 @@ ENTRY = struct.Struct(f"<{NAME_BYTES}sQIII{REASON_BYTES}s")
 # magic, version, header size, region size, regions, store id, device size
 INTENT = struct.Struct("<8sIIQQ16sQ")
 CRC = struct.Struct("<I")
-assert SUPER.size + CRC.size <= SUPER_SIZE
+# The superblock fits in one 512-byte sector, which a disk writes whole or not at all.
+assert SUPER.size + CRC.size <= 512
 assert ENTRY.size + CRC.size <= ENTRY_SIZE
 assert DIR_OFFSET + MAX_BITMAPS * ENTRY_SIZE <= MAPS_OFFSET
 

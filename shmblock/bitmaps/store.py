@@ -91,6 +91,7 @@ def _fdatasync_path(path: str) -> None:
 
 
 JOB_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{0,16}$")
 
 
 def _key(e: D.Entry) -> str:
@@ -169,7 +170,6 @@ class PersistentBitmapFile:
         self._intent = intent
         self._image_sync = image_sync
         self._busy: dict[str, str] = {}
-        self._epoch_pending = False
         self._map: mmap.mmap | None = mmap.mmap(fd, sup.shape.maps_file_size,
                                                flags=mmap.MAP_SHARED)
         self._bind_views()
@@ -189,15 +189,18 @@ class PersistentBitmapFile:
     # -- opening ------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, image: str | os.PathLike[str], cluster_size: int = DEFAULT_CLUSTER_SIZE,
+    def open(cls, image: str | os.PathLike[str], cluster_size: int | None = None,
              region_size: int = DEFAULT_REGION_SIZE, run_id: str = "",
              intent: Persistence | None = None,
              image_sync: Callable[[], None] | None = None,
              boot_id: bytes | None = None) -> Self:
         """Open (creating if missing) the bitmaps of ``image`` as their owner.
 
+        ``cluster_size``: the device's (default: the store's own, or 64 KiB for a new
+        store); a different one from the store's makes every bitmap inconsistent.
         ``region_size`` applies when the store is created; an existing store keeps its
-        own. ``intent`` replaces the region-map file (tests pass a
+        own. ``run_id`` (up to 16 of ``[A-Za-z0-9_.-]``) names this run in messages.
+        ``intent`` replaces the region-map file (tests pass a
         :class:`~shmblock.bitmaps.persistence.VolatileDisk`), ``image_sync`` the
         ``fdatasync`` of the image, ``boot_id`` this boot's id. Raises BitmapBusy if
         another live run has the store open, BitmapError if it cannot be read at all;
@@ -210,6 +213,12 @@ class PersistentBitmapFile:
             raise BitmapError(f"device image {image!r}: {exc.strerror}") from exc
         if not stat.S_ISREG(st.st_mode):
             raise BitmapError(f"device image {image!r} is not a regular file")
+        if not isinstance(run_id, str) or not RUN_RE.match(run_id):
+            raise UsageError(f"run id {run_id!r} must be up to 16 of [A-Za-z0-9_.-]")
+        directory = store_dir(image)
+        maps_path = directory / "maps"
+        if cluster_size is None:
+            cluster_size = _stored_cluster_size(maps_path) or DEFAULT_CLUSTER_SIZE
         try:
             D.check_geometry(st.st_size, cluster_size, region_size)
         except D.FormatError as exc:
@@ -217,9 +226,7 @@ class PersistentBitmapFile:
         shape = D.Shape(st.st_size, cluster_size, region_size)
         boot = current_boot_id() if boot_id is None else boot_id
         sync_image = image_sync if image_sync is not None else (lambda: _fdatasync_path(image))
-        directory = store_dir(image)
         _make_private_dir(directory)
-        maps_path = directory / "maps"
         intent_path = str(directory / "intent")
         created = False
         if not maps_path.exists() and not maps_path.is_symlink():
@@ -313,7 +320,7 @@ class PersistentBitmapFile:
         sup.boot_id = boot
         sup.owner_pid = os.getpid()
         sup.owner_start = _start_time(os.getpid())
-        sup.run_id = run_id[:16]
+        sup.run_id = run_id
         self._write_super()
         self._sync_maps()
 
@@ -502,9 +509,10 @@ class PersistentBitmapFile:
         """
         self._require_owner()
         self.armed[:] = 0
+        # Counted in memory; stored with the superblock at close. The superblock is
+        # rewritten only at open and close, so a power loss rarely finds it mid-write
+        # (and its fields fit in the first 512-byte sector, which disks write whole).
         self._super.epoch += 1
-        self._write_super()
-        self._epoch_pending = True
         return self._super.epoch
 
     def checkpoint(self) -> int:
@@ -541,7 +549,6 @@ class PersistentBitmapFile:
             self._intent.sync()
         finally:
             os.close(lock_fd)
-        self._epoch_pending = False
         return cleared
 
     # -- management (owner) ---------------------------------------------------------------
@@ -1017,6 +1024,16 @@ def _create_maps_file(path: Path, shape: D.Shape) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _stored_cluster_size(maps_path: Path) -> int | None:
+    """The cluster size an existing store was made for (None: no readable store; the
+    open that follows reports why)."""
+    try:
+        with open(maps_path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+            return D.unpack_super(f.read(D.SUPER_SIZE)).shape.cluster_size
+    except (OSError, D.FormatError):
+        return None
 
 
 def _read_super(fd: int, path: str) -> D.Super:
