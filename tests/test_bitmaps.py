@@ -740,3 +740,40 @@ def test_a_damaged_frozen_copy_makes_its_bitmap_inconsistent(image: Path) -> Non
         assert i.status == "inconsistent"
         assert i.reason == ("backup job job-9 did not finish and the copy of the bits it "
                             "held is damaged")
+
+
+# -- inspect: a read-only look ------------------------------------------------------------------
+
+
+def test_inspect_reports_clean_open_and_unclean_stores(image: Path) -> None:
+    with pytest.raises(BitmapError, match="cannot open"):
+        S.inspect(image)
+    with open_store(image, run_id="r1") as s:
+        s.add("rec")
+        s.add("off", enabled=False)
+        written(s, 0, 2)
+        seen = S.inspect(image)  # while the owner has it open
+        assert (seen.state, seen.run_id, seen.owner_pid) == ("open", "r1", os.getpid())
+        assert [(b.name, b.status, b.count) for b in seen.bitmaps] == [
+            ("off", "consistent", 0), ("rec", "in-use", 2 * CS)]
+    seen = S.inspect(image)
+    assert seen.state == "clean"
+    assert [b.status for b in seen.bitmaps] == ["consistent", "consistent"]
+    s = open_store(image, run_id="r2")
+    s.begin_backup("rec", "j1")  # the frozen copy is not listed
+    s.abandon()  # the run died
+    seen = S.inspect(image)
+    assert (seen.state, seen.run_id) == ("unclean", "r2")
+    assert [(b.name, b.status) for b in seen.bitmaps] == [
+        ("off", "consistent"), ("rec", "in-use")]
+    with open_store(image) as s:  # inspect changed nothing: recovery still happens
+        assert s.recovery.stop == "process-crash"
+        assert s.recovery.restored == {"rec": "j1"}
+
+
+def test_inspect_of_a_corrupt_entry_names_it(image: Path) -> None:
+    with open_store(image) as s:
+        s.add("a")
+    corrupt(maps_path(image), D.DIR_OFFSET + 20, b"\x99")
+    seen = S.inspect(image)
+    assert [(b.name, b.status) for b in seen.bitmaps] == [("corrupt-entry-0", "inconsistent")]

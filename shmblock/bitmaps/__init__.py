@@ -133,6 +133,8 @@ from shmblock.bitmaps.store import (
     BitmapInfo,
     PersistentBitmapFile,
     Recovery,
+    StoreInfo,
+    inspect,
     store_dir,
 )
 
@@ -143,6 +145,8 @@ __all__ = [
     "Persistence",
     "PersistentBitmapFile",
     "Recovery",
+    "StoreInfo",
     "VolatileDisk",
+    "inspect",
     "store_dir",
 ]

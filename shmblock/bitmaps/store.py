@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shmblock.bitmaps import ondisk as D
-from shmblock.bitmaps.persistence import FilePersistence, Persistence
+from shmblock.bitmaps.persistence import FilePersistence, Persistence, VolatileDisk
 from shmblock.errors import BitmapBusy, BitmapError, BitmapInconsistent, UsageError
 from shmblock.names import NAME_RE
 
@@ -46,6 +46,7 @@ _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux x86-64 / aarch64
 
 STATUS_CONSISTENT = "consistent"
 STATUS_INCONSISTENT = "inconsistent"
+STATUS_IN_USE = "in-use"  # only from inspect(): a run has it open, or died with it open
 
 
 def store_dir(image: str | os.PathLike[str]) -> Path:
@@ -80,6 +81,14 @@ def _lock(fd: int, kind: int, offset: int) -> bool:
             return False
         raise
     return True
+
+
+def _lock_held(fd: int, offset: int) -> bool:
+    """True if another open file description holds a lock on byte ``offset``
+    (F_OFD_GETLK: a test that takes nothing, so it never races with a real owner)."""
+    probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    l_type = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0]
+    return bool(l_type != fcntl.F_UNLCK)
 
 
 def _fdatasync_path(path: str) -> None:
@@ -120,7 +129,7 @@ class BitmapInfo:
     name: str
     granularity: int
     enabled: bool  # recording guest writes (QEMU: ``recording``)
-    status: str  # "consistent" or "inconsistent"
+    status: str  # "consistent", "inconsistent", or (from inspect() only) "in-use"
     reason: str  # why inconsistent ('' when consistent)
     in_use: bool  # a run has the store open and this bitmap records (QEMU's in-use flag)
     busy: str | None  # the job using it, if any
@@ -269,8 +278,7 @@ class PersistentBitmapFile:
         maps_path = str(store_dir(image) / "maps")
         fd = _open_nofollow(maps_path)
         try:
-            if _lock(fd, fcntl.F_WRLCK, OWNER_LOCK):
-                _lock(fd, fcntl.F_UNLCK, OWNER_LOCK)
+            if not _lock_held(fd, OWNER_LOCK):
                 raise BitmapError(f"{maps_path}: no run has these bitmaps open; the owner "
                                   "opens them before writers attach")
             sup = _read_super(fd, maps_path)
@@ -729,14 +737,18 @@ class PersistentBitmapFile:
                       if e.defined and not e.flags & D.F_FROZEN)
 
     def info(self, name: str) -> BitmapInfo:
-        i = self._index(name)
+        return self._info(self._index(name), in_use_status=False)
+
+    def _info(self, i: int, in_use_status: bool) -> BitmapInfo:
         e = self._entries[i]
         bad = bool(e.flags & D.F_INCONSISTENT)
+        in_use = bool(e.flags & D.F_IN_USE)
+        status = (STATUS_INCONSISTENT if bad else
+                  STATUS_IN_USE if in_use and in_use_status else STATUS_CONSISTENT)
         return BitmapInfo(
             name=e.name, granularity=e.granularity,
-            enabled=bool(e.flags & D.F_ENABLED) and not bad,
-            status=STATUS_INCONSISTENT if bad else STATUS_CONSISTENT,
-            reason=e.reason if bad else "", in_use=bool(e.flags & D.F_IN_USE),
+            enabled=bool(e.flags & D.F_ENABLED) and not bad, status=status,
+            reason=e.reason if bad else "", in_use=in_use,
             busy=self._busy.get(e.name), count=0 if bad else self._count(i))
 
     def list(self) -> list[BitmapInfo]:
@@ -969,6 +981,51 @@ class PersistentBitmapFile:
         assert self._map is not None and self._fd is not None
         self._map.flush()
         os.fdatasync(self._fd)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """What :func:`inspect` sees, without opening the store as its owner."""
+
+    state: str  # "clean"; "open" (a live run has it); "unclean" (its run died)
+    run_id: str  # the run that has it open, or last had it
+    owner_pid: int
+    bitmaps: list[BitmapInfo]
+
+
+def inspect(image: str | os.PathLike[str]) -> StoreInfo:
+    """List the bitmaps of ``image`` read-only (for ``shmblock-run bitmap list``).
+
+    Changes nothing and needs no ownership. A bitmap that a run has open — or had open
+    when it died — is reported ``in-use`` with its count as recorded so far: the open
+    that follows an unclean stop decides whether it is still consistent (after a
+    process crash it is; after a machine crash the region map is replayed first).
+    Raises BitmapError if there is no store or its superblock is unreadable.
+    """
+    image = os.fspath(image)
+    maps_path = str(store_dir(image) / "maps")
+    fd = _open_nofollow(maps_path)
+    try:
+        sup = _read_super(fd, maps_path)
+        if sup.state == D.STATE_CLEAN:
+            state = "clean"
+        else:
+            state = "open" if _lock_held(fd, OWNER_LOCK) else "unclean"
+        # Read-only use of a reader handle: nothing here writes the maps or the region
+        # map, so an in-memory stand-in for the latter is enough.
+        reader = PersistentBitmapFile(image, fd, sup, VolatileDisk(), owner=False,
+                                      image_sync=lambda: None)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        reader._load_directory()
+        infos = [reader._info(i, in_use_status=state != "clean")
+                 for i, e in sorted(enumerate(reader._entries), key=lambda p: p[1].name)
+                 if e.defined and not e.flags & D.F_FROZEN]
+    finally:
+        reader.abandon()
+    return StoreInfo(state, sup.run_id, sup.owner_pid, infos)
 
 
 # -- file helpers -------------------------------------------------------------------------
