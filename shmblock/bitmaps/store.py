@@ -166,6 +166,7 @@ class PersistentBitmapFile:
 
     dirty: U8Array
     armed: U8Array
+    _armed_bytes: memoryview  # the same bytes as ``armed``, for the fast path
 
     def __init__(self, image: str, fd: int, sup: D.Super, intent: Persistence,
                  owner: bool, image_sync: Callable[[], None]) -> None:
@@ -194,6 +195,8 @@ class PersistentBitmapFile:
             rows, shape=(D.MAX_BITMAPS, s.clusters), strides=(s.map_bytes, 1), writeable=True)
         self.armed = np.frombuffer(self._map, dtype=np.uint8, count=s.regions,
                                    offset=s.armed_offset)
+        self._armed_bytes = memoryview(self._map)[s.armed_offset : s.armed_offset + s.regions]
+        self._clusters = s.clusters
 
     # -- opening ------------------------------------------------------------------------
 
@@ -457,16 +460,17 @@ class PersistentBitmapFile:
         regions' intent bytes durable (pwrite + one fdatasync) *before returning*, so
         the guest write that follows cannot reach the disk before its intent does.
         """
-        # Checked first: a negative index would wrap around and read another region.
-        if not 0 <= c0 < c1 <= self.shape.clusters:
+        # Bounds first: a negative index would wrap around and read another region.
+        if not 0 <= c0 < c1 <= self._clusters:
             raise UsageError(f"clusters [{c0}, {c1}) outside the device "
-                             f"({self.shape.clusters} clusters)")
+                             f"({self._clusters} clusters)")
         cpr = self._cpr
         r0 = c0 // cpr
         r1 = (c1 - 1) // cpr + 1
-        armed = self.armed
-        if r1 - r0 == 1 and armed[r0]:
+        # The common case, kept to plain integer work and one memoryview byte read.
+        if r1 - r0 == 1 and self._armed_bytes[r0]:
             return False
+        armed = self.armed
         if armed[r0:r1].all():
             return False
         self._arm([r for r in range(r0, r1) if not armed[r]], timeout)
@@ -826,6 +830,8 @@ class PersistentBitmapFile:
     def _drop_views(self) -> None:
         for attr in ("dirty", "armed"):
             self.__dict__.pop(attr, None)
+        if "_armed_bytes" in self.__dict__:
+            self.__dict__.pop("_armed_bytes").release()
 
     def __enter__(self) -> Self:
         return self
