@@ -309,6 +309,16 @@ def test_store_replaces_and_load_returns_a_copy(store: PersistentBitmapFile) -> 
     assert info(store, "a").count == 3 * CS
 
 
+def test_load_into_an_existing_map(store: PersistentBitmapFile) -> None:
+    store.add("a", granularity=2 * CS)
+    written(store, 9, 10)
+    out = np.full(128, 5, dtype=np.uint8)
+    assert store.load("a", out=out) is out
+    assert np.flatnonzero(out).tolist() == [8, 9]
+    with pytest.raises(UsageError, match=r"load into a uint8 array of shape \(128,\)"):
+        store.load("a", out=np.zeros(128, dtype=np.bool_))
+
+
 @pytest.mark.parametrize("bad", [np.zeros(127, np.uint8), np.zeros(128, np.int64),
                                  np.zeros((2, 64), np.uint8)])
 def test_store_validates_the_map(store: PersistentBitmapFile, bad: np.ndarray) -> None:

@@ -763,12 +763,20 @@ class PersistentBitmapFile:
         """Raise BitmapInconsistent (with the reason) unless ``name`` can be trusted."""
         self._require_consistent_index(self._index(name))
 
-    def load(self, name: str) -> U8Array:
-        """A copy of ``name`` as one byte per cluster (1 = dirty), at its granularity:
-        every cluster of a dirty granule is 1. Refused if inconsistent."""
+    def load(self, name: str, out: U8Array | None = None) -> U8Array:
+        """``name`` as one byte per cluster (1 = dirty), at its granularity: every
+        cluster of a dirty granule is 1. Into ``out`` if given (e.g. a device's
+        ``needs_copy`` row), else a new array. Refused if inconsistent."""
         i = self._index(name)
         self._require_consistent_index(i)
-        return self._expanded(i)
+        if out is not None and (out.shape != (self._clusters,) or out.dtype != np.uint8):
+            raise UsageError(f"load into a uint8 array of shape ({self._clusters},), not "
+                             f"{out.dtype} {out.shape}")
+        bits = self._expanded(i)
+        if out is None:
+            return bits
+        out[:] = bits
+        return out
 
     def store(self, name: str, cluster_map: npt.NDArray[np.uint8 | np.bool_]) -> None:
         """Replace ``name``'s contents with a per-cluster map (non-zero = dirty).
