@@ -617,6 +617,19 @@ def test_close_with_a_live_view_is_a_clear_error(image: Path) -> None:
     del view
 
 
+def test_an_owner_will_not_reopen_under_a_writer_of_a_dead_run(image: Path) -> None:
+    s = open_store(image, run_id="dead")
+    w = PersistentBitmapFile.attach(image)
+    w2 = PersistentBitmapFile.attach(image)  # writers share their lock
+    s.abandon()  # the owner died; its writers did not (yet)
+    w2.close()
+    with pytest.raises(BitmapBusy, match="writer processes of a previous run"):
+        open_store(image)
+    w.close()
+    with open_store(image) as r:
+        assert r.recovery.stop == "process-crash"
+
+
 def test_closed_store_refuses_use(image: Path) -> None:
     s = open_store(image)
     s.close()

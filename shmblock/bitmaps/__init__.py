@@ -31,6 +31,10 @@ Who writes what
   the page cache, let alone the disk. This is md's write-intent bitmap rule (a bit is
   durable before the write it covers) and dm-era's (a block's era is committed before
   the write completes), at region granularity so it costs one sync per region per epoch.
+* Each attached writer holds a shared OFD lock for as long as it is attached; an owner
+  opening after an unclean stop refuses (``BitmapBusy``) while any writer of the dead run
+  still holds it, because resetting the region map under a writer that trusts its old
+  ``armed`` bytes would break the rule above.
 * **The owner** (the run's supervisor; one at a time, enforced by an OFD lock the kernel
   drops when it dies) alone changes the directory: add, remove, clear, enable, disable,
   merge, store. Each change is made durable before it returns (msync + fdatasync), and a

@@ -39,8 +39,12 @@ ARM_TIMEOUT = 10.0  # seconds a writer waits for a region lock a checkpoint hold
 # OFD byte-range locks on the maps file (fcntl(2)); they need not lie inside the file.
 # The owner holds OWNER_LOCK for as long as it has the store open, so the kernel says
 # whether the owner is alive (it drops the lock when the owner dies, even by SIGKILL).
+# Every attached writer holds a shared (read) lock on WRITERS_LOCK, so an owner opening
+# after an unclean stop can tell that a writer of the dead run still runs: it must not
+# reset the region map under a writer that trusts the old ``armed`` bytes.
 # Region r is locked at REGION_LOCKS + r while its intent byte is being changed.
 OWNER_LOCK = 1 << 50
+WRITERS_LOCK = OWNER_LOCK + 1
 REGION_LOCKS = 1 << 51
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux x86-64 / aarch64
 
@@ -248,6 +252,9 @@ class PersistentBitmapFile:
         try:
             if not _lock(fd, fcntl.F_WRLCK, OWNER_LOCK):
                 raise BitmapBusy(_busy_message(fd, str(maps_path)))
+            if _lock_held(fd, WRITERS_LOCK):
+                raise BitmapBusy(f"{maps_path}: writer processes of a previous run still "
+                                 "have the bitmaps attached; stop them before reopening")
             sup = _read_super(fd, str(maps_path))
             own_intent = intent is None
             if intent is None:
@@ -284,6 +291,9 @@ class PersistentBitmapFile:
             if not _lock_held(fd, OWNER_LOCK):
                 raise BitmapError(f"{maps_path}: no run has these bitmaps open; the owner "
                                   "opens them before writers attach")
+            # Shared, so writers never exclude each other; only an owner's probe sees it.
+            if not _lock(fd, fcntl.F_RDLCK, WRITERS_LOCK):
+                raise BitmapError(f"{maps_path}: cannot register as a writer")
             sup = _read_super(fd, maps_path)
             if intent is None:
                 intent = FilePersistence(str(store_dir(image) / "intent"))
