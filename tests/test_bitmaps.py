@@ -603,8 +603,11 @@ def test_attach_needs_a_live_owner_and_cannot_manage(image: Path) -> None:
             assert np.flatnonzero(owner.load("a")).tolist() == [16]
             with pytest.raises(BitmapError, match="only the run that opened"):
                 w.add("b")
-            with pytest.raises(BitmapError, match="only the run that opened"):
-                w.begin_epoch()
+            for op in (w.begin_epoch, w.checkpoint, lambda: w.set_busy("a", "j"),
+                       lambda: w.begin_backup("a", "j"), lambda: w.clear("a"),
+                       lambda: w.end_backup("a", "j", put_back=True)):
+                with pytest.raises(BitmapError, match="only the run that opened"):
+                    op()
         finally:
             w.close()
 

@@ -96,11 +96,15 @@ def _lock_held(fd: int, offset: int) -> bool:
 
 
 def _fdatasync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """The default ``image_sync``: make the image's written data durable."""
     try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise BitmapError(f"cannot sync the device image {path!r}: {exc.strerror}") from exc
 
 
 JOB_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -437,8 +441,12 @@ class PersistentBitmapFile:
         self._map.close()
         new_shape = D.Shape(shape.device_size, shape.cluster_size, old.region_size
                             if old.region_size >= shape.cluster_size else shape.cluster_size)
-        os.ftruncate(self._fd, D.MAPS_OFFSET)  # drop the old rows
-        os.ftruncate(self._fd, new_shape.maps_file_size)
+        try:
+            os.ftruncate(self._fd, D.MAPS_OFFSET)  # drop the old rows
+            os.ftruncate(self._fd, new_shape.maps_file_size)
+        except OSError as exc:
+            raise BitmapError(f"{self.path}: cannot resize for the new geometry: "
+                              f"{exc.strerror}") from exc
         self._super.shape = new_shape
         self.shape = new_shape
         self._cpr = new_shape.clusters_per_region
@@ -654,6 +662,7 @@ class PersistentBitmapFile:
 
     def set_busy(self, name: str, job: str | None) -> None:
         """Mark ``name`` in use by ``job`` (None: free). Busy bitmaps refuse clear/remove."""
+        self._require_owner()
         self._index(name)
         if job is None:
             self._busy.pop(name, None)
@@ -701,6 +710,7 @@ class PersistentBitmapFile:
         ``on-success``); False — none (job completed); a per-cluster map — the frozen
         bits it marks (bitmap-mode ``always`` after a failure: the clusters not saved).
         """
+        self._require_owner()
         i = self._index(name)
         f = self._find_frozen(name)
         if f is None or self._entries[f].reason != f"job:{job}":
@@ -1003,8 +1013,11 @@ class PersistentBitmapFile:
         """Make the maps file durable (msync + fdatasync). Tests override this to
         model a disk that holds only what was synced."""
         assert self._map is not None and self._fd is not None
-        self._map.flush()
-        os.fdatasync(self._fd)
+        try:
+            self._map.flush()
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise BitmapError(f"{self.path}: cannot sync the bitmaps: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True, slots=True)
