@@ -115,8 +115,8 @@ Cost
 
 The fast path of ``note_write`` is a bounds check, two divisions and one byte read
 (~0.25 µs a call from Python). The first write to a region in an epoch waits for one
-``fdatasync`` of the region-map file: ~5 ms on this project's disk-backed file system,
-~8 µs on tmpfs (docs/architecture.md has the measurement). With 64 MiB regions a 4 GiB
+``fdatasync`` of the region-map file: 0.5–5 ms on this project's disk-backed file
+system, ~8 µs on tmpfs (docs/architecture.md has the measurement). With 64 MiB regions a 4 GiB
 device pays it at most 64 times per epoch. Smaller regions make recovery after a power
 loss more precise and the first-touch cost more frequent.
 
