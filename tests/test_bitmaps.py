@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from shmblock.bitmaps import FilePersistence, PersistentBitmapFile, VolatileDisk, store_dir
+from shmblock.bitmaps import files as F
 from shmblock.bitmaps import ondisk as D
 from shmblock.bitmaps import store as S
 from shmblock.errors import (
@@ -516,7 +517,7 @@ def test_checkpoint_leaves_a_region_a_writer_is_arming(
     store.begin_epoch()
     fd = os.open(maps_path(image), os.O_RDWR)
     try:
-        assert S._lock(fd, fcntl.F_WRLCK, S.REGION_LOCKS + 0)  # a writer mid-arm
+        assert F.lock(fd, fcntl.F_WRLCK, S.REGION_LOCKS + 0)  # a writer mid-arm
         assert store.checkpoint() == 0
         assert intent_bytes(image)[0] == 1
     finally:
@@ -528,7 +529,7 @@ def test_note_write_times_out_on_a_stuck_region_lock(
         image: Path, store: PersistentBitmapFile) -> None:
     fd = os.open(maps_path(image), os.O_RDWR)
     try:
-        assert S._lock(fd, fcntl.F_WRLCK, S.REGION_LOCKS + 2)
+        assert F.lock(fd, fcntl.F_WRLCK, S.REGION_LOCKS + 2)
         with pytest.raises(BitmapError, match="region 2 stayed locked"):
             store.note_write(32, 33, timeout=0.05)
         assert store.armed[2] == 0

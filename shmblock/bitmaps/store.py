@@ -7,15 +7,12 @@ writes what, in which order, and what survives which crash. This module is the c
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import mmap
 import os
 import re
 import stat
-import struct
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Self
 import numpy as np
 import numpy.typing as npt
 
+from shmblock.bitmaps import files as F
 from shmblock.bitmaps import ondisk as D
 from shmblock.bitmaps.persistence import FilePersistence, Persistence, VolatileDisk
 from shmblock.errors import BitmapBusy, BitmapError, BitmapInconsistent, UsageError
@@ -46,69 +44,18 @@ ARM_TIMEOUT = 10.0  # seconds a writer waits for a region lock a checkpoint hold
 OWNER_LOCK = 1 << 50
 WRITERS_LOCK = OWNER_LOCK + 1
 REGION_LOCKS = 1 << 51
-_FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux x86-64 / aarch64
 
 STATUS_CONSISTENT = "consistent"
 STATUS_INCONSISTENT = "inconsistent"
 STATUS_IN_USE = "in-use"  # only from inspect(): a run has it open, or died with it open
 
+JOB_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{0,16}$")
+
 
 def store_dir(image: str | os.PathLike[str]) -> Path:
     """The directory that holds the bitmaps of ``image``: ``<image>.bitmaps``."""
     return Path(os.fspath(image) + ".bitmaps")
-
-
-def current_boot_id() -> bytes:
-    """This boot's id (16 bytes): a different one means the machine went down since."""
-    try:
-        text = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return uuid.UUID(text).bytes
-    except (OSError, ValueError):
-        # No /proc: treat every open as after a machine crash (the safe assumption).
-        return bytes(16)
-
-
-def _start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat (start time in clock ticks), or 0."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-        return int(raw.rsplit(b")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _lock(fd: int, kind: int, offset: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def _lock_held(fd: int, offset: int) -> bool:
-    """True if another open file description holds a lock on byte ``offset``
-    (F_OFD_GETLK: a test that takes nothing, so it never races with a real owner)."""
-    probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-    l_type = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0]
-    return bool(l_type != fcntl.F_UNLCK)
-
-
-def _fdatasync_path(path: str) -> None:
-    """The default ``image_sync``: make the image's written data durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise BitmapError(f"cannot sync the device image {path!r}: {exc.strerror}") from exc
-
-
-JOB_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{0,16}$")
 
 
 def _key(e: D.Entry) -> str:
@@ -148,7 +95,9 @@ class BitmapInfo:
 class Recovery:
     """What :meth:`PersistentBitmapFile.open` found and did."""
 
-    stop: str  # "new", "clean", "process-crash", "machine-crash"
+    # "new", "clean", "process-crash", "machine-crash", "geometry-changed"; a writer's
+    # handle (attach) says "attached"
+    stop: str
     previous_run: str = ""
     regions_replayed: int = 0  # machine crash: regions marked dirty from the region map
     inconsistent: dict[str, str] = field(default_factory=dict)  # name → reason, found now
@@ -238,28 +187,28 @@ class PersistentBitmapFile:
         directory = store_dir(image)
         maps_path = directory / "maps"
         if cluster_size is None:
-            cluster_size = _stored_cluster_size(maps_path) or DEFAULT_CLUSTER_SIZE
+            cluster_size = F.stored_cluster_size(maps_path) or DEFAULT_CLUSTER_SIZE
         try:
             D.check_geometry(st.st_size, cluster_size, region_size)
         except D.FormatError as exc:
             raise UsageError(f"bitmaps of {image!r}: {exc}") from None
         shape = D.Shape(st.st_size, cluster_size, region_size)
-        boot = current_boot_id() if boot_id is None else boot_id
-        sync_image = image_sync if image_sync is not None else (lambda: _fdatasync_path(image))
-        _make_private_dir(directory)
+        boot = F.current_boot_id() if boot_id is None else boot_id
+        sync_image = image_sync if image_sync is not None else (lambda: F.fdatasync_path(image))
+        F.make_private_dir(directory)
         intent_path = str(directory / "intent")
         created = False
         if not maps_path.exists() and not maps_path.is_symlink():
-            _create_maps_file(maps_path, shape)
+            F.create_maps_file(maps_path, shape)
             created = True
-        fd = _open_nofollow(str(maps_path))
+        fd = F.open_nofollow(str(maps_path))
         try:
-            if not _lock(fd, fcntl.F_WRLCK, OWNER_LOCK):
-                raise BitmapBusy(_busy_message(fd, str(maps_path)))
-            if _lock_held(fd, WRITERS_LOCK):
+            if not F.lock(fd, fcntl.F_WRLCK, OWNER_LOCK):
+                raise BitmapBusy(F.busy_message(fd, str(maps_path)))
+            if F.lock_held(fd, WRITERS_LOCK):
                 raise BitmapBusy(f"{maps_path}: writer processes of a previous run still "
                                  "have the bitmaps attached; stop them before reopening")
-            sup = _read_super(fd, str(maps_path))
+            sup = F.read_super(fd, str(maps_path))
             own_intent = intent is None
             if intent is None:
                 if created or not os.path.lexists(intent_path):
@@ -290,15 +239,15 @@ class PersistentBitmapFile:
         """A writer's handle on a store some live owner has open."""
         image = os.fspath(image)
         maps_path = str(store_dir(image) / "maps")
-        fd = _open_nofollow(maps_path)
+        fd = F.open_nofollow(maps_path)
         try:
-            if not _lock_held(fd, OWNER_LOCK):
+            if not F.lock_held(fd, OWNER_LOCK):
                 raise BitmapError(f"{maps_path}: no run has these bitmaps open; the owner "
                                   "opens them before writers attach")
             # Shared, so writers never exclude each other; only an owner's probe sees it.
-            if not _lock(fd, fcntl.F_RDLCK, WRITERS_LOCK):
+            if not F.lock(fd, fcntl.F_RDLCK, WRITERS_LOCK):
                 raise BitmapError(f"{maps_path}: cannot register as a writer")
-            sup = _read_super(fd, maps_path)
+            sup = F.read_super(fd, maps_path)
             if intent is None:
                 intent = FilePersistence(str(store_dir(image) / "intent"))
             store = cls(image, fd, sup, intent, owner=False, image_sync=lambda: None)
@@ -344,7 +293,7 @@ class PersistentBitmapFile:
         sup.state = D.STATE_OPEN
         sup.boot_id = boot
         sup.owner_pid = os.getpid()
-        sup.owner_start = _start_time(os.getpid())
+        sup.owner_start = F.start_time(os.getpid())
         sup.run_id = run_id
         self._write_super()
         self._sync_maps()
@@ -502,7 +451,7 @@ class PersistentBitmapFile:
             for r in regions:
                 pause = 20e-6
                 # A checkpoint holds a region's lock only for one pwrite: wait, bounded.
-                while not _lock(fd, fcntl.F_WRLCK, REGION_LOCKS + r):
+                while not F.lock(fd, fcntl.F_WRLCK, REGION_LOCKS + r):
                     if time.monotonic() >= deadline:
                         raise BitmapError(f"{self.path}: region {r} stayed locked for "
                                           f"{timeout:g} s (a stuck checkpoint?)")
@@ -516,7 +465,7 @@ class PersistentBitmapFile:
                 self.armed[r] = 1
         finally:
             for r in held:
-                _lock(fd, fcntl.F_UNLCK, REGION_LOCKS + r)
+                F.lock(fd, fcntl.F_UNLCK, REGION_LOCKS + r)
 
     def enabled_mask(self) -> int:
         """Bit i set: row i records guest writes (defined, enabled, consistent)."""
@@ -561,19 +510,19 @@ class PersistentBitmapFile:
                                 dtype=np.uint8)
         # A fresh open file description: OFD locks of one description do not exclude
         # each other, and the owner's own process may be a writer too.
-        lock_fd = _open_nofollow(self.path)
+        lock_fd = F.open_nofollow(self.path)
         cleared = 0
         try:
             for found in np.flatnonzero(current & (self.armed == 0)):
                 r = int(found)
-                if not _lock(lock_fd, fcntl.F_WRLCK, REGION_LOCKS + r):
+                if not F.lock(lock_fd, fcntl.F_WRLCK, REGION_LOCKS + r):
                     continue  # a writer is arming it: it stays set, which is safe
                 try:
                     if not self.armed[r]:
                         self._intent.write(D.INTENT_HEADER + r, b"\0")
                         cleared += 1
                 finally:
-                    _lock(lock_fd, fcntl.F_UNLCK, REGION_LOCKS + r)
+                    F.lock(lock_fd, fcntl.F_UNLCK, REGION_LOCKS + r)
             # Unlocking before this sync is safe: a writer that arms r afterwards writes
             # 1 after our 0 in the same page cache and syncs it itself before its write.
             self._intent.sync()
@@ -1041,13 +990,13 @@ def inspect(image: str | os.PathLike[str]) -> StoreInfo:
     """
     image = os.fspath(image)
     maps_path = str(store_dir(image) / "maps")
-    fd = _open_nofollow(maps_path)
+    fd = F.open_nofollow(maps_path)
     try:
-        sup = _read_super(fd, maps_path)
+        sup = F.read_super(fd, maps_path)
         if sup.state == D.STATE_CLEAN:
             state = "clean"
         else:
-            state = "open" if _lock_held(fd, OWNER_LOCK) else "unclean"
+            state = "open" if F.lock_held(fd, OWNER_LOCK) else "unclean"
         # Read-only use of a reader handle: nothing here writes the maps or the region
         # map, so an in-memory stand-in for the latter is enough.
         reader = PersistentBitmapFile(image, fd, sup, VolatileDisk(), owner=False,
@@ -1064,90 +1013,3 @@ def inspect(image: str | os.PathLike[str]) -> StoreInfo:
         reader.abandon()
     return StoreInfo(state, sup.run_id, sup.owner_pid, infos)
 
-
-# -- file helpers -------------------------------------------------------------------------
-
-
-def _make_private_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise BitmapError(f"cannot create {directory}: {exc.strerror}") from exc
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise BitmapError(f"{directory} is not a private directory of this user "
-                          "(a symlink, someone else's, or group/other-writable): refusing it")
-
-
-def _open_nofollow(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise BitmapError(f"{path}: is a symlink; refusing to use it") from exc
-        raise BitmapError(f"cannot open {path}: {exc.strerror}") from exc
-
-
-def _create_maps_file(path: Path, shape: D.Shape) -> None:
-    sup = D.Super(shape, uuid.uuid4().bytes, bytes(16), D.STATE_CLEAN, 0, 0, "", 0)
-    tmp = path.with_name(f"{path.name}.new.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
-        try:
-            os.ftruncate(fd, shape.maps_file_size)
-            os.pwrite(fd, sup.pack(), 0)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        # Publish with link(2), which never replaces: a crash mid-create leaves no
-        # half-made store, and of two runs creating at once one store wins.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    except OSError as exc:
-        raise BitmapError(f"cannot create {path}: {exc.strerror}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _stored_cluster_size(maps_path: Path) -> int | None:
-    """The cluster size an existing store was made for (None: no readable store; the
-    open that follows reports why)."""
-    try:
-        with open(maps_path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
-            return D.unpack_super(f.read(D.SUPER_SIZE)).shape.cluster_size
-    except (OSError, D.FormatError):
-        return None
-
-
-def _read_super(fd: int, path: str) -> D.Super:
-    try:
-        raw = os.pread(fd, D.SUPER_SIZE, 0)
-        sup = D.unpack_super(raw)
-        size = os.fstat(fd).st_size
-        if size != sup.shape.maps_file_size:
-            raise D.FormatError(f"the file has {size} bytes, its superblock says "
-                                f"{sup.shape.maps_file_size}")
-    except D.FormatError as exc:
-        raise BitmapError(f"{path}: {exc}; the bitmaps cannot be read (remove "
-                          f"{os.path.dirname(path)} to start over with none)") from None
-    return sup
-
-
-def _busy_message(fd: int, path: str) -> str:
-    try:
-        sup = D.unpack_super(os.pread(fd, D.SUPER_SIZE, 0))
-        who = f"run {sup.run_id or '?'} (pid {sup.owner_pid})"
-    except (D.FormatError, OSError):
-        who = "another live run"
-    return f"{path}: the bitmaps are open by {who}"
