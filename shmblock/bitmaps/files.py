@@ -76,6 +76,7 @@ def make_private_dir(directory: Path) -> None:
     """Create ``directory`` 0700, or accept it only if it is already ours and private."""
     try:
         directory.mkdir(mode=0o700)
+        fsync_dir(directory.parent)  # the new name must survive a power loss too
     except FileExistsError:
         pass
     except OSError as exc:
@@ -118,11 +119,19 @@ def create_maps_file(path: Path, shape: D.Shape) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` durable (a new file is not, until this)."""
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise BitmapError(f"cannot sync the directory {directory}: {exc.strerror}") from exc
 
 
 def stored_cluster_size(maps_path: Path) -> int | None:

@@ -215,6 +215,7 @@ class PersistentBitmapFile:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(intent_path)
                     intent = FilePersistence(intent_path, create_size=0)
+                    F.fsync_dir(directory)
                 else:
                     intent = FilePersistence(intent_path)
             try:
