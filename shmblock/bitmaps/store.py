@@ -215,7 +215,11 @@ class PersistentBitmapFile:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(intent_path)
                     intent = FilePersistence(intent_path, create_size=0)
-                    F.fsync_dir(directory)
+                    try:
+                        F.fsync_dir(directory)
+                    except BitmapError:
+                        intent.close()
+                        raise
                 else:
                     intent = FilePersistence(intent_path)
             try:
