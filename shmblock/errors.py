@@ -21,7 +21,10 @@ program can catch the whole family with one clause::
      ├── JobError                   a backup job failed, was cancelled, or misused
      │    ├── StateError            a job method called in a state that does not allow it
      │    └── JobCancelled          waiting on a job that was cancelled
-     └── VerificationError          the backup does not match the snapshot
+     ├── VerificationError          the backup does not match the snapshot
+     └── BitmapError                a dirty bitmap or its store cannot be used
+          ├── BitmapInconsistent    the bitmap cannot be trusted (the reason says why)
+          └── BitmapBusy            in use by a job, or the store is open by a live run
 
 Low-level errors (``OSError``, ``posix_ipc.Error``) are wrapped into the most specific of
 these with ``raise ... from exc`` so the cause stays visible in tracebacks.
@@ -113,3 +116,20 @@ class JobCancelled(JobError):
 
 class VerificationError(ShmblockError):
     """The backup target does not hold the snapshot."""
+
+
+class BitmapError(ShmblockError):
+    """A dirty bitmap, or the persistent store that holds it, cannot be used."""
+
+
+class BitmapInconsistent(BitmapError):
+    """The bitmap cannot be trusted (``reason`` says why); remove it or take a full backup."""
+
+    def __init__(self, message: str, name: str, reason: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.reason = reason
+
+
+class BitmapBusy(BitmapError):
+    """The bitmap is in use by a job, or its store is open by another live run."""
