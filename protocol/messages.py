@@ -42,6 +42,9 @@ A snapshot is taken by sending ``Freeze(epoch)`` to every writer and waiting for
 to overwrite a cluster the job still needs sends ``CopyRequest`` (or stages the old data
 itself and rings ``Staged``) and the worker answers ``CopyDone`` with the same ``seq``.
 The job ends with exactly one of ``JobCompleted``, ``JobFailed`` or ``JobCancelled``.
+Every ``Job*`` message from the worker carries the job's ``token``, a secret only the
+supervisor and that worker know: any process of the user can write to the supervisor's
+queue, but only the worker can report the job's progress or end it.
 
 Field rules
 ===========
@@ -205,6 +208,9 @@ ClusterCount = Annotated[int, IntRange(1, 2**31)]
 Bool = Annotated[bool, Flag()]
 JobId = Annotated[str, Token(r"[A-Za-z0-9_.-]{1,64}", 64, "1..64 characters of [A-Za-z0-9_.-]")]
 ErrorText = Annotated[str, Text(MAX_TEXT_CHARS)]
+#: The job's secret: the supervisor hands it to the job's worker at spawn (through a
+#: pipe, never argv or the environment) and accepts a job's outcome only with it.
+JobToken = Annotated[str, Token(r"[0-9a-f]{0,64}", 64, "0..64 lowercase hex digits")]
 Role = Annotated[str, OneOf("writer", "backup")]
 SyncMode = Annotated[str, OneOf("full", "top", "none", "incremental")]
 
@@ -387,6 +393,7 @@ class JobProgress(_MessageBase):
     job: JobId
     done: U63
     total: U63
+    token: JobToken = ""
 
 
 @_message
@@ -399,6 +406,7 @@ class JobCompleted(_MessageBase):
     bytes_written: U63
     clusters_copied: U63
     cbw_clusters: U63
+    token: JobToken = ""
 
 
 @_message
@@ -409,6 +417,7 @@ class JobFailed(_MessageBase):
     code: ClassVar[int] = 11
     job: JobId
     error: ErrorText
+    token: JobToken = ""
 
 
 @_message
@@ -418,6 +427,7 @@ class JobCancelled(_MessageBase):
 
     code: ClassVar[int] = 12
     job: JobId
+    token: JobToken = ""
 
 
 @_message

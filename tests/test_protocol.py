@@ -63,6 +63,7 @@ writers = st.integers(0, 4095)
 pids = st.integers(1, 2**31 - 1)
 jobs = st.from_regex(r"[A-Za-z0-9_.\-]{1,64}", fullmatch=True).filter(str.isascii)
 texts = st.text(max_size=MAX_TEXT)  # Hypothesis leaves out surrogates by default
+tokens = st.from_regex(r"[0-9a-f]{0,64}", fullmatch=True)
 
 
 @st.composite
@@ -101,10 +102,10 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     JobStart: st.builds(
         JobStart, jobs, st.sampled_from(["full", "top", "none", "incremental"]), u63
     ),
-    JobProgress: st.builds(JobProgress, jobs, u63, u63),
-    JobCompleted: st.builds(JobCompleted, jobs, u63, u63, u63),
-    JobFailed: st.builds(JobFailed, jobs, texts),
-    JobCancelled: st.builds(JobCancelled, jobs),
+    JobProgress: st.builds(JobProgress, jobs, u63, u63, tokens),
+    JobCompleted: st.builds(JobCompleted, jobs, u63, u63, u63, tokens),
+    JobFailed: st.builds(JobFailed, jobs, texts, tokens),
+    JobCancelled: st.builds(JobCancelled, jobs, tokens),
     Pause: st.builds(Pause, jobs),
     Resume: st.builds(Resume, jobs),
     Cancel: st.builds(Cancel, jobs),
@@ -117,6 +118,7 @@ messages: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
 
 # Every field at the value with the longest encoding: the biggest valid instances.
 LONGEST_JOB = "J" * 64
+LONGEST_TOKEN = "f" * 64
 LONGEST_TEXT = "\U0010ffff" * MAX_TEXT  # 4 UTF-8 bytes a character
 BIG_COUNT = 2**31
 BIG_CLUSTER = 2**63 - BIG_COUNT  # still 9 bytes on the wire, and cluster + count fits
@@ -129,10 +131,10 @@ MAXIMAL: list[Message] = [
     Staged(4095),
     Ready("backup", U63_MAX, 2**31 - 1),
     JobStart(LONGEST_JOB, "incremental", U63_MAX),
-    JobProgress(LONGEST_JOB, U63_MAX, U63_MAX),
-    JobCompleted(LONGEST_JOB, U63_MAX, U63_MAX, U63_MAX),
-    JobFailed(LONGEST_JOB, LONGEST_TEXT),
-    JobCancelled(LONGEST_JOB),
+    JobProgress(LONGEST_JOB, U63_MAX, U63_MAX, LONGEST_TOKEN),
+    JobCompleted(LONGEST_JOB, U63_MAX, U63_MAX, U63_MAX, LONGEST_TOKEN),
+    JobFailed(LONGEST_JOB, LONGEST_TEXT, LONGEST_TOKEN),
+    JobCancelled(LONGEST_JOB, LONGEST_TOKEN),
     Pause(LONGEST_JOB),
     Resume(LONGEST_JOB),
     Cancel(LONGEST_JOB),
@@ -172,7 +174,9 @@ def test_field_names_and_order() -> None:
     assert names(CopyDone) == ("seq", "cluster", "count", "ok", "error")
     assert names(Ready) == ("role", "ident", "pid")
     assert names(JobStart) == ("job", "sync", "speed")
-    assert names(JobCompleted) == ("job", "bytes_written", "clusters_copied", "cbw_clusters")
+    assert names(JobCompleted) == ("job", "bytes_written", "clusters_copied", "cbw_clusters",
+                                   "token")
+    assert names(JobFailed) == ("job", "error", "token")
     assert names(WriterDone) == ("writer", "ok", "error")
 
 
@@ -267,7 +271,8 @@ GOLDEN: list[tuple[Message, str]] = [
     ),
     (Ready("backup", 0, 4242), "950107a66261636b757000cd1092"),
     (JobStart("job-1", "full", 0), "950108a56a6f622d31a466756c6c00"),
-    (JobProgress("b.1", U63_MAX, 300), "950109a3622e31cf7fffffffffffffffcd012c"),
+    (JobProgress("b.1", U63_MAX, 300), "960109a3622e31cf7fffffffffffffffcd012ca0"),
+    (JobCancelled("j", "0a"), "94010ca16aa23061"),
     (WriterDone(1, True, ""), "95011301c3a0"),
     (Shutdown("bye"), "930112a3627965"),
 ]
@@ -298,6 +303,9 @@ def test_golden_bytes(msg: Message, hex_bytes: str) -> None:
         lambda: CopyDone(0, 0, 1, 1, ""),  # type: ignore[arg-type]
         lambda: CopyDone(0, 0, 1, True, "an error but ok"),
         lambda: Ready("guest", 0, 1),
+        lambda: JobCancelled("j", "F" * 32),  # tokens are lowercase hex
+        lambda: JobCancelled("j", "0" * 65),
+        lambda: JobFailed("j", "e", "not hex"),
         lambda: Ready("writer", 0, 0),
         lambda: Ready("writer", 0, 2**31),
         lambda: JobStart("j", "differential", 0),
@@ -470,7 +478,8 @@ def test_limits_on_the_wire_are_inclusive() -> None:
     assert decode(wire(1, 1, U63_MAX)) == Freeze(U63_MAX)
     assert decode(wire(1, 18, "x" * MAX_TEXT)) == Shutdown("x" * MAX_TEXT)
     assert decode(wire(1, 18, LONGEST_TEXT)) == Shutdown(LONGEST_TEXT)
-    assert decode(wire(1, 12, "J" * 64)) == JobCancelled("J" * 64)
+    assert decode(wire(1, 12, "J" * 64, "")) == JobCancelled("J" * 64)
+    assert decode(wire(1, 12, "J", "f" * 64)) == JobCancelled("J", "f" * 64)
 
 
 def test_non_canonical_int_encoding_is_accepted() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
+import select
 import signal
 import sys
 from types import FrameType
@@ -62,3 +64,21 @@ def start_worker(title: str) -> int:
 def parent_alive(parent: int) -> bool:
     """False once the process that started us is gone (we were re-parented)."""
     return os.getppid() == parent
+
+
+def read_job_token(timeout: float = 5.0) -> str:
+    """The job token the supervisor wrote to our stdin, or "" if there is none.
+
+    The supervisor writes one line of hex and closes the pipe right after the spawn
+    (see ``Engine._spawn``); a few bytes to a fresh pipe arrive in one piece, so one
+    read after ``select`` gets them. Stdin that is not a pipe from the supervisor
+    (/dev/null, a terminal) gives "" after at most ``timeout`` seconds: the worker then
+    runs, but the supervisor refuses its reports.
+    """
+    try:
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], timeout)
+        data = os.read(sys.stdin.fileno(), 130) if ready else b""
+    except (OSError, ValueError):
+        return ""
+    token = data.decode("ascii", "replace").strip()
+    return token if re.fullmatch(r"[0-9a-f]{1,64}", token) else ""
