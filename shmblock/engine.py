@@ -989,6 +989,8 @@ class Engine:
     def _require_open(self) -> None:
         if self._closed:
             raise StateError("the engine is closed", "closed", ("open",))
+        if failure := self._pump_failure():
+            raise PeerGone(f"this engine cannot run anything any more: {failure}")
 
     def close(self) -> None:
         """Stop every process and remove every shared object of the run. Idempotent."""

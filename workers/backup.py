@@ -165,7 +165,9 @@ class BackupWorker:
             if not parent_alive(self.parent):
                 raise JobEnded(protocol.JobFailed(job=self.job, error="the supervisor died"))
             msg = self.inbox.receive(0.2)
-            if isinstance(msg, protocol.JobStart):
+            # The device's queue outlives jobs: a JobStart left by an earlier job whose
+            # worker died before reading it must not start this one before its snapshot.
+            if isinstance(msg, protocol.JobStart) and msg.job == self.job:
                 self.sync = msg.sync
                 self.speed = msg.speed
                 return
