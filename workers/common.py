@@ -53,12 +53,43 @@ def start_worker(title: str) -> int:
         print(f"{title}: the supervisor (pid {expected}) died before this worker started",
               file=sys.stderr)
         raise SystemExit(1)
+    level = os.environ.get("SHMBLOCK_LOG", "WARNING").upper()
     logging.basicConfig(
-        level=os.environ.get("SHMBLOCK_LOG", "WARNING").upper(),
+        level=level,
         format=f"%(asctime)s {title}: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if level != "DEBUG":
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(OncePerProblem())
     return parent
+
+
+class OncePerProblem(logging.Filter):
+    """Let each kind of problem through once; drop its repeats.
+
+    A writer whose guest writes are refused logs one warning per write, thousands a
+    second, and a backup worker one per unanswerable request: stderr must stay one line
+    per problem. A problem is the message template (before %-formatting) and the types
+    of the exceptions in its arguments, so "write at %d failed: %s" with a timeout and
+    with a target error are two problems, and the offsets do not matter. The counts
+    are not lost: they are in the writer statistics of the run summary. SHMBLOCK_LOG=
+    DEBUG shows every line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str, tuple[str, ...]]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        key = (record.name, str(record.msg),
+               tuple(type(a).__name__ for a in args if isinstance(a, BaseException)))
+        if key in self.seen:
+            return False
+        if len(self.seen) < 10_000:  # a bound, whatever the templates
+            self.seen.add(key)
+        return True
 
 
 def parent_alive(parent: int) -> bool:
