@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from shmblock.cleanup import cleanup
 from shmblock.copier import SYNC_MODES
 from shmblock.engine import MAX_SPEED, BackupJob, Engine
-from shmblock.errors import ShmblockError, UsageError
+from shmblock.errors import ShmblockError, StateError, UsageError
 from shmblock.guest import WORKLOADS
 from shmblock.job import JobResult
 from shmblock.layout import CBW_MODES, ON_CBW_ERROR
@@ -310,7 +310,12 @@ def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
         sleep_showing(started + args.backup_at - time.monotonic() if args.writers else 0,
                       "writers running", bar)
         snapshot_at_s = time.monotonic() - started
-        job.start()
+        try:
+            job.start()
+        except StateError:
+            # Its worker died before the snapshot: the job's result says how.
+            if not job.tracker.concluded:
+                raise
         timing = {"backup_at_s": args.backup_at, "snapshot_at_s": snapshot_at_s,
                   "writers_start_s": started - t0,
                   "backup_at_honoured": not args.writers

@@ -798,6 +798,14 @@ class Engine:
             raise
         with contextlib.suppress(StateError):  # the worker may have failed already
             job.tracker.apply("start", "running")
+        if job.tracker.concluded:
+            # The worker ended (died) while the snapshot was taken; its end may have
+            # been handled before the maps were set, and nobody would copy them now.
+            with job._end_lock:
+                if ctl[L.CTL_JOB_ACTIVE] and int(ctl[L.CTL_JOB_SEQ]) == job.seq:
+                    dev.needs_copy[:] = 0
+                    dev.slot_state[:] = L.SLOT_FREE
+                    ctl[L.CTL_JOB_ACTIVE] = 0
 
     def _end_job(self, job: BackupJob, outcome: Outcome) -> None:
         """Make sure a job that ends with ``outcome`` leaves writers free and no partial file.

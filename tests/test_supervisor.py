@@ -24,6 +24,7 @@ from shmblock import layout as L
 from shmblock.engine import STUCK_MARGIN, Engine
 from shmblock.errors import PeerGone
 from shmblock.job import Outcome
+from shmblock.verify import SnapshotCapture
 from tests.procs import MiB, assert_same_image, pid_gone, unthrottle, wait_until
 
 
@@ -186,3 +187,30 @@ def test_a_stale_jobstart_does_not_start_the_next_job(tmp_path: Path) -> None:
         result = job.wait(30.0)
     assert result.outcome is Outcome.COMPLETED, result.error
     assert result.verified is True, result.verify_error
+
+
+def test_a_worker_that_dies_during_the_snapshot_leaves_no_map(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pump concludes the job (worker died) while the maps are being set: the
+    snapshot must not leave clusters marked that no worker will ever copy."""
+    real = SnapshotCapture.capture
+
+    def slow_capture(self: SnapshotCapture) -> None:
+        time.sleep(0.5)  # inside the freeze, before the job is marked active
+        real(self)
+
+    monkeypatch.setattr(SnapshotCapture, "capture", slow_capture)
+    with Engine() as engine:
+        dev = engine.create_device(4 * MiB)
+        job = engine.create_backup(dev, str(tmp_path / "b.raw"), verify=True)
+        job.proc.kill()
+        job.proc.wait(10)
+        job.start()
+        result = job.wait(15.0)
+        assert result.outcome is Outcome.FAILED
+        assert "died" in result.error, result.error
+        assert int(dev.device.ctl[L.CTL_JOB_ACTIVE]) == 0
+        assert not dev.device.needs_copy.any()
+        t0 = time.monotonic()
+        dev.write(0, b"\x01" * 4096)
+        assert time.monotonic() - t0 < 0.5  # no copy-before-write wait for a dead job
