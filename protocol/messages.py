@@ -208,8 +208,9 @@ ClusterCount = Annotated[int, IntRange(1, 2**31)]
 Bool = Annotated[bool, Flag()]
 JobId = Annotated[str, Token(r"[A-Za-z0-9_.-]{1,64}", 64, "1..64 characters of [A-Za-z0-9_.-]")]
 ErrorText = Annotated[str, Text(MAX_TEXT_CHARS)]
-#: The job's secret: the supervisor hands it to the job's worker at spawn (through a
-#: pipe, never argv or the environment) and accepts a job's outcome only with it.
+#: A worker's secret: the supervisor hands it to each worker at spawn (through a pipe,
+#: never argv or the environment) and accepts a job's outcome, or a writer's Frozen,
+#: only with it.
 JobToken = Annotated[str, Token(r"[0-9a-f]{0,64}", 64, "0..64 lowercase hex digits")]
 Role = Annotated[str, OneOf("writer", "backup")]
 SyncMode = Annotated[str, OneOf("full", "top", "none", "incremental")]
@@ -303,6 +304,7 @@ class Frozen(_MessageBase):
     code: ClassVar[int] = 2
     epoch: U63
     writer: WriterIndex
+    token: JobToken = ""
 
 
 @_message

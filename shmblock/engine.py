@@ -98,6 +98,7 @@ class WriterProcess:
     proc: subprocess.Popen[bytes]
     control: Queue
     reply: Queue
+    token: str = field(default="", repr=False)  # its secret; its Frozen must carry it
     ready: bool = False
     done: bool = False
     ok: bool = True
@@ -408,7 +409,7 @@ class Engine:
         self._epoch = itertools.count(1)
         self._job_ids = itertools.count(1)
         self._frozen: set[tuple[int, int]] = set()  # (epoch, writer) that answered
-        self._freezing: set[int] = set()  # epochs of the freezes in progress
+        self._freezing: dict[int, DeviceHandle] = {}  # epoch → device, freezes in progress
         self._ready: dict[tuple[str, int], int] = {}
         self._pending_failures: dict[str, str] = {}
         # job id → the secret its worker got on stdin; Job* messages must carry it.
@@ -514,12 +515,13 @@ class Engine:
                                          WRITER_CONTROL_RECEIVES, small=True)
             reply = self._create_queue(self.names.writer_reply_queue(device.name, ident),
                                        WRITER_REPLY_RECEIVES, small=True)
+            token = secrets.token_hex(16)
             proc = self._spawn("workers.guest", [
                 "--meta", device.device.meta_name, "--device", device.name, "--id", str(ident),
                 "--workload", workload, "--block-size", str(block_size),
                 "--seed", str(seed * 1000 + ident), "--rate", str(rate),
-                "--duration", str(duration), "--ops", str(ops)])
-            writer = WriterProcess(ident, device, proc, control, reply)
+                "--duration", str(duration), "--ops", str(ops)], secret=token)
+            writer = WriterProcess(ident, device, proc, control, reply, token)
             self.writers.append(writer)
             started.append(writer)
         self._next_writer[device.name] = first + count
@@ -616,7 +618,7 @@ class Engine:
         """
         epochs = {h: next(self._epoch) for h in devices}
         with self._cond:
-            self._freezing.update(epochs.values())
+            self._freezing.update({epoch: h for h, epoch in epochs.items()})
         gates = [h.gate for h in devices]
         for g in gates:
             g.acquire()
@@ -649,7 +651,8 @@ class Engine:
                 with contextlib.suppress(ShmblockError):
                     w.control.send(protocol.Thaw(epoch=epochs[w.device]), timeout=1.0)
             with self._cond:
-                self._freezing.difference_update(epochs.values())
+                for epoch in epochs.values():
+                    self._freezing.pop(epoch, None)
                 self._frozen = {k for k in self._frozen if k[0] not in epochs.values()}
             for g in gates:
                 g.release()
@@ -895,13 +898,22 @@ class Engine:
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Frozen):
             with self._cond:
-                if msg.epoch in self._freezing:
+                device = self._freezing.get(msg.epoch)
+                writer = next((w for w in self.writers
+                               if w.device is device and w.ident == msg.writer), None)
+                # Only the writer itself knows its token: a Frozen forged by another
+                # process would let the snapshot start while that writer still writes.
+                if writer is not None and hmac.compare_digest(msg.token, writer.token):
                     self._frozen.add((msg.epoch, msg.writer))
                     self._cond.notify_all()
                     return
-            # Late (its freeze gave up) or never asked for: counting it could let a
-            # later freeze skip a writer that is still writing.
-            self._reject(msg, f"epoch {msg.epoch} is not being frozen")
+            if device is None:
+                # Late (its freeze gave up) or never asked for: counting it could let a
+                # later freeze skip a writer that is still writing.
+                self._reject(msg, f"epoch {msg.epoch} is not being frozen")
+            else:
+                self._reject(msg, f"it is not from writer {msg.writer} of {device.name} "
+                                  "(no such writer, or not its token)")
         elif isinstance(msg, protocol.Ready):
             with self._cond:
                 self._ready[(msg.role, msg.ident)] = msg.pid

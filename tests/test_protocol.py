@@ -93,7 +93,7 @@ def _writer_done(writer: int, outcome: tuple[bool, str]) -> WriterDone:
 
 STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Freeze: st.builds(Freeze, u63),
-    Frozen: st.builds(Frozen, u63, writers),
+    Frozen: st.builds(Frozen, u63, writers, tokens),
     Thaw: st.builds(Thaw, u63),
     CopyRequest: st.builds(_copy_request, writers, u63, cluster_ranges()),
     CopyDone: st.builds(_copy_done, u63, cluster_ranges(), outcomes()),
@@ -124,7 +124,7 @@ BIG_COUNT = 2**31
 BIG_CLUSTER = 2**63 - BIG_COUNT  # still 9 bytes on the wire, and cluster + count fits
 MAXIMAL: list[Message] = [
     Freeze(U63_MAX),
-    Frozen(U63_MAX, 4095),
+    Frozen(U63_MAX, 4095, LONGEST_TOKEN),
     Thaw(U63_MAX),
     CopyRequest(4095, U63_MAX, BIG_CLUSTER, BIG_COUNT),
     CopyDone(U63_MAX, BIG_CLUSTER, BIG_COUNT, False, LONGEST_TEXT),

@@ -13,19 +13,24 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import posix_ipc
 import pytest
 
 import protocol
 from shmblock import layout as L
+from shmblock import stats as S
 from shmblock.engine import STUCK_MARGIN, Engine
 from shmblock.errors import PeerGone
 from shmblock.job import Outcome
 from shmblock.verify import SnapshotCapture
-from tests.procs import MiB, assert_same_image, pid_gone, unthrottle, wait_until
+from tests.procs import MiB, assert_same_image, pid_gone, stopped, unthrottle, wait_until
 
 
 def forge(queue_name: str, msg: protocol.Message) -> None:
@@ -194,18 +199,21 @@ def test_a_worker_that_dies_during_the_snapshot_leaves_no_map(
     """The pump concludes the job (worker died) while the maps are being set: the
     snapshot must not leave clusters marked that no worker will ever copy."""
     real = SnapshotCapture.capture
+    victim: list[int] = []
 
-    def slow_capture(self: SnapshotCapture) -> None:
-        time.sleep(0.5)  # inside the freeze, before the job is marked active
+    def capture_while_the_worker_dies(self: SnapshotCapture) -> None:
+        # Inside the freeze, before the job is marked active.
+        os.kill(victim[0], signal.SIGKILL)
+        time.sleep(0.5)  # the pump sees the death and concludes the job meanwhile
         real(self)
 
-    monkeypatch.setattr(SnapshotCapture, "capture", slow_capture)
+    monkeypatch.setattr(SnapshotCapture, "capture", capture_while_the_worker_dies)
     with Engine() as engine:
         dev = engine.create_device(4 * MiB)
         job = engine.create_backup(dev, str(tmp_path / "b.raw"), verify=True)
-        job.proc.kill()
-        job.proc.wait(10)
+        victim.append(job.proc.pid)
         job.start()
+        assert job.tracker.concluded
         result = job.wait(15.0)
         assert result.outcome is Outcome.FAILED
         assert "died" in result.error, result.error
@@ -214,3 +222,46 @@ def test_a_worker_that_dies_during_the_snapshot_leaves_no_map(
         t0 = time.monotonic()
         dev.write(0, b"\x01" * 4096)
         assert time.monotonic() - t0 < 0.5  # no copy-before-write wait for a dead job
+
+
+def test_a_forged_frozen_during_a_freeze_does_not_stand_for_the_writer() -> None:
+    """A process of the user that watches the epoch word and answers Frozen for a
+    stopped writer must not let the snapshot start while that writer can still write."""
+    with Engine() as engine:
+        dev = engine.create_device(16 * MiB, max_writers=1)
+        (writer,) = engine.start_writers(dev, 1, workload="random", duration=60.0, seed=8)
+        wait_until(lambda: bool(dev.device.stats[0, S.W_OPS] > 0), 10.0, what="writes")
+        before = int(dev.device.ctl[L.CTL_EPOCH])
+        forged = threading.Event()
+
+        def forger() -> None:
+            # The meta segment is the user's: another of their processes can read it.
+            deadline = time.monotonic() + 10.0
+            while int(dev.device.ctl[L.CTL_EPOCH]) == before:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.0005)
+            epoch = int(dev.device.ctl[L.CTL_EPOCH])
+            forge(engine.names.supervisor_queue, protocol.Frozen(epoch=epoch, writer=0))
+            forge(engine.names.supervisor_queue,
+                  protocol.Frozen(epoch=epoch, writer=0, token="ab" * 16))
+            forged.set()
+
+        with stopped(writer.pid):
+            thread = threading.Thread(target=forger)
+            thread.start()
+            resume = threading.Timer(1.0, os.kill, (writer.pid, signal.SIGCONT))
+            resume.start()
+            t0 = time.monotonic()
+            with engine.freeze([dev]):
+                waited = time.monotonic() - t0
+                first = dev.device.data.copy()
+                time.sleep(0.1)
+                second = dev.device.data.copy()
+            resume.join()
+            thread.join()
+        assert forged.is_set()
+        assert waited >= 0.9, "the freeze took the forged Frozen for the writer's"
+        assert np.array_equal(first, second), "a write landed during the freeze"
+        assert engine.sup.rejected == 2
+        assert writer.alive

@@ -70,11 +70,11 @@ class OncePerProblem(logging.Filter):
 
     A writer whose guest writes are refused logs one warning per write, thousands a
     second, and a backup worker one per unanswerable request: stderr must stay one line
-    per problem. A problem is the message template (before %-formatting) and the types
-    of the exceptions in its arguments, so "write at %d failed: %s" with a timeout and
-    with a target error are two problems, and the offsets do not matter. The counts
-    are not lost: they are in the writer statistics of the run summary. SHMBLOCK_LOG=
-    DEBUG shows every line.
+    per problem. A problem is the message template (before %-formatting) with its
+    string arguments (a queue's name) and the types of its other arguments, so "write
+    at %d failed: %s" with a timeout and with a target error are two problems, and the
+    offsets do not matter. The counts are not lost: they are in the writer statistics
+    of the run summary. SHMBLOCK_LOG=DEBUG shows every line.
     """
 
     def __init__(self) -> None:
@@ -84,7 +84,7 @@ class OncePerProblem(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         key = (record.name, str(record.msg),
-               tuple(type(a).__name__ for a in args if isinstance(a, BaseException)))
+               tuple(a[:100] if isinstance(a, str) else type(a).__name__ for a in args))
         if key in self.seen:
             return False
         if len(self.seen) < 10_000:  # a bound, whatever the templates

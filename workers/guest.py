@@ -24,7 +24,7 @@ from shmblock.guest import WORKLOADS, GuestIO
 from shmblock.names import RunNames
 from shmblock.stats import W_FREEZES
 from shmblock.transport import Queue
-from workers.common import Terminated, parent_alive, start_worker
+from workers.common import Terminated, parent_alive, read_job_token, start_worker
 from workers.workloads import batches
 
 log = logging.getLogger("shmblock.guest")
@@ -50,6 +50,7 @@ class GuestWriter:
                           on_epoch=self.service_control)
         self.stop = False
         self.freezes = 0
+        self.token = ""  # our secret, from stdin: the supervisor wants it on Frozen
 
     # -- control ------------------------------------------------------------------------
 
@@ -66,7 +67,8 @@ class GuestWriter:
             msg = self.control.receive(0.0)
 
     def frozen(self, epoch: int) -> None:
-        self.sup.send(protocol.Frozen(epoch=epoch, writer=self.ident), timeout=5.0)
+        self.sup.send(protocol.Frozen(epoch=epoch, writer=self.ident, token=self.token),
+                      timeout=5.0)
         self.freezes += 1
         self.device.stats[self.ident, W_FREEZES] = self.freezes
         deadline = time.monotonic() + FREEZE_TIMEOUT
@@ -150,10 +152,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     parent = start_worker(f"shmblock: guest-writer {args.id} run={args.run}")
+    token = read_job_token()
     writer: GuestWriter | None = None
     ok, error = True, ""
     try:
         writer = GuestWriter(args, parent)
+        writer.token = token
         writer.sup.send(protocol.Ready(role="writer", ident=args.id, pid=os.getpid()),
                         timeout=5.0)
         writer.run()
