@@ -42,9 +42,10 @@ A snapshot is taken by sending ``Freeze(epoch)`` to every writer and waiting for
 to overwrite a cluster the job still needs sends ``CopyRequest`` (or stages the old data
 itself and rings ``Staged``) and the worker answers ``CopyDone`` with the same ``seq``.
 The job ends with exactly one of ``JobCompleted``, ``JobFailed`` or ``JobCancelled``.
-Every ``Job*`` message from the worker carries the job's ``token``, a secret only the
-supervisor and that worker know: any process of the user can write to the supervisor's
-queue, but only the worker can report the job's progress or end it.
+Every ``Job*`` message from the worker, and every ``Frozen`` from a writer, carries the
+sender's ``token``, a secret only the supervisor and that process know: any process of
+the user can write to the supervisor's queue, but only the worker can report the job's
+progress or end it, and only the writer can say it is frozen.
 
 Field rules
 ===========
