@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from shmblock.engine import STUCK_MARGIN, Engine
 from shmblock.errors import PeerGone
 from shmblock.job import Outcome
 from shmblock.verify import SnapshotCapture
+from tests.nbd_servers import OldNbdServer, server_group
 from tests.procs import MiB, assert_same_image, pid_gone, stopped, unthrottle, wait_until
 
 
@@ -265,3 +268,34 @@ def test_a_forged_frozen_during_a_freeze_does_not_stand_for_the_writer() -> None
         assert np.array_equal(first, second), "a write landed during the freeze"
         assert engine.sup.rejected == 2
         assert writer.alive
+
+
+class HungNbdServer(OldNbdServer):
+    """Completes the handshake, then reads requests and never answers one."""
+
+    keeps_connections = True
+
+    def _transmission(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            while not self._stop.is_set():
+                header = self.recv_exact(conn, 28)
+                length = int.from_bytes(header[24:28], "big")
+                if int.from_bytes(header[6:8], "big") == 1:  # NBD_CMD_WRITE: its payload
+                    self.recv_exact(conn, length)
+
+
+def test_a_hung_target_is_blamed_on_the_target(tmp_path: Path) -> None:
+    """A server that stops answering fails the job with the worker's own report naming
+    the server, not as a 'stuck worker' killed by the supervisor."""
+    with server_group(tmp_path) as servers:
+        fake = servers.add_fake(HungNbdServer(tmp_path / "hung.sock", 8 * MiB))
+        with Engine() as engine:
+            dev = engine.create_device(8 * MiB)
+            dev.fill(1.0)
+            job = engine.backup(dev, fake.uri, format="nbd", target_timeout=2.0)
+            assert job.stuck_timeout > 2 * 2.0
+            result = job.wait(60.0)
+    assert result.outcome is Outcome.FAILED
+    assert "did not answer within 2 s" in result.error, result.error
+    assert str(tmp_path / "hung.sock") in result.error or "NBD" in result.error, result.error
+    assert "stopped responding" not in result.error
