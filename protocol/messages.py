@@ -45,7 +45,9 @@ The job ends with exactly one of ``JobCompleted``, ``JobFailed`` or ``JobCancell
 Every ``Job*`` message from the worker, and every ``Frozen`` from a writer, carries the
 sender's ``token``, a secret only the supervisor and that process know: any process of
 the user can write to the supervisor's queue, but only the worker can report the job's
-progress or end it, and only the writer can say it is frozen.
+progress or end it, and only the writer can say it is frozen. The job's control
+messages (``JobStart``, ``Pause``, ``Resume``, ``Cancel``, ``SetSpeed``, ``Complete``)
+carry the job's token the other way: only the supervisor can steer the job.
 
 Field rules
 ===========
@@ -381,6 +383,7 @@ class JobStart(_MessageBase):
     job: JobId
     sync: SyncMode
     speed: U63
+    token: JobToken = ""
 
 
 @_message
@@ -440,6 +443,7 @@ class Pause(_MessageBase):
 
     code: ClassVar[int] = 13
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -449,6 +453,7 @@ class Resume(_MessageBase):
 
     code: ClassVar[int] = 14
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -458,6 +463,7 @@ class Cancel(_MessageBase):
 
     code: ClassVar[int] = 15
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -468,6 +474,7 @@ class SetSpeed(_MessageBase):
     code: ClassVar[int] = 16
     job: JobId
     speed: U63
+    token: JobToken = ""
 
 
 @_message
@@ -477,6 +484,7 @@ class Complete(_MessageBase):
 
     code: ClassVar[int] = 17
     job: JobId
+    token: JobToken = ""
 
 
 @_message

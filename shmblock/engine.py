@@ -269,6 +269,7 @@ class BackupJob:
     cbw_timeout: float = 5.0
     on_cbw_error: str = "break-guest-write"
     seq: int = 0  # the device's CTL_JOB_SEQ of this job's snapshot (0: never started)
+    token: str = field(default="", repr=False)  # the secret shared with its worker
     _final_lock: threading.Lock = field(default_factory=threading.Lock)
     _end_lock: threading.Lock = field(default_factory=threading.Lock)
     _ended: bool = False
@@ -291,12 +292,12 @@ class BackupJob:
     def pause(self) -> None:
         """Stop background copying; copy-before-write goes on. Only a running job."""
         self.tracker.apply("pause", "paused")
-        self._send(protocol.Pause(job=self.job))
+        self._send(protocol.Pause(job=self.job, token=self.token))
 
     def resume(self) -> None:
         """Resume background copying of a paused job (StateError in any other state)."""
         self.tracker.apply("resume", "resumed")
-        self._send(protocol.Resume(job=self.job))
+        self._send(protocol.Resume(job=self.job, token=self.token))
 
     def set_speed(self, speed: int) -> None:
         """Limit background copying to ``speed`` bytes per second (0 = unlimited)."""
@@ -305,20 +306,20 @@ class BackupJob:
             raise StateError("cannot set the speed of a concluded job", "concluded",
                              ("created", "running", "paused"))
         self.speed = speed  # a created job's JobStart carries it too
-        self._send(protocol.SetSpeed(job=self.job, speed=speed))
+        self._send(protocol.SetSpeed(job=self.job, speed=speed, token=self.token))
         self.tracker.note("speed", speed=speed)
 
     def cancel(self) -> None:
         """Ask the job to stop; the target is discarded. Wait with :meth:`wait`."""
         if not self.tracker.concluded:
             with contextlib.suppress(PeerGone):
-                self._send(protocol.Cancel(job=self.job))
+                self._send(protocol.Cancel(job=self.job, token=self.token))
 
     def complete(self) -> None:
         """Finish a ``sync=none`` job now (the target keeps what was saved)."""
         if self.sync != "none":
             raise UsageError("only a sync=none job is completed on request")
-        self._send(protocol.Complete(job=self.job))
+        self._send(protocol.Complete(job=self.job, token=self.token))
 
     # -- observation ----------------------------------------------------------------
 
@@ -733,7 +734,7 @@ class Engine:
         job = BackupJob(self, job_id, device, spec, sync, proc, queue, tracker, speed=speed,
                         cbw_mode=cbw_mode, cbw_timeout=cbw_timeout, on_cbw_error=on_cbw_error,
                         stuck_timeout=self.stuck_timeout if self.stuck_timeout is not None
-                        else 2 * target_timeout + STUCK_MARGIN)
+                        else 2 * target_timeout + STUCK_MARGIN, token=token)
         self.jobs[job_id] = job
         if not self._wait_ready("backup", 0, proc, time.monotonic() + READY_TIMEOUT):
             reason = self._pending_failures.pop(job_id, "") or self._pump_failure()
@@ -759,7 +760,7 @@ class Engine:
         capture = job.capture
         # Built before the freeze: a message that cannot be built (a bad speed) must
         # fail before the snapshot, not leave a snapshot that no worker copies.
-        start = protocol.JobStart(job=job.job, sync=job.sync, speed=job.speed)
+        start = protocol.JobStart(job=job.job, sync=job.sync, speed=job.speed, token=job.token)
         try:
             t0 = time.monotonic()
             copy_s = 0.0

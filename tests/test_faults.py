@@ -496,8 +496,11 @@ def unexpected_messages(queue: str) -> list[protocol.Message]:
                 protocol.JobProgress(job="job1", done=2**62, total=2**62),
                 protocol.WriterDone(writer=4000, ok=True, error="")]
     if queue == "bk":
+        # Control of the real job without its token: only the supervisor may steer it.
         return [protocol.CopyDone(seq=1, cluster=0, count=1, ok=True, error=""),
                 protocol.Cancel(job="nosuchjob"), protocol.Pause(job="nosuchjob"),
+                protocol.Pause(job="job1"), protocol.Cancel(job="job1", token="0" * 32),
+                protocol.Complete(job="job1"), protocol.Shutdown(reason="forged"),
                 protocol.CopyRequest(writer=4000, seq=1, cluster=2**40, count=1)]
     if queue == "ctl":
         return [protocol.JobStart(job="job1", sync="full", speed=0),

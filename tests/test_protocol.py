@@ -100,17 +100,17 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Staged: st.builds(Staged, writers),
     Ready: st.builds(Ready, st.sampled_from(["writer", "backup"]), u63, pids),
     JobStart: st.builds(
-        JobStart, jobs, st.sampled_from(["full", "top", "none", "incremental"]), u63
+        JobStart, jobs, st.sampled_from(["full", "top", "none", "incremental"]), u63, tokens
     ),
     JobProgress: st.builds(JobProgress, jobs, u63, u63, tokens),
     JobCompleted: st.builds(JobCompleted, jobs, u63, u63, u63, tokens),
     JobFailed: st.builds(JobFailed, jobs, texts, tokens),
     JobCancelled: st.builds(JobCancelled, jobs, tokens),
-    Pause: st.builds(Pause, jobs),
-    Resume: st.builds(Resume, jobs),
-    Cancel: st.builds(Cancel, jobs),
-    SetSpeed: st.builds(SetSpeed, jobs, u63),
-    Complete: st.builds(Complete, jobs),
+    Pause: st.builds(Pause, jobs, tokens),
+    Resume: st.builds(Resume, jobs, tokens),
+    Cancel: st.builds(Cancel, jobs, tokens),
+    SetSpeed: st.builds(SetSpeed, jobs, u63, tokens),
+    Complete: st.builds(Complete, jobs, tokens),
     Shutdown: st.builds(Shutdown, texts),
     WriterDone: st.builds(_writer_done, writers, outcomes()),
 }
@@ -130,16 +130,16 @@ MAXIMAL: list[Message] = [
     CopyDone(U63_MAX, BIG_CLUSTER, BIG_COUNT, False, LONGEST_TEXT),
     Staged(4095),
     Ready("backup", U63_MAX, 2**31 - 1),
-    JobStart(LONGEST_JOB, "incremental", U63_MAX),
+    JobStart(LONGEST_JOB, "incremental", U63_MAX, LONGEST_TOKEN),
     JobProgress(LONGEST_JOB, U63_MAX, U63_MAX, LONGEST_TOKEN),
     JobCompleted(LONGEST_JOB, U63_MAX, U63_MAX, U63_MAX, LONGEST_TOKEN),
     JobFailed(LONGEST_JOB, LONGEST_TEXT, LONGEST_TOKEN),
     JobCancelled(LONGEST_JOB, LONGEST_TOKEN),
-    Pause(LONGEST_JOB),
-    Resume(LONGEST_JOB),
-    Cancel(LONGEST_JOB),
-    SetSpeed(LONGEST_JOB, U63_MAX),
-    Complete(LONGEST_JOB),
+    Pause(LONGEST_JOB, LONGEST_TOKEN),
+    Resume(LONGEST_JOB, LONGEST_TOKEN),
+    Cancel(LONGEST_JOB, LONGEST_TOKEN),
+    SetSpeed(LONGEST_JOB, U63_MAX, LONGEST_TOKEN),
+    Complete(LONGEST_JOB, LONGEST_TOKEN),
     Shutdown(LONGEST_TEXT),
     WriterDone(4095, False, LONGEST_TEXT),
 ]
@@ -173,7 +173,8 @@ def test_field_names_and_order() -> None:
     assert names(CopyRequest) == ("writer", "seq", "cluster", "count")
     assert names(CopyDone) == ("seq", "cluster", "count", "ok", "error")
     assert names(Ready) == ("role", "ident", "pid")
-    assert names(JobStart) == ("job", "sync", "speed")
+    assert names(JobStart) == ("job", "sync", "speed", "token")
+    assert names(Cancel) == ("job", "token")
     assert names(JobCompleted) == ("job", "bytes_written", "clusters_copied", "cbw_clusters",
                                    "token")
     assert names(JobFailed) == ("job", "error", "token")
@@ -270,7 +271,7 @@ GOLDEN: list[tuple[Message, str]] = [
         "97010507cf0000000100000000ce80000000c2a345494f",
     ),
     (Ready("backup", 0, 4242), "950107a66261636b757000cd1092"),
-    (JobStart("job-1", "full", 0), "950108a56a6f622d31a466756c6c00"),
+    (JobStart("job-1", "full", 0), "960108a56a6f622d31a466756c6c00a0"),
     (JobProgress("b.1", U63_MAX, 300), "960109a3622e31cf7fffffffffffffffcd012ca0"),
     (JobCancelled("j", "0a"), "94010ca16aa23061"),
     (WriterDone(1, True, ""), "95011301c3a0"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hmac
 import logging
 import os
 import sys
@@ -93,9 +94,17 @@ class BackupWorker:
         elif isinstance(msg, protocol.Staged):
             pass  # the drain that follows every batch of messages picks it up
         elif isinstance(msg, protocol.Shutdown):
-            raise JobEnded(protocol.JobCancelled(job=self.job))
+            # The supervisor ends a job with Cancel, which carries the job's token; a
+            # Shutdown here can only come from someone else.
+            log.warning("ignoring Shutdown on the backup queue (a job ends with Cancel)")
         elif getattr(msg, "job", self.job) != self.job:
             log.warning("ignoring %s for another job", type(msg).__name__)
+        elif not hmac.compare_digest(getattr(msg, "token", ""), self.token):
+            # Anyone of this user can write to this queue; only the supervisor knows
+            # the job's token, so only it can pause, cancel or complete the job.
+            self.inbox.rejected += 1
+            log.warning("ignoring %s without this job's token on the backup queue",
+                        type(msg).__name__)
         elif isinstance(msg, protocol.Pause):
             self.paused = True
         elif isinstance(msg, protocol.Resume):
@@ -167,7 +176,8 @@ class BackupWorker:
             msg = self.inbox.receive(0.2)
             # The device's queue outlives jobs: a JobStart left by an earlier job whose
             # worker died before reading it must not start this one before its snapshot.
-            if isinstance(msg, protocol.JobStart) and msg.job == self.job:
+            if isinstance(msg, protocol.JobStart) and msg.job == self.job \
+                    and hmac.compare_digest(msg.token, self.token):
                 self.sync = msg.sync
                 self.speed = msg.speed
                 return
