@@ -47,7 +47,9 @@ sender's ``token``, a secret only the supervisor and that process know: any proc
 the user can write to the supervisor's queue, but only the worker can report the job's
 progress or end it, and only the writer can say it is frozen. The job's control
 messages (``JobStart``, ``Pause``, ``Resume``, ``Cancel``, ``SetSpeed``, ``Complete``)
-carry the job's token the other way: only the supervisor can steer the job.
+carry the job's token the other way, and ``Freeze``, ``Thaw`` and ``Shutdown`` the
+writer's: only the supervisor can steer a job or a writer (a forged ``Thaw`` would let
+a writer write in the middle of a snapshot).
 
 Field rules
 ===========
@@ -297,6 +299,7 @@ class Freeze(_MessageBase):
 
     code: ClassVar[int] = 1
     epoch: U63
+    token: JobToken = ""
 
 
 @_message
@@ -317,6 +320,7 @@ class Thaw(_MessageBase):
 
     code: ClassVar[int] = 3
     epoch: U63
+    token: JobToken = ""
 
 
 @_message
@@ -494,6 +498,7 @@ class Shutdown(_MessageBase):
 
     code: ClassVar[int] = 18
     reason: ErrorText
+    token: JobToken = ""
 
 
 @_message

@@ -577,7 +577,8 @@ class Engine:
         for w in self.writers:
             if w.alive:
                 with contextlib.suppress(ShmblockError):
-                    w.control.send(protocol.Shutdown(reason="stop"), timeout=0.5)
+                    w.control.send(protocol.Shutdown(reason="stop", token=w.token),
+                                   timeout=0.5)
         for h in self.devices.values():
             h.device.ctl[L.CTL_EPOCH] = next(self._epoch)
         if not self.wait_writers(timeout / 2):
@@ -627,7 +628,8 @@ class Engine:
         try:
             for w in self.writers:
                 if w.device in epochs and w.alive:
-                    w.control.send(protocol.Freeze(epoch=epochs[w.device]), timeout=1.0)
+                    w.control.send(protocol.Freeze(epoch=epochs[w.device], token=w.token),
+                                   timeout=1.0)
                     asked.append(w)
             # Bump the hint only after the messages are queued (see workers.guest).
             for h, epoch in epochs.items():
@@ -650,7 +652,8 @@ class Engine:
         finally:
             for w in asked:
                 with contextlib.suppress(ShmblockError):
-                    w.control.send(protocol.Thaw(epoch=epochs[w.device]), timeout=1.0)
+                    w.control.send(protocol.Thaw(epoch=epochs[w.device], token=w.token),
+                                   timeout=1.0)
             with self._cond:
                 for epoch in epochs.values():
                     self._freezing.pop(epoch, None)

@@ -92,9 +92,9 @@ def _writer_done(writer: int, outcome: tuple[bool, str]) -> WriterDone:
 
 
 STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
-    Freeze: st.builds(Freeze, u63),
+    Freeze: st.builds(Freeze, u63, tokens),
     Frozen: st.builds(Frozen, u63, writers, tokens),
-    Thaw: st.builds(Thaw, u63),
+    Thaw: st.builds(Thaw, u63, tokens),
     CopyRequest: st.builds(_copy_request, writers, u63, cluster_ranges()),
     CopyDone: st.builds(_copy_done, u63, cluster_ranges(), outcomes()),
     Staged: st.builds(Staged, writers),
@@ -111,7 +111,7 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Cancel: st.builds(Cancel, jobs, tokens),
     SetSpeed: st.builds(SetSpeed, jobs, u63, tokens),
     Complete: st.builds(Complete, jobs, tokens),
-    Shutdown: st.builds(Shutdown, texts),
+    Shutdown: st.builds(Shutdown, texts, tokens),
     WriterDone: st.builds(_writer_done, writers, outcomes()),
 }
 messages: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
@@ -123,9 +123,9 @@ LONGEST_TEXT = "\U0010ffff" * MAX_TEXT  # 4 UTF-8 bytes a character
 BIG_COUNT = 2**31
 BIG_CLUSTER = 2**63 - BIG_COUNT  # still 9 bytes on the wire, and cluster + count fits
 MAXIMAL: list[Message] = [
-    Freeze(U63_MAX),
+    Freeze(U63_MAX, LONGEST_TOKEN),
     Frozen(U63_MAX, 4095, LONGEST_TOKEN),
-    Thaw(U63_MAX),
+    Thaw(U63_MAX, LONGEST_TOKEN),
     CopyRequest(4095, U63_MAX, BIG_CLUSTER, BIG_COUNT),
     CopyDone(U63_MAX, BIG_CLUSTER, BIG_COUNT, False, LONGEST_TEXT),
     Staged(4095),
@@ -140,7 +140,7 @@ MAXIMAL: list[Message] = [
     Cancel(LONGEST_JOB, LONGEST_TOKEN),
     SetSpeed(LONGEST_JOB, U63_MAX, LONGEST_TOKEN),
     Complete(LONGEST_JOB, LONGEST_TOKEN),
-    Shutdown(LONGEST_TEXT),
+    Shutdown(LONGEST_TEXT, LONGEST_TOKEN),
     WriterDone(4095, False, LONGEST_TEXT),
 ]
 
@@ -264,7 +264,7 @@ def test_max_encoded_size_fits_a_queue_message() -> None:
 
 
 GOLDEN: list[tuple[Message, str]] = [
-    (Freeze(0), "93010100"),
+    (Freeze(0), "94010100a0"),
     (CopyRequest(3, 123456, 1000, 1), "96010403ce0001e240cd03e801"),
     (
         CopyDone(7, 2**32, 2**31, False, "EIO"),
@@ -275,7 +275,7 @@ GOLDEN: list[tuple[Message, str]] = [
     (JobProgress("b.1", U63_MAX, 300), "960109a3622e31cf7fffffffffffffffcd012ca0"),
     (JobCancelled("j", "0a"), "94010ca16aa23061"),
     (WriterDone(1, True, ""), "95011301c3a0"),
-    (Shutdown("bye"), "930112a3627965"),
+    (Shutdown("bye"), "940112a3627965a0"),
 ]
 
 
@@ -360,7 +360,7 @@ def test_encode_refuses_a_tampered_message() -> None:
     object.__setattr__(msg, "reason", "\udcff")  # bypasses the constructor's checks
     with pytest.raises(LocalProtocolError):
         encode(msg)
-    assert encode(Shutdown("still works")) == wire(1, 18, "still works")
+    assert encode(Shutdown("still works")) == wire(1, 18, "still works", "")
 
 
 # --- short_error ---------------------------------------------------------------------
@@ -420,13 +420,13 @@ def test_biggest_valid_message_is_far_below_the_limit() -> None:
         pytest.param(b"", id="empty"),
         pytest.param(b"\x93\x01\x01", id="truncated"),
         pytest.param(b"\xc1", id="never-used-byte"),
-        pytest.param(wire(1, 1, 0) + b"\x00", id="trailing-byte"),
-        pytest.param(wire(1, 1, 0) * 2, id="two-messages"),
+        pytest.param(wire(1, 1, 0, "") + b"\x00", id="trailing-byte"),
+        pytest.param(wire(1, 1, 0, "") * 2, id="two-messages"),
         pytest.param(msgpack.packb({}), id="empty-map"),
         pytest.param(msgpack.packb({1: 1, 2: 0}), id="map"),
         pytest.param(msgpack.packb(msgpack.ExtType(1, b"x")), id="ext"),
         pytest.param(msgpack.packb(msgpack.ExtType(1, b"")), id="empty-ext"),
-        pytest.param(wire(1, 1, msgpack.ExtType(1, b"")), id="ext-field"),
+        pytest.param(wire(1, 1, msgpack.ExtType(1, b""), ""), id="ext-field"),
         pytest.param(msgpack.packb(1), id="int"),
         pytest.param(wire(), id="empty-array"),
         pytest.param(wire(1), id="version-only"),
@@ -440,14 +440,14 @@ def test_biggest_valid_message_is_far_below_the_limit() -> None:
         pytest.param(wire(1, True, 0), id="code-true"),  # True == 1 == Freeze's code
         pytest.param(wire(1, 1.0, 0), id="code-float"),
         pytest.param(wire(1, 1), id="too-few-fields"),
-        pytest.param(wire(1, 1, 0, 0), id="too-many-fields"),
-        pytest.param(wire(1, 1, 2**63), id="int-2**63"),
-        pytest.param(wire(1, 1, 2**64 - 1), id="int-2**64-1"),
-        pytest.param(wire(1, 1, -1), id="int-negative"),
-        pytest.param(wire(1, 1, True), id="bool-for-int"),
-        pytest.param(wire(1, 1, 1.0), id="float-for-int"),
-        pytest.param(wire(1, 1, None), id="nil-for-int"),
-        pytest.param(wire(1, 1, [0]), id="array-for-int"),
+        pytest.param(wire(1, 1, 0, "", ""), id="too-many-fields"),
+        pytest.param(wire(1, 1, 2**63, ""), id="int-2**63"),
+        pytest.param(wire(1, 1, 2**64 - 1, ""), id="int-2**64-1"),
+        pytest.param(wire(1, 1, -1, ""), id="int-negative"),
+        pytest.param(wire(1, 1, True, ""), id="bool-for-int"),
+        pytest.param(wire(1, 1, 1.0, ""), id="float-for-int"),
+        pytest.param(wire(1, 1, None, ""), id="nil-for-int"),
+        pytest.param(wire(1, 1, [0], ""), id="array-for-int"),
         pytest.param(wire(1, 19, 0, 1, ""), id="int-for-bool"),
         pytest.param(wire(1, 19, 0, True, "ok but an error"), id="ok-with-error"),
         pytest.param(wire(1, 2, 0, 4096), id="writer-4096"),
@@ -455,19 +455,19 @@ def test_biggest_valid_message_is_far_below_the_limit() -> None:
         pytest.param(wire(1, 4, 0, 0, U63_MAX, 2), id="range-past-2**63"),
         pytest.param(wire(1, 7, "guest", 0, 1), id="bad-role"),
         pytest.param(wire(1, 7, "writer", 0, 0), id="pid-0"),
-        pytest.param(wire(1, 12, ""), id="empty-job"),
-        pytest.param(wire(1, 12, "J" * 65), id="job-65"),
-        pytest.param(wire(1, 12, "a b"), id="job-space"),
-        pytest.param(wire(1, 12, b"job"), id="bin-for-str"),
-        pytest.param(wire(1, 18, "x" * (MAX_TEXT + 1)), id="text-1025"),
-        pytest.param(wire(1, 18, "x" * 4097), id="str-over-max-str-len"),
+        pytest.param(wire(1, 12, "", ""), id="empty-job"),
+        pytest.param(wire(1, 12, "J" * 65, ""), id="job-65"),
+        pytest.param(wire(1, 12, "a b", ""), id="job-space"),
+        pytest.param(wire(1, 12, b"job", ""), id="bin-for-str"),
+        pytest.param(wire(1, 18, "x" * (MAX_TEXT + 1), ""), id="text-1025"),
+        pytest.param(wire(1, 18, "x" * 4097, ""), id="str-over-max-str-len"),
         pytest.param(b"\x93\x01\x12\xa1\xff", id="invalid-utf8"),
         pytest.param(b"\x93\x01\x12\xda\xff\xff", id="huge-declared-str"),
         pytest.param(b"\xdd\xff\xff\xff\xff", id="huge-declared-array"),
         pytest.param(b"\xdf\xff\xff\xff\xff", id="huge-declared-map"),
         pytest.param(b"\xc6\xff\xff\xff\xff", id="huge-declared-bin"),
         pytest.param(b"\x91" * 8000, id="deep-nesting"),
-        pytest.param(wire(1, 1, [[[[[0]]]]]), id="nested-field"),
+        pytest.param(wire(1, 1, [[[[[0]]]]], ""), id="nested-field"),
     ],
 )
 def test_garbage_raises_remote_error(data: bytes) -> None:
@@ -476,24 +476,24 @@ def test_garbage_raises_remote_error(data: bytes) -> None:
 
 
 def test_limits_on_the_wire_are_inclusive() -> None:
-    assert decode(wire(1, 1, U63_MAX)) == Freeze(U63_MAX)
-    assert decode(wire(1, 18, "x" * MAX_TEXT)) == Shutdown("x" * MAX_TEXT)
-    assert decode(wire(1, 18, LONGEST_TEXT)) == Shutdown(LONGEST_TEXT)
+    assert decode(wire(1, 1, U63_MAX, "")) == Freeze(U63_MAX)
+    assert decode(wire(1, 18, "x" * MAX_TEXT, "")) == Shutdown("x" * MAX_TEXT)
+    assert decode(wire(1, 18, LONGEST_TEXT, "")) == Shutdown(LONGEST_TEXT)
     assert decode(wire(1, 12, "J" * 64, "")) == JobCancelled("J" * 64)
     assert decode(wire(1, 12, "J", "f" * 64)) == JobCancelled("J", "f" * 64)
 
 
 def test_non_canonical_int_encoding_is_accepted() -> None:
     # uint 64 holding 5: valid msgpack, so the value counts, not the form.
-    assert decode(bytes.fromhex("930101cf0000000000000005")) == Freeze(5)
+    assert decode(bytes.fromhex("940101cf0000000000000005a0")) == Freeze(5)
 
 
 def test_remote_error_keeps_its_cause() -> None:
     with pytest.raises(RemoteProtocolError) as excinfo:
-        decode(wire(1, 1, 0) + b"\x00")
+        decode(wire(1, 1, 0, "") + b"\x00")
     assert isinstance(excinfo.value.__cause__, msgpack.ExtraData)
     with pytest.raises(RemoteProtocolError) as excinfo:
-        decode(wire(1, 1, -1))
+        decode(wire(1, 1, -1, ""))
     assert isinstance(excinfo.value.__cause__, LocalProtocolError)
 
 

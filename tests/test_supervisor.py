@@ -299,3 +299,32 @@ def test_a_hung_target_is_blamed_on_the_target(tmp_path: Path) -> None:
     assert "did not answer within 2 s" in result.error, result.error
     assert str(tmp_path / "hung.sock") in result.error or "NBD" in result.error, result.error
     assert "stopped responding" not in result.error
+
+
+def test_a_forged_thaw_does_not_let_a_writer_write_during_the_snapshot() -> None:
+    """Thaw (like Freeze and Shutdown) must carry the writer's token: a forged one for
+    the epoch being frozen would let the writer write in the middle of the snapshot."""
+    with Engine() as engine:
+        dev = engine.create_device(16 * MiB, max_writers=1)
+        (writer,) = engine.start_writers(dev, 1, workload="random", duration=60.0, seed=5)
+        wait_until(lambda: bool(dev.device.stats[0, S.W_OPS] > 0), 10.0, what="writes")
+        control = engine.names.writer_control_queue("dev0", 0)
+        with engine.freeze([dev]):
+            epoch = int(dev.device.ctl[L.CTL_EPOCH])
+            first = dev.device.data.copy()
+            forge(control, protocol.Thaw(epoch=epoch))
+            forge(control, protocol.Thaw(epoch=epoch, token="cd" * 16))
+            forge(control, protocol.Shutdown(reason="forged"))
+            time.sleep(0.5)
+            second = dev.device.data.copy()
+            mq = posix_ipc.MessageQueue(control)
+            try:
+                assert int(mq.current_messages) == 0  # the writer read the forgeries
+            finally:
+                mq.close()
+        assert np.array_equal(first, second), "the writer wrote during the freeze"
+        # It thaws with the real Thaw and writes on (the forged Shutdown was ignored).
+        before = int(dev.device.stats[0, S.W_OPS])
+        wait_until(lambda: int(dev.device.stats[0, S.W_OPS]) > before, 10.0,
+                   what="the writer to write again")
+        assert writer.alive

@@ -10,6 +10,7 @@ invariant 3). Statistics go to its row in shared memory as it runs.
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import os
 import sys
@@ -58,7 +59,10 @@ class GuestWriter:
         """Handle queued control messages; a Freeze blocks here until its Thaw."""
         msg = self.control.receive(wait)
         while msg is not None:
-            if isinstance(msg, protocol.Freeze):
+            if not hmac.compare_digest(getattr(msg, "token", ""), self.token):
+                # Anyone of this user can write here; only the supervisor has our token.
+                log.warning("ignoring %s without this writer's token", type(msg).__name__)
+            elif isinstance(msg, protocol.Freeze):
                 self.frozen(msg.epoch)
             elif isinstance(msg, protocol.Shutdown):
                 self.stop = True
@@ -74,6 +78,11 @@ class GuestWriter:
         deadline = time.monotonic() + FREEZE_TIMEOUT
         while time.monotonic() < deadline:
             msg = self.control.receive(0.2)
+            if msg is not None and not hmac.compare_digest(getattr(msg, "token", ""),
+                                                           self.token):
+                # A forged Thaw would let this writer write in the middle of a snapshot.
+                log.warning("ignoring %s without this writer's token", type(msg).__name__)
+                continue
             if isinstance(msg, protocol.Thaw) and msg.epoch == epoch:
                 return
             if isinstance(msg, protocol.Shutdown):
