@@ -482,9 +482,11 @@ class Engine:
             env=env, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
             start_new_session=False)
         if proc.stdin is not None:
-            # The job token goes through a pipe: argv is readable by every user in
-            # /proc, the environment by every process of ours. A write of a few bytes
-            # to a fresh pipe never blocks; a child that already died is its own error.
+            # The worker's token goes through a pipe: argv is readable by every user in
+            # /proc, the environment by every process of ours for the worker's whole
+            # life; the pipe is empty once the worker has read it. A write of a few
+            # bytes to a fresh pipe never blocks; a child that already died is its own
+            # error (it never says Ready).
             with contextlib.suppress(OSError):
                 proc.stdin.write(f"{secret}\n".encode())
             with contextlib.suppress(OSError):

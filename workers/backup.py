@@ -151,8 +151,8 @@ class BackupWorker:
         while msg is not None:
             try:
                 self.handle(msg)
-            except (JobEnded, TargetError):
-                raise  # the job's end, or a target failure that fails it
+            except (JobEnded, TargetError, Terminated):
+                raise  # the job's end, a target failure that fails it, or SIGTERM
             except Exception:
                 # One message must never kill the job: log it, count it, go on.
                 self.inbox.rejected += 1
