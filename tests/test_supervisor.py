@@ -31,6 +31,7 @@ from shmblock import stats as S
 from shmblock.engine import STUCK_MARGIN, Engine
 from shmblock.errors import PeerGone
 from shmblock.job import Outcome
+from shmblock.transport import WRITER_CONTROL_RECEIVES, WRITER_REPLY_RECEIVES
 from shmblock.verify import SnapshotCapture
 from tests.nbd_servers import OldNbdServer, server_group
 from tests.procs import MiB, assert_same_image, pid_gone, stopped, unthrottle, wait_until
@@ -328,3 +329,37 @@ def test_a_forged_thaw_does_not_let_a_writer_write_during_the_snapshot() -> None
         wait_until(lambda: int(dev.device.stats[0, S.W_OPS]) > before, 10.0,
                    what="the writer to write again")
         assert writer.alive
+
+
+def test_the_writer_loop_survives_an_error_handling_one_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers.guest in this process: a Freeze whose handling raises is logged and
+    counted; the next message is still handled."""
+    from workers import guest as writer_module
+
+    with Engine() as engine:
+        dev = engine.create_device(4 * MiB, max_writers=1)
+        names = engine.names
+        engine._create_queue(names.writer_control_queue("dev0", 0),
+                             WRITER_CONTROL_RECEIVES, small=True)
+        engine._create_queue(names.writer_reply_queue("dev0", 0),
+                             WRITER_REPLY_RECEIVES, small=True)
+        args = writer_module.parse_args([
+            "--meta", dev.device.meta_name, "--device", "dev0", "--run", names.run_id,
+            "--prefix", names.prefix, "--id", "0"])
+        writer = writer_module.GuestWriter(args, os.getppid())
+        try:
+            writer.token = "ab" * 16
+
+            def broken(epoch: int) -> None:
+                raise RuntimeError(f"a bug while freezing for {epoch}")
+
+            monkeypatch.setattr(writer, "frozen", broken)
+            control = names.writer_control_queue("dev0", 0)
+            forge(control, protocol.Freeze(epoch=7, token=writer.token))
+            forge(control, protocol.Shutdown(reason="stop", token=writer.token))
+            writer.service_control(1.0)
+            assert writer.control.rejected == 1
+            assert writer.stop  # the Shutdown after the failed Freeze was handled
+        finally:
+            writer.close()

@@ -59,15 +59,23 @@ class GuestWriter:
         """Handle queued control messages; a Freeze blocks here until its Thaw."""
         msg = self.control.receive(wait)
         while msg is not None:
-            if not hmac.compare_digest(getattr(msg, "token", ""), self.token):
-                # Anyone of this user can write here; only the supervisor has our token.
-                log.warning("ignoring %s without this writer's token", type(msg).__name__)
-            elif isinstance(msg, protocol.Freeze):
-                self.frozen(msg.epoch)
-            elif isinstance(msg, protocol.Shutdown):
-                self.stop = True
-            elif not isinstance(msg, protocol.Thaw):
-                log.warning("unexpected %s on the control queue", type(msg).__name__)
+            try:
+                if not hmac.compare_digest(getattr(msg, "token", ""), self.token):
+                    # Anyone of this user can write here; only the supervisor has our token.
+                    log.warning("ignoring %s without this writer's token",
+                                type(msg).__name__)
+                elif isinstance(msg, protocol.Freeze):
+                    self.frozen(msg.epoch)
+                elif isinstance(msg, protocol.Shutdown):
+                    self.stop = True
+                elif not isinstance(msg, protocol.Thaw):
+                    log.warning("unexpected %s on the control queue", type(msg).__name__)
+            except Terminated:
+                raise
+            except Exception:
+                # One message must never end the guest's workload: log, count, go on.
+                self.control.rejected += 1
+                log.exception("error handling %s (carrying on)", type(msg).__name__)
             msg = self.control.receive(0.0)
 
     def frozen(self, epoch: int) -> None:
