@@ -258,7 +258,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
 #: snapshot instead of before the writers (a worker waits at most 60 s for JobStart).
 PREPARE_AHEAD = 20.0
 #: Slack of a snapshot instant (sleep granularity, the freeze itself) still "on time".
-ON_TIME = 0.1
+ON_TIME = 0.25
 
 
 def check_run_options(args: argparse.Namespace) -> None:
