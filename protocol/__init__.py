@@ -21,8 +21,13 @@ Who sends what, to whom (codes are the wire type codes; see ``protocol.messages`
     worker → supervisor     JobProgress(9) JobCompleted(10) JobFailed(11) JobCancelled(12)
     supervisor → any        Shutdown(18)
 
+The Job* messages and Frozen carry the sender's ``token``, a secret the supervisor gave
+that worker alone: the supervisor takes a job's outcome, or a writer's Frozen, only from
+the process it spawned for it.
+
 Building an invalid message raises :class:`LocalProtocolError`; decoding bad bytes
-raises :class:`RemoteProtocolError` (log it, count it, carry on).
+raises :class:`RemoteProtocolError` (log it, count it, carry on). A message is one flat
+array of at most :data:`MAX_MESSAGE_SIZE` bytes; a nested element is refused.
 """
 
 from __future__ import annotations

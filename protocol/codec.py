@@ -15,7 +15,9 @@ message fits one POSIX message-queue message (``MAX_MESSAGE_SIZE``, 8192 bytes),
 :func:`encode` raises :class:`LocalProtocolError` (the message object is already valid,
 because its constructor checked it). :func:`decode` trusts nothing: it checks the size
 before parsing, parses with limits that make a huge declared length fail before any
-allocation, refuses trailing bytes, and then builds the message through its constructor,
+allocation, refuses trailing bytes, refuses any element that is not a scalar (a message
+is one flat array, so nesting deeper than one level is refused before anything looks
+inside it), and then builds the message through its constructor,
 so the peer's fields pass exactly the checks ours do. Whatever goes wrong, ``decode``
 raises :class:`RemoteProtocolError` and nothing else.
 
@@ -46,6 +48,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "decode",
+    "describe",
     "encode",
     "max_encoded_size",
 ]
@@ -200,6 +203,9 @@ _MAX_STR_BYTES: Final = max(
 # A declared length above a limit fails before msgpack allocates for it. max_map_len,
 # max_bin_len and max_ext_len are 0: no message uses maps, bytes or ext types (the
 # empty ones that still get through are refused by the type checks after parsing).
+#: The only types a message's elements can have (fields are ints, bools and strings).
+_SCALARS: Final = frozenset({int, bool, str})
+
 _UNPACK_OPTIONS: Final[dict[str, Any]] = {
     "raw": False,
     "use_list": False,
@@ -210,6 +216,28 @@ _UNPACK_OPTIONS: Final[dict[str, Any]] = {
     "max_map_len": 0,
     "max_ext_len": 0,
 }
+
+
+def describe(value: object, limit: int = 60) -> str:
+    """A short description of a peer's value, safe to put in an error message.
+
+    ``repr`` of untrusted data is neither short nor safe: a tuple nested a thousand deep
+    (a 1 KiB message) makes it raise RecursionError, and a 4 KiB string makes a 4 KiB
+    message. Scalars get their repr cut to ``limit`` characters; containers and anything
+    else only their type and length, so nothing here recurses into the value.
+    """
+    kind = type(value)  # exact types: a subclass could override __repr__ or __len__
+    if value is None or kind is bool or kind is float:
+        return repr(value)
+    if kind is int and isinstance(value, int):
+        bits = value.bit_length()
+        return repr(value) if bits <= 3 * limit else f"an int of {bits} bits"
+    if (kind is str or kind is bytes) and isinstance(value, str | bytes):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}… ({len(value)} long)"
+    if kind in (tuple, list, dict) and isinstance(value, tuple | list | dict):
+        return f"a {kind.__name__} of {len(value)} items"
+    return f"a {kind.__name__}"
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
@@ -225,23 +253,36 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         raise RemoteProtocolError(f"message of {size} bytes is over {MAX_MESSAGE_SIZE}")
     try:
         # Raises ExtraData on trailing bytes, ValueError on limits and truncation,
-        # UnicodeDecodeError, StackError, ...: all the peer's fault.
+        # UnicodeDecodeError, StackError (nesting past msgpack's own stack), ...: all the
+        # peer's fault. Parsing itself does not recurse in Python (the C extension keeps
+        # an explicit stack), and the size bound above bounds what it can build.
         obj = msgpack.unpackb(data, **_UNPACK_OPTIONS)
     except Exception as exc:
-        raise RemoteProtocolError(f"not one msgpack message: {exc!r:.200}") from exc
+        # Never repr(exc): ExtraData's repr includes the parsed object, nested at will.
+        raise RemoteProtocolError(
+            f"not one msgpack message: {type(exc).__name__}: {str(exc)[:160]}") from exc
     if type(obj) is not tuple or len(obj) < 2:
-        raise RemoteProtocolError(f"not a [version, code, ...] array: {obj!r:.80}")
+        raise RemoteProtocolError(f"not a [version, code, ...] array: {describe(obj)}")
+    # A message is one flat array of scalars. Refuse a container in any position before
+    # anything looks inside it: no check below (nor the constructor's error text) then
+    # ever touches a nested value, and the nesting depth of a valid message is one.
+    for index, value in enumerate(obj):
+        if type(value) not in _SCALARS:
+            raise RemoteProtocolError(
+                f"element {index} of the message is {describe(value)}, not an int, bool "
+                "or str")
     version, code = obj[0], obj[1]
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise RemoteProtocolError(f"protocol version {version!r:.20}, expected {PROTOCOL_VERSION}")
+        raise RemoteProtocolError(
+            f"protocol version {describe(version, 20)}, expected {PROTOCOL_VERSION}")
     # type(code) first: True == 1 and would otherwise find Freeze.
     entry = _DECODE_TABLE.get(code) if type(code) is int else None
     if entry is None:
-        raise RemoteProtocolError(f"unknown message type code {code!r:.20}")
+        raise RemoteProtocolError(f"unknown message type code {describe(code, 20)}")
     cls, n_fields = entry
     if len(obj) != 2 + n_fields:
         raise RemoteProtocolError(f"{cls.__name__} takes {n_fields} fields, got {len(obj) - 2}")
     try:
         return cls(*obj[2:])
     except Exception as exc:  # LocalProtocolError: the constructor's checks, failed by the peer
-        raise RemoteProtocolError(str(exc)) from exc
+        raise RemoteProtocolError(str(exc)[:400]) from exc

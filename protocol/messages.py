@@ -42,6 +42,14 @@ A snapshot is taken by sending ``Freeze(epoch)`` to every writer and waiting for
 to overwrite a cluster the job still needs sends ``CopyRequest`` (or stages the old data
 itself and rings ``Staged``) and the worker answers ``CopyDone`` with the same ``seq``.
 The job ends with exactly one of ``JobCompleted``, ``JobFailed`` or ``JobCancelled``.
+Every ``Job*`` message from the worker, and every ``Frozen`` from a writer, carries the
+sender's ``token``, a secret only the supervisor and that process know: any process of
+the user can write to the supervisor's queue, but only the worker can report the job's
+progress or end it, and only the writer can say it is frozen. The job's control
+messages (``JobStart``, ``Pause``, ``Resume``, ``Cancel``, ``SetSpeed``, ``Complete``)
+carry the job's token the other way, and ``Freeze``, ``Thaw`` and ``Shutdown`` the
+writer's: only the supervisor can steer a job or a writer (a forged ``Thaw`` would let
+a writer write in the middle of a snapshot).
 
 Field rules
 ===========
@@ -205,6 +213,10 @@ ClusterCount = Annotated[int, IntRange(1, 2**31)]
 Bool = Annotated[bool, Flag()]
 JobId = Annotated[str, Token(r"[A-Za-z0-9_.-]{1,64}", 64, "1..64 characters of [A-Za-z0-9_.-]")]
 ErrorText = Annotated[str, Text(MAX_TEXT_CHARS)]
+#: A worker's secret: the supervisor hands it to each worker at spawn (through a pipe,
+#: never argv or the environment) and accepts a job's outcome, or a writer's Frozen,
+#: only with it.
+JobToken = Annotated[str, Token(r"[0-9a-f]{0,64}", 64, "0..64 lowercase hex digits")]
 Role = Annotated[str, OneOf("writer", "backup")]
 SyncMode = Annotated[str, OneOf("full", "top", "none", "incremental")]
 
@@ -287,6 +299,7 @@ class Freeze(_MessageBase):
 
     code: ClassVar[int] = 1
     epoch: U63
+    token: JobToken = ""
 
 
 @_message
@@ -297,6 +310,7 @@ class Frozen(_MessageBase):
     code: ClassVar[int] = 2
     epoch: U63
     writer: WriterIndex
+    token: JobToken = ""
 
 
 @_message
@@ -306,6 +320,7 @@ class Thaw(_MessageBase):
 
     code: ClassVar[int] = 3
     epoch: U63
+    token: JobToken = ""
 
 
 @_message
@@ -372,6 +387,7 @@ class JobStart(_MessageBase):
     job: JobId
     sync: SyncMode
     speed: U63
+    token: JobToken = ""
 
 
 @_message
@@ -387,6 +403,7 @@ class JobProgress(_MessageBase):
     job: JobId
     done: U63
     total: U63
+    token: JobToken = ""
 
 
 @_message
@@ -399,6 +416,7 @@ class JobCompleted(_MessageBase):
     bytes_written: U63
     clusters_copied: U63
     cbw_clusters: U63
+    token: JobToken = ""
 
 
 @_message
@@ -409,6 +427,7 @@ class JobFailed(_MessageBase):
     code: ClassVar[int] = 11
     job: JobId
     error: ErrorText
+    token: JobToken = ""
 
 
 @_message
@@ -418,6 +437,7 @@ class JobCancelled(_MessageBase):
 
     code: ClassVar[int] = 12
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -427,6 +447,7 @@ class Pause(_MessageBase):
 
     code: ClassVar[int] = 13
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -436,6 +457,7 @@ class Resume(_MessageBase):
 
     code: ClassVar[int] = 14
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -445,6 +467,7 @@ class Cancel(_MessageBase):
 
     code: ClassVar[int] = 15
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -455,6 +478,7 @@ class SetSpeed(_MessageBase):
     code: ClassVar[int] = 16
     job: JobId
     speed: U63
+    token: JobToken = ""
 
 
 @_message
@@ -464,6 +488,7 @@ class Complete(_MessageBase):
 
     code: ClassVar[int] = 17
     job: JobId
+    token: JobToken = ""
 
 
 @_message
@@ -473,6 +498,7 @@ class Shutdown(_MessageBase):
 
     code: ClassVar[int] = 18
     reason: ErrorText
+    token: JobToken = ""
 
 
 @_message

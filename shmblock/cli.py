@@ -27,8 +27,8 @@ from typing import Any, NoReturn
 from shmblock import paths
 from shmblock.cleanup import cleanup
 from shmblock.copier import SYNC_MODES
-from shmblock.engine import BackupJob, Engine
-from shmblock.errors import ShmblockError, UsageError
+from shmblock.engine import MAX_SPEED, BackupJob, Engine
+from shmblock.errors import ShmblockError, StateError, UsageError
 from shmblock.guest import WORKLOADS
 from shmblock.job import JobResult
 from shmblock.layout import CBW_MODES, ON_CBW_ERROR
@@ -46,12 +46,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def size_arg(what: str) -> Any:
+def size_arg(what: str, maximum: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
-            return parse_size(text, what)
+            value = parse_size(text, what)
         except UsageError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from exc
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"{what} {text!r} is too large (at most {maximum})")
+        return value
     parse.__name__ = what
     return parse
 
@@ -103,15 +107,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                     help="ops per second per writer, 0 = as fast as possible")
     wr.add_argument("--seed", type=int, default=1)
     bk = p.add_argument_group("backup")
-    bk.add_argument("--backup-at", type=positive_float, default=1.0,
-                    help="seconds after the writers start to take the snapshot (default 1)")
-    bk.add_argument("--target", help="backup destination: a file, nbd://host[:port]/export "
-                    "or nbd+unix:///export?socket=PATH (default: a temporary qcow2)")
+    bk.add_argument("--backup-at", type=positive_float, default=None,
+                    help="seconds after the writers start to take the snapshot, at most "
+                    "--duration (default 1, or half of a shorter --duration); the backup "
+                    "worker and the target are made ready before the writers start")
+    bk.add_argument("--target", required=True,
+                    help="backup destination (required): a file, "
+                    "nbd://host[:port]/export or nbd+unix:///export?socket=PATH")
     bk.add_argument("--format", choices=FORMATS,
                     help="target format (default: from the target name)")
     bk.add_argument("--sync", choices=[m for m in SYNC_MODES if m != "incremental"],
                     default="full")
-    bk.add_argument("--speed", type=size_arg("speed"), default=0,
+    bk.add_argument("--speed", type=size_arg("speed", MAX_SPEED), default=0,
                     help="background copy limit in bytes per second, 0 = unlimited")
     bk.add_argument("--cbw-mode", choices=CBW_MODES, default="stage",
                     help="stage: writers save old data to shared staging slots (fast); "
@@ -226,7 +233,11 @@ def backup_dict(result: JobResult) -> dict[str, Any]:
     d["status"] = result.outcome.value
     d["ok"] = result.ok
     d["throughput_bytes_per_s"] = result.throughput
+    # What the writers waited, without and with the verification copy (taken inside
+    # the freeze, and growing with the device).
     d["freeze_ms"] = result.freeze_s * 1e3
+    d["verify_copy_ms"] = result.verify_copy_s * 1e3
+    d["freeze_with_copy_ms"] = (result.freeze_s + result.verify_copy_s) * 1e3
     return d
 
 
@@ -259,34 +270,76 @@ def check_output_paths(args: argparse.Namespace) -> None:
             paths.check_no_part(option, path)
 
 
-def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
+#: With a --backup-at further away than this, the worker is started this long before the
+#: snapshot instead of before the writers (a worker waits at most 60 s for JobStart).
+PREPARE_AHEAD = 20.0
+#: Slack of a snapshot instant (sleep granularity, the freeze itself) still "on time".
+ON_TIME = 0.25
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """Refuse inconsistent options before anything runs (UsageError: exit code 2)."""
     if not 0 <= args.writers <= 64:
         raise UsageError(f"--writers {args.writers}: expected 0 to 64")
     if args.target is None:
         raise UsageError("--target is required")
+    if args.prefill > 1:
+        raise UsageError(f"--prefill {args.prefill:g}: expected a fraction from 0 to 1")
+    if args.backup_at is None:
+        args.backup_at = min(1.0, args.duration / 2)
+    if args.backup_at > args.duration:
+        raise UsageError(f"--backup-at {args.backup_at:g} is after the writers stop "
+                         f"(--duration {args.duration:g}): the snapshot would miss them")
+
+
+def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
+    check_run_options(args)
     check_output_paths(args)
     with Engine() as engine:
         dev = engine.create_device(args.size, args.cluster_size, backing_file=args.device_file,
                                    max_writers=max(args.writers, 1))
         if args.prefill:
-            if args.prefill > 1:
-                raise UsageError(f"--prefill {args.prefill}: expected a fraction from 0 to 1")
             dev.fill(args.prefill, seed=args.seed)
-        started = time.monotonic()
+
+        def prepare() -> BackupJob:
+            # Worker start, target open/connect, verification buffers: the slow parts,
+            # done before the snapshot instant (and, normally, before the writers start).
+            return engine.create_backup(
+                dev, args.target, format=args.format, sync=args.sync, speed=args.speed,
+                cbw_mode=args.cbw_mode, cbw_timeout=args.cbw_timeout,
+                on_cbw_error=args.on_cbw_error, verify=args.verify,
+                reference_image=args.reference_image)
+
+        job = prepare() if args.backup_at <= PREPARE_AHEAD else None
+        t0 = time.monotonic()
         if args.writers:
             engine.start_writers(dev, args.writers, workload=args.workload,
                                  block_size=args.block_size, duration=args.duration,
                                  rate=args.rate, seed=args.seed)
-        # Worker, target and verification buffers are made ready before the snapshot
-        # instant, so --backup-at is when the snapshot is taken, not when setup begins.
-        job = engine.create_backup(dev, args.target, format=args.format, sync=args.sync,
-                                   speed=args.speed, cbw_mode=args.cbw_mode,
-                                   cbw_timeout=args.cbw_timeout,
-                                   on_cbw_error=args.on_cbw_error, verify=args.verify,
-                                   reference_image=args.reference_image)
+        # --backup-at counts from here, when every writer is running: process start-up
+        # (most of a second each on a busy machine) is not time the writers wrote.
+        started = time.monotonic()
+        if job is None:
+            sleep_showing(started + args.backup_at - PREPARE_AHEAD - time.monotonic(),
+                          "writers running", bar)
+            job = prepare()
         sleep_showing(started + args.backup_at - time.monotonic() if args.writers else 0,
                       "writers running", bar)
-        job.start()
+        snapshot_at_s = time.monotonic() - started
+        try:
+            job.start()
+        except StateError:
+            # Its worker died before the snapshot: the job's result says how.
+            if not job.tracker.concluded:
+                raise
+        timing = {"backup_at_s": args.backup_at, "snapshot_at_s": snapshot_at_s,
+                  "writers_start_s": started - t0,
+                  "backup_at_honoured": not args.writers
+                  or snapshot_at_s <= args.backup_at + ON_TIME}
+        if not timing["backup_at_honoured"]:
+            print(f"shmblock-run: warning: --backup-at {args.backup_at:g} could not be "
+                  f"honoured: preparing the backup took too long, so the snapshot was "
+                  f"taken {snapshot_at_s:.2f} s after the writers started", file=sys.stderr)
         if args.sync == "none":
             # CBW-only job: it lasts as long as the writers do, then completes.
             engine.wait_writers(args.duration + 30)
@@ -295,6 +348,7 @@ def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
         engine.wait_writers(max(args.duration - (time.monotonic() - started), 0) + 30)
         elapsed = time.monotonic() - started
         stats = engine.writer_stats(dev)
+        status = {w.ident: w.status for w in engine.writers if w.device is dev}
         p50, p99, p999 = engine.latency_percentiles(dev)
     total_ops = sum(s.ops for s in stats)
     total_bytes = sum(s.bytes for s in stats)
@@ -302,16 +356,17 @@ def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
     return RunSummary(
         run_id=engine.names.run_id, device_size=args.size, cluster_size=args.cluster_size,
         writers=args.writers, workload=args.workload, block_size=args.block_size,
-        duration_s=elapsed, backup=backup_dict(result),
-        writer_stats=[writer_dict(s) for s in stats],
+        duration_s=elapsed, backup={**backup_dict(result), **timing},
+        writer_stats=[writer_dict(s, status.get(s.writer, "unknown")) for s in stats],
         guest_ops_per_s=total_ops / span if span else 0.0,
         guest_mb_per_s=total_bytes / span / 1e6 if span else 0.0,
         latency_us={"p50": p50, "p99": p99, "p99.9": p999})
 
 
-def writer_dict(s: WriterStats) -> dict[str, Any]:
+def writer_dict(s: WriterStats, status: str) -> dict[str, Any]:
     d = asdict(s)
     d["ops_per_s"] = s.ops_per_s
+    d["status"] = status  # "ok", "killed by signal 9", "exit code 1: …"
     return d
 
 
@@ -324,9 +379,11 @@ def print_summary(s: RunSummary, out: Any = sys.stdout) -> None:
     w(f"backup   sync={b['sync']} → {b['target']} ({b['format']}): {b['outcome']}")
     if b["outcome"] == "completed":
         w(f" in {b['duration_s']:.2f} s, {format_rate(b['throughput_bytes_per_s'])}\n")
+        copy = f" + {b['verify_copy_ms']:.1f} ms verification copy" \
+            if b["verify_copy_ms"] else ""
         w(f"         {b['clusters_copied']} clusters saved, {b['cbw_clusters']} by "
           f"copy-before-write, {format_size(b['bytes_written'])} of data written, "
-          f"freeze {b['freeze_ms']:.1f} ms\n")
+          f"freeze {b['freeze_ms']:.1f} ms{copy}\n")
     else:
         w(f": {b['error']}\n")
     if b["verified"] is True:
@@ -342,6 +399,9 @@ def print_summary(s: RunSummary, out: Any = sys.stdout) -> None:
             w(f"         {ws['writer']:>6} {ws['ops_per_s']:>9,.0f} {ws['cbw_saves']:>11} "
               f"{ws['cbw_requests']:>13} {ws['cbw_wait_s']:>8.3f}s "
               f"{ws['max_stall_s'] * 1e3:>8.2f}ms {ws['errors']:>7}\n")
+        for ws in s.writer_stats:
+            if ws["status"] != "ok":
+                w(f"         writer {ws['writer']}: {ws['status']}\n")
 
 
 def write_json(path: str, summary: RunSummary) -> None:

@@ -22,9 +22,11 @@ beating concludes its job as failed and frees the writers (invariant 6).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import itertools
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -72,6 +74,20 @@ READY_TIMEOUT = 30.0
 FREEZE_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 PUMP_INTERVAL = 0.02
+#: Largest speed a message can carry (a U63 field), in bytes per second.
+MAX_SPEED = 2**63 - 1
+#: A worker blocked in one target call beats again after at most the target timeout;
+#: it is only called stuck after twice that plus this margin (a commit is a flush and
+#: a rename or two), so a hung target is reported by the worker, naming the target,
+#: before the supervisor would blame the worker.
+STUCK_MARGIN = 10.0
+
+
+def check_speed(speed: int) -> None:
+    """Refuse a speed no message can carry (UsageError), before anything is frozen."""
+    if not 0 <= speed <= MAX_SPEED:
+        raise UsageError(f"speed {speed} must be from 0 (unlimited) to {MAX_SPEED} bytes "
+                         "per second")
 
 
 @dataclass
@@ -83,6 +99,7 @@ class WriterProcess:
     proc: subprocess.Popen[bytes]
     control: Queue
     reply: Queue
+    token: str = field(default="", repr=False)  # its secret; its Frozen must carry it
     ready: bool = False
     done: bool = False
     ok: bool = True
@@ -95,6 +112,18 @@ class WriterProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def status(self) -> str:
+        """How the writer ended: "running", "ok", "killed by signal N", "exit code N: …"."""
+        code = self.proc.poll()
+        if code is None:
+            return "running"
+        if code < 0:
+            return f"killed by signal {-code}"
+        if code == 0 and self.ok:
+            return "ok"
+        return f"exit code {code}" + (f": {self.error}" if self.error else "")
 
 
 class DeviceHandle:
@@ -231,14 +260,17 @@ class BackupJob:
     queue: Queue
     tracker: JobTracker
     capture: SnapshotCapture | None = None
-    freeze_s: float = 0.0
+    freeze_s: float = 0.0  # writers frozen, without the verification copy
+    verify_copy_s: float = 0.0  # the verification copy, taken inside the freeze
     speed: int = 0
+    stuck_timeout: float = 30.0 + STUCK_MARGIN
     result: JobResult | None = None
     covered: npt.NDArray[np.bool_] | None = None
     cbw_mode: str = "stage"
     cbw_timeout: float = 5.0
     on_cbw_error: str = "break-guest-write"
     seq: int = 0  # the device's CTL_JOB_SEQ of this job's snapshot (0: never started)
+    token: str = field(default="", repr=False)  # the secret shared with its worker
     _final_lock: threading.Lock = field(default_factory=threading.Lock)
     _end_lock: threading.Lock = field(default_factory=threading.Lock)
     _ended: bool = False
@@ -259,35 +291,36 @@ class BackupJob:
             raise PeerGone(f"the backup worker of job {self.job} is not answering: {exc}") from exc
 
     def pause(self) -> None:
-        """Stop background copying; copy-before-write goes on."""
-        self.tracker.transition(JobState.PAUSED, "pause", "paused")
-        self._send(protocol.Pause(job=self.job))
+        """Stop background copying; copy-before-write goes on. Only a running job."""
+        self.tracker.apply("pause", "paused")
+        self._send(protocol.Pause(job=self.job, token=self.token))
 
     def resume(self) -> None:
-        self.tracker.transition(JobState.RUNNING, "resume", "resumed")
-        self._send(protocol.Resume(job=self.job))
+        """Resume background copying of a paused job (StateError in any other state)."""
+        self.tracker.apply("resume", "resumed")
+        self._send(protocol.Resume(job=self.job, token=self.token))
 
     def set_speed(self, speed: int) -> None:
         """Limit background copying to ``speed`` bytes per second (0 = unlimited)."""
-        if speed < 0:
-            raise UsageError("speed must not be negative")
+        check_speed(speed)
         if self.tracker.concluded:
             raise StateError("cannot set the speed of a concluded job", "concluded",
-                             ("running", "paused"))
-        self.speed = speed
-        self._send(protocol.SetSpeed(job=self.job, speed=speed))
+                             ("created", "running", "paused"))
+        self.speed = speed  # a created job's JobStart carries it too
+        self._send(protocol.SetSpeed(job=self.job, speed=speed, token=self.token))
+        self.tracker.note("speed", speed=speed)
 
     def cancel(self) -> None:
         """Ask the job to stop; the target is discarded. Wait with :meth:`wait`."""
         if not self.tracker.concluded:
             with contextlib.suppress(PeerGone):
-                self._send(protocol.Cancel(job=self.job))
+                self._send(protocol.Cancel(job=self.job, token=self.token))
 
     def complete(self) -> None:
         """Finish a ``sync=none`` job now (the target keeps what was saved)."""
         if self.sync != "none":
             raise UsageError("only a sync=none job is completed on request")
-        self._send(protocol.Complete(job=self.job))
+        self._send(protocol.Complete(job=self.job, token=self.token))
 
     # -- observation ----------------------------------------------------------------
 
@@ -310,10 +343,17 @@ class BackupJob:
     def wait(self, timeout: float | None = None) -> JobResult:
         """Wait for the job to conclude, verify if asked, and return its result.
 
-        Raises JobError on timeout; a failed job is a result, not an exception.
+        Raises JobError on timeout; a failed job is a result, not an exception. If the
+        supervisor's pump thread (which turns the worker's reports into the job's state)
+        is dead, the job is concluded failed instead of waited for forever.
         """
-        if not self.tracker.wait(timeout):
-            raise JobError(f"job {self.job} did not conclude within {timeout} s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.tracker.wait(0.5 if deadline is None
+                                    else min(max(deadline - time.monotonic(), 0.0), 0.5)):
+            if self.engine._pump_failure():
+                self.engine._fail_jobs(self.engine._pump_failure())
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise JobError(f"job {self.job} did not conclude within {timeout} s")
         with self._final_lock:
             if self.result is None:
                 self.result = self._finalise()
@@ -335,7 +375,8 @@ class BackupJob:
             bytes_written=t.final.get("bytes_written", 0),
             clusters_copied=t.final.get("clusters_copied", 0),
             cbw_clusters=t.final.get("cbw_clusters", 0),
-            duration_s=max(t.ended - start, 0.0), freeze_s=self.freeze_s)
+            duration_s=max(t.ended - start, 0.0), freeze_s=self.freeze_s,
+            verify_copy_s=self.verify_copy_s)
         if self.sync == "none":
             # What a CBW-only job covers is what it saved.
             self.covered = self.device.device.saved != 0
@@ -348,7 +389,7 @@ class BackupJob:
                 except VerificationError as exc:
                     result.verified = False
                     result.verify_error = str(exc)
-                t._emit("verified", ok=result.verified, error=result.verify_error)
+                t.note("verified", ok=result.verified, error=result.verify_error)
             elif self.capture.error:
                 result.verify_error = self.capture.error
         return result
@@ -370,13 +411,20 @@ class Engine:
         self._epoch = itertools.count(1)
         self._job_ids = itertools.count(1)
         self._frozen: set[tuple[int, int]] = set()  # (epoch, writer) that answered
-        self._freezing: set[int] = set()  # epochs of the freezes in progress
+        self._freezing: dict[int, DeviceHandle] = {}  # epoch → device, freezes in progress
         self._ready: dict[tuple[str, int], int] = {}
         self._pending_failures: dict[str, str] = {}
+        # job id → the secret its worker got on stdin; Job* messages must carry it.
+        self._job_tokens: dict[str, str] = {}
         self._cond = threading.Condition()
         self._on_event = on_event
         self._closed = False
-        self.stuck_timeout = 30.0
+        #: Seconds without a heartbeat before a backup worker is killed as stuck; None:
+        #: per job, twice its target timeout plus STUCK_MARGIN.
+        self.stuck_timeout: float | None = None
+        #: Exceptions the pump caught while handling one message or watching children.
+        self.pump_errors = 0
+        self._pump_error = ""  # why the pump thread ended, if it ended on its own
         try:
             self.sup = self._create_queue(self.names.supervisor_queue, SUPERVISOR_RECEIVES)
         except BaseException:
@@ -421,7 +469,8 @@ class Engine:
 
     # -- processes ----------------------------------------------------------------------
 
-    def _spawn(self, module: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, module: str, args: list[str], secret: str | None = None
+               ) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         # Workers must import our packages from wherever this process did, and never from
         # the caller's working directory (untrusted: a planted workers/guest.py or
@@ -435,8 +484,19 @@ class Engine:
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
         argv = [sys.executable, "-P", "-m", module, "--run", self.names.run_id,
                 "--prefix", self.names.prefix, *args]
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                start_new_session=False)
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
+            start_new_session=False)
+        if proc.stdin is not None:
+            # The worker's token goes through a pipe: argv is readable by every user in
+            # /proc, the environment by every process of ours for the worker's whole
+            # life; the pipe is empty once the worker has read it. A write of a few
+            # bytes to a fresh pipe never blocks; a child that already died is its own
+            # error (it never says Ready).
+            with contextlib.suppress(OSError):
+                proc.stdin.write(f"{secret}\n".encode())
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
         # Pid, start time and command line: what `cleanup` checks before it kills.
         self.record.add_child(proc.pid, argv)
         return proc
@@ -464,12 +524,13 @@ class Engine:
                                          WRITER_CONTROL_RECEIVES, small=True)
             reply = self._create_queue(self.names.writer_reply_queue(device.name, ident),
                                        WRITER_REPLY_RECEIVES, small=True)
+            token = secrets.token_hex(16)
             proc = self._spawn("workers.guest", [
                 "--meta", device.device.meta_name, "--device", device.name, "--id", str(ident),
                 "--workload", workload, "--block-size", str(block_size),
                 "--seed", str(seed * 1000 + ident), "--rate", str(rate),
-                "--duration", str(duration), "--ops", str(ops)])
-            writer = WriterProcess(ident, device, proc, control, reply)
+                "--duration", str(duration), "--ops", str(ops)], secret=token)
+            writer = WriterProcess(ident, device, proc, control, reply, token)
             self.writers.append(writer)
             started.append(writer)
         self._next_writer[device.name] = first + count
@@ -483,9 +544,22 @@ class Engine:
 
     def _wait_ready(self, role: str, ident: int, proc: subprocess.Popen[bytes],
                     deadline: float) -> bool:
+        """Wait for the Ready of ``proc``; False if it exits, times out or the pump died.
+
+        A Ready counts only when it names the pid of ``proc``: anyone can write to the
+        supervisor queue, and a forged Ready would have the job started before its
+        worker listens.
+        """
         with self._cond:
-            while (role, ident) not in self._ready:
-                if proc.poll() is not None or time.monotonic() > deadline:
+            while self._ready.get((role, ident)) != proc.pid:
+                if (role, ident) in self._ready:
+                    pid = self._ready.pop((role, ident))
+                    self.sup.rejected += 1
+                    log.warning("supervisor queue: ignored Ready for %s %d from pid %d, "
+                                "not %d", role, ident, pid, proc.pid)
+                    continue
+                if proc.poll() is not None or time.monotonic() > deadline \
+                        or self._pump_failure():
                     return False
                 self._cond.wait(0.05)
             self._ready.pop((role, ident))
@@ -511,7 +585,8 @@ class Engine:
         for w in self.writers:
             if w.alive:
                 with contextlib.suppress(ShmblockError):
-                    w.control.send(protocol.Shutdown(reason="stop"), timeout=0.5)
+                    w.control.send(protocol.Shutdown(reason="stop", token=w.token),
+                                   timeout=0.5)
         for h in self.devices.values():
             h.device.ctl[L.CTL_EPOCH] = next(self._epoch)
         if not self.wait_writers(timeout / 2):
@@ -553,7 +628,7 @@ class Engine:
         """
         epochs = {h: next(self._epoch) for h in devices}
         with self._cond:
-            self._freezing.update(epochs.values())
+            self._freezing.update({epoch: h for h, epoch in epochs.items()})
         gates = [h.gate for h in devices]
         for g in gates:
             g.acquire()
@@ -561,7 +636,8 @@ class Engine:
         try:
             for w in self.writers:
                 if w.device in epochs and w.alive:
-                    w.control.send(protocol.Freeze(epoch=epochs[w.device]), timeout=1.0)
+                    w.control.send(protocol.Freeze(epoch=epochs[w.device], token=w.token),
+                                   timeout=1.0)
                     asked.append(w)
             # Bump the hint only after the messages are queued (see workers.guest).
             for h, epoch in epochs.items():
@@ -576,14 +652,19 @@ class Engine:
                     if time.monotonic() > deadline:
                         raise PeerGone(f"guest writer {waiting[0].ident} did not freeze "
                                        f"within {FREEZE_TIMEOUT:.0f} s")
+                    if failure := self._pump_failure():
+                        # Nobody would ever record the Frozen answers.
+                        raise PeerGone(f"cannot freeze the writers: {failure}")
                     self._cond.wait(0.001)
             yield time.monotonic()
         finally:
             for w in asked:
                 with contextlib.suppress(ShmblockError):
-                    w.control.send(protocol.Thaw(epoch=epochs[w.device]), timeout=1.0)
+                    w.control.send(protocol.Thaw(epoch=epochs[w.device], token=w.token),
+                                   timeout=1.0)
             with self._cond:
-                self._freezing.difference_update(epochs.values())
+                for epoch in epochs.values():
+                    self._freezing.pop(epoch, None)
                 self._frozen = {k for k in self._frozen if k[0] not in epochs.values()}
             for g in gates:
                 g.release()
@@ -629,8 +710,9 @@ class Engine:
                              f"{' or '.join(L.ON_CBW_ERROR)})")
         if cbw_timeout <= 0:
             raise UsageError("the copy-before-write timeout must be positive")
-        if speed < 0:
-            raise UsageError("speed must not be negative")
+        check_speed(speed)
+        if not 0 < target_timeout <= 1e9:  # also refuses NaN
+            raise UsageError(f"target timeout {target_timeout!r} must be positive, in seconds")
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
             raise JobError(f"device {device.name} already has a backup job")
         spec = TargetSpec.parse(target, format, backing_file, backing_format)
@@ -655,6 +737,8 @@ class Engine:
             engine_hook = self._on_event
             on_event = lambda event: engine_hook(job_id, event)  # noqa: E731
         tracker = JobTracker(job_id, on_event)
+        token = secrets.token_hex(16)
+        self._job_tokens[job_id] = token  # before the spawn: the worker may fail at once
         queue = device.backup_queue()
         parts = [p + PART_SUFFIX for p in (None if spec.format == "nbd" else spec.target,
                                            reference_image) if p]
@@ -668,12 +752,14 @@ class Engine:
             args += ["--backing-file", backing_file]
         if backing_format:
             args += ["--backing-format", backing_format]
-        proc = self._spawn("workers.backup", args)
+        proc = self._spawn("workers.backup", args, secret=token)
         job = BackupJob(self, job_id, device, spec, sync, proc, queue, tracker, speed=speed,
-                        cbw_mode=cbw_mode, cbw_timeout=cbw_timeout, on_cbw_error=on_cbw_error)
+                        cbw_mode=cbw_mode, cbw_timeout=cbw_timeout, on_cbw_error=on_cbw_error,
+                        stuck_timeout=self.stuck_timeout if self.stuck_timeout is not None
+                        else 2 * target_timeout + STUCK_MARGIN, token=token)
         self.jobs[job_id] = job
         if not self._wait_ready("backup", 0, proc, time.monotonic() + READY_TIMEOUT):
-            reason = self._pending_failures.pop(job_id, "")
+            reason = self._pending_failures.pop(job_id, "") or self._pump_failure()
             if not reason:
                 reason = f"the backup worker exited with code {proc.poll()}" \
                     if proc.poll() is not None else "the backup worker did not start in time"
@@ -699,8 +785,12 @@ class Engine:
         ctl[L.CTL_BROKEN] = 0
         ctl[L.CTL_DONE_BYTES] = 0
         capture = job.capture
+        # Built before the freeze: a message that cannot be built (a bad speed) must
+        # fail before the snapshot, not leave a snapshot that no worker copies.
+        start = protocol.JobStart(job=job.job, sync=job.sync, speed=job.speed, token=job.token)
         try:
             t0 = time.monotonic()
+            copy_s = 0.0
             with self.freeze([job.device]):
                 dev.slot_state[:] = L.SLOT_FREE
                 dev.saved[:] = 0
@@ -711,27 +801,42 @@ class Engine:
                 ctl[L.CTL_TOTAL_BYTES] = 0 if job.sync == "none" else \
                     int(np.count_nonzero(dev.needs_copy)) * dev.cluster_size
                 if capture is not None:
+                    c0 = time.monotonic()
                     capture.capture()
+                    copy_s = time.monotonic() - c0
                 if job.sync in ("full", "top"):
                     job.covered = dev.needs_copy != 0
                 ctl[L.CTL_JOB_SEQ] += 1
                 job.seq = int(ctl[L.CTL_JOB_SEQ])
                 ctl[L.CTL_JOB_ACTIVE] = 1
-                job.freeze_s = time.monotonic() - t0
+                # What the writers feel, reported apart from the verification copy
+                # (which grows with the device and is only there when asked for).
+                job.verify_copy_s = copy_s
+                job.freeze_s = time.monotonic() - t0 - copy_s
             # Digests first, JobStart after: an exception in between (Ctrl-C raises
             # wherever shmblock-run's main thread is) must not leave a job running
             # whose snapshot nobody digests.
             if capture is not None:
                 capture.finish_async()
+            # A worker that never gets JobStart would leave the writers saving
+            # clusters that nobody copies: undo the snapshot if it cannot be sent.
+            job.queue.send(start, timeout=5.0)
         except BaseException:
             dev.needs_copy[:] = 0
+            dev.slot_state[:] = L.SLOT_FREE
             ctl[L.CTL_JOB_ACTIVE] = 0
             job.cancel()
             raise
-        job.queue.send(protocol.JobStart(job=job.job, sync=job.sync, speed=job.speed),
-                       timeout=5.0)
         with contextlib.suppress(StateError):  # the worker may have failed already
-            job.tracker.transition(JobState.RUNNING, "start", "running")
+            job.tracker.apply("start", "running")
+        if job.tracker.concluded:
+            # The worker ended (died) while the snapshot was taken; its end may have
+            # been handled before the maps were set, and nobody would copy them now.
+            with job._end_lock:
+                if ctl[L.CTL_JOB_ACTIVE] and int(ctl[L.CTL_JOB_SEQ]) == job.seq:
+                    dev.needs_copy[:] = 0
+                    dev.slot_state[:] = L.SLOT_FREE
+                    ctl[L.CTL_JOB_ACTIVE] = 0
 
     def _end_job(self, job: BackupJob, outcome: Outcome) -> None:
         """Make sure a job that ends with ``outcome`` leaves writers free and no partial file.
@@ -760,25 +865,82 @@ class Engine:
     # -- the pump ---------------------------------------------------------------------------
 
     def _pump_loop(self) -> None:
-        while not self._pump_stop.is_set():
-            try:
-                msg = self.sup.receive(PUMP_INTERVAL)
-            except TransportError:
-                return
-            if msg is not None:
-                self._dispatch(msg)
-            self._watch_children()
+        """Receive the supervisor queue and watch the children until told to stop.
+
+        No single message may end this loop: an exception while handling one is logged
+        and counted (:attr:`pump_errors`) and the loop goes on. If the loop ends anyway
+        (the queue vanished, or something no handler catches), every job still running
+        is failed at once: nobody else would ever conclude it, and every wait would
+        hang. Waits also check :meth:`_pump_failure` themselves.
+        """
+        try:
+            while not self._pump_stop.is_set():
+                try:
+                    msg = self.sup.receive(PUMP_INTERVAL)
+                except TransportError as exc:
+                    if self._pump_stop.is_set():
+                        return
+                    raise PeerGone(f"the supervisor queue failed: {exc}") from exc
+                if msg is not None:
+                    self._guarded(self._dispatch, msg)
+                self._guarded(self._watch_children)
+        except BaseException as exc:
+            self._pump_error = protocol.short_error(
+                f"the supervisor's message pump stopped ({type(exc).__name__}: {exc})")[:300]
+            log.critical("%s", self._pump_error, exc_info=True)
+            with contextlib.suppress(Exception):
+                self._fail_jobs(self._pump_error)
+            with self._cond:
+                self._cond.notify_all()
+            # Not re-raised: the thread ends here either way, and the jobs already say why.
+
+    def _guarded(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run one pump step; an Exception from it is logged and counted, not fatal."""
+        try:
+            handler(*args)
+        except Exception:
+            self.pump_errors += 1
+            if self.pump_errors <= 10 or self.pump_errors % 1000 == 0:
+                log.exception("supervisor pump: error #%d in %s (carrying on)",
+                              self.pump_errors, getattr(handler, "__name__", "a handler"))
+
+    def _pump_failure(self) -> str:
+        """Why the pump is not running ('' while it runs, or after close stopped it)."""
+        if self._pump.is_alive() or self._pump_stop.is_set():
+            return ""
+        return self._pump_error or "the supervisor's message pump is not running"
+
+    def _fail_jobs(self, reason: str) -> None:
+        """Fail every job not concluded yet: kill its worker, free the device."""
+        for job in list(self.jobs.values()):
+            if job.tracker.concluded:
+                continue
+            if job.proc.poll() is None:
+                job.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    job.proc.wait(STOP_TIMEOUT)
+            self._end_job(job, Outcome.FAILED)
+            job.tracker.conclude(Outcome.FAILED, reason)
 
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Frozen):
             with self._cond:
-                if msg.epoch in self._freezing:
+                device = self._freezing.get(msg.epoch)
+                writer = next((w for w in self.writers
+                               if w.device is device and w.ident == msg.writer), None)
+                # Only the writer itself knows its token: a Frozen forged by another
+                # process would let the snapshot start while that writer still writes.
+                if writer is not None and hmac.compare_digest(msg.token, writer.token):
                     self._frozen.add((msg.epoch, msg.writer))
                     self._cond.notify_all()
                     return
-            # Late (its freeze gave up) or never asked for: counting it could let a
-            # later freeze skip a writer that is still writing.
-            self._reject(msg, f"epoch {msg.epoch} is not being frozen")
+            if device is None:
+                # Late (its freeze gave up) or never asked for: counting it could let a
+                # later freeze skip a writer that is still writing.
+                self._reject(msg, f"epoch {msg.epoch} is not being frozen")
+            else:
+                self._reject(msg, f"it is not from writer {msg.writer} of {device.name} "
+                                  "(no such writer, or not its token)")
         elif isinstance(msg, protocol.Ready):
             with self._cond:
                 self._ready[(msg.role, msg.ident)] = msg.pid
@@ -793,13 +955,21 @@ class Engine:
                 self._reject(msg, f"this run has no writer {msg.writer}")
         elif isinstance(msg, protocol.JobProgress | protocol.JobCompleted | protocol.JobFailed
                         | protocol.JobCancelled):
+            # Any process of this user can write to the supervisor queue; only the job's
+            # own worker knows its token (handed over on its stdin at spawn).
+            token = self._job_tokens.get(msg.job)
+            if token is None:
+                self._reject(msg, f"this run has no job {msg.job!r}")
+                return
+            if not hmac.compare_digest(msg.token, token):
+                self._reject(msg, f"it does not carry the token of job {msg.job!r}, so it "
+                                  "is not from that job's worker")
+                return
             job = self.jobs.get(msg.job)
             if job is None:
                 if isinstance(msg, protocol.JobFailed):
                     # A worker can fail before create_backup has registered its job.
                     self._pending_failures[msg.job] = msg.error
-                else:
-                    self._reject(msg, f"this run has no job {msg.job!r}")
                 return
             t = job.tracker
             if isinstance(msg, protocol.JobProgress):
@@ -843,7 +1013,7 @@ class Engine:
             if code is not None:
                 # Give a final message already in the queue a chance to arrive first.
                 for msg in self.sup.drain():
-                    self._dispatch(msg)
+                    self._guarded(self._dispatch, msg)
                 if not t.concluded:
                     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                     self._end_job(job, Outcome.FAILED)
@@ -853,19 +1023,21 @@ class Engine:
             # A worker that never beat for this job (stuck before its first loop) is
             # measured from the job's start, as is one whose last beat is an older job's.
             beat = max(int(ctl[L.CTL_HEARTBEAT_NS]), int(t.running_since * 1e9))
-            if t.state is not JobState.CREATED and now_ns - beat > self.stuck_timeout * 1e9:
+            if t.state is not JobState.CREATED and now_ns - beat > job.stuck_timeout * 1e9:
                 log.error("backup worker of %s stopped beating: killing it", job.job)
                 job.proc.kill()
                 job.proc.wait()
                 self._end_job(job, Outcome.FAILED)
                 t.conclude(Outcome.FAILED, f"the backup worker stopped responding for "
-                                           f"{self.stuck_timeout:g} s and was killed")
+                                           f"{job.stuck_timeout:g} s and was killed")
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def _require_open(self) -> None:
         if self._closed:
             raise StateError("the engine is closed", "closed", ("open",))
+        if failure := self._pump_failure():
+            raise PeerGone(f"this engine cannot run anything any more: {failure}")
 
     def close(self) -> None:
         """Stop every process and remove every shared object of the run. Idempotent."""

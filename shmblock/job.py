@@ -12,7 +12,10 @@ follow QEMU's job states where they mean the same thing (``created``, ``running`
        └──fail──▶    concluded (completed | failed | cancelled)
 
 ``created`` covers the time the worker opens the target and the snapshot is taken;
-``running`` starts when the writers thaw. The backup worker reports the outcome
+``running`` starts when the writers thaw. The table says which changes can happen at
+all; :data:`VERBS` says which state each control verb needs, because one change can
+belong to one verb only (``created → running`` is ``start``; ``resume`` of a job that
+never started would leave a job that no snapshot ever covers). The backup worker reports the outcome
 (JobCompleted / JobFailed / JobCancelled); the supervisor concludes a job as failed
 itself when the worker dies or stops answering.
 """
@@ -50,6 +53,14 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+#: verb → (the states it may be applied in, the state it leads to).
+VERBS: dict[str, tuple[frozenset[JobState], JobState]] = {
+    "start": (frozenset({JobState.CREATED}), JobState.RUNNING),
+    "pause": (frozenset({JobState.RUNNING}), JobState.PAUSED),
+    "resume": (frozenset({JobState.PAUSED}), JobState.RUNNING),
+}
+
+
 class Outcome(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
@@ -81,7 +92,8 @@ class JobResult:
     clusters_copied: int = 0
     cbw_clusters: int = 0
     duration_s: float = 0.0
-    freeze_s: float = 0.0
+    freeze_s: float = 0.0  # writers frozen, without the verification copy
+    verify_copy_s: float = 0.0  # the verification copy, also taken while frozen
     verified: bool | None = None
     verify_error: str = ""
 
@@ -119,6 +131,20 @@ class JobTracker:
         self.events.append(event)
         if self._on_event is not None:
             self._on_event(event)
+
+    def note(self, kind: str, **data: Any) -> None:
+        """Record an event that changes no state (``speed``, ``verified``)."""
+        with self._lock:
+            self._emit(kind, **data)
+
+    def apply(self, verb: str, event: str, **data: Any) -> None:
+        """Apply control verb ``verb`` (see :data:`VERBS`); StateError in a wrong state."""
+        allowed, new = VERBS[verb]
+        with self._lock:
+            if self.state not in allowed:
+                raise StateError(f"cannot {verb} a job that is {self.state.value}",
+                                 self.state.value, tuple(sorted(s.value for s in allowed)))
+            self.transition(new, verb, event, **data)
 
     def transition(self, new: JobState, verb: str, event: str, **data: Any) -> None:
         with self._lock:

@@ -19,7 +19,8 @@ would not fit (:func:`fit`). That is 2 x 42 + 16 x 2 x 2.4 = 161 KiB for 16 writ
 
 Bytes that do not decode (a buggy or hostile sender) are a
 :class:`~protocol.RemoteProtocolError`: counted in :attr:`Queue.rejected`, logged, and
-skipped; they never kill the receiver.
+skipped; they never kill the receiver. So is any other exception out of ``decode`` (a
+bug there must not let a peer kill every process that receives its bytes).
 """
 
 from __future__ import annotations
@@ -180,6 +181,13 @@ class Queue:
                 if self.rejected <= 10 or self.rejected % 1000 == 0:
                     log.warning("queue %s: rejected malformed message #%d (%d bytes): %s",
                                 self.name, self.rejected, len(data), exc)
+            except Exception as exc:
+                # decode promises RemoteProtocolError only; should a peer's bytes find a
+                # bug in it (as a 1000-deep message once did), the receiving loop must
+                # still not die: the bytes are dropped like any malformed message.
+                self.rejected += 1
+                log.error("queue %s: message #%d (%d bytes) broke the decoder: %s",
+                          self.name, self.rejected, len(data), type(exc).__name__)
             # Go on even when the time is up: a message may wait behind the bad one, and
             # a receive with no time left only takes what is already queued.
 

@@ -13,12 +13,15 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from shmblock import cli
 from shmblock.names import list_records
 from tests.procs import SHMBLOCK_RUN, children, cmdline, run_cli, start_cli, wait_until
 
@@ -73,12 +76,23 @@ def test_run_writes_backup_reference_and_summary(tmp_path: Path) -> None:
     assert backup["throughput_bytes_per_s"] > 0
     assert backup["cbw_clusters"] > 0, "the writers were running during the backup"
     assert 0 < backup["freeze_ms"] < 1000
+    # The verification copy is taken inside the freeze but reported apart.
+    assert backup["verify_copy_ms"] > 0
+    assert backup["freeze_with_copy_ms"] == pytest.approx(
+        backup["freeze_ms"] + backup["verify_copy_ms"])
+    assert "ms verification copy" in proc.stdout
+    # Worker and target were ready before the writers started: the snapshot is taken
+    # when asked, counted from the writers' start.
+    assert backup["backup_at_s"] == 0.5 and backup["backup_at_honoured"] is True
+    assert 0.5 <= backup["snapshot_at_s"] <= 0.5 + cli.ON_TIME
+    assert "could not be honoured" not in proc.stderr
     assert backup["target"] == "b.raw" and backup["format"] == "raw"
     assert backup["sync"] == "full"
     assert len(summary["writer_stats"]) == 2
     for ws in summary["writer_stats"]:
         assert ws["ops"] > 0 and ws["ops_per_s"] > 0
         assert 0 < ws["p50_us"] <= ws["p99_us"] <= ws["p999_us"]
+        assert ws["status"] == "ok"
     assert set(summary["latency_us"]) == {"p50", "p99", "p99.9"}
     assert summary["guest_ops_per_s"] > 0
 
@@ -169,6 +183,10 @@ BAD_OPTIONS = [
     (["--sync", "sideways"], ["--sync", "sideways"]),
     (["--reference-image", "/nonexistent/dir/r.raw"], ["--reference-image", "/nonexistent/dir"]),
     (["--json", "/nonexistent/dir/s.json"], ["--json", "/nonexistent/dir"]),
+    # Used to fail after the freeze, with a traceback (no message can carry it).
+    (["--speed", "99999999T"], ["--speed", "99999999T", "too large"]),
+    (["--backup-at", "0.5"], ["--backup-at 0.5", "--duration 0.2"]),
+    (["--prefill", "1.5"], ["--prefill", "1.5"]),
 ]
 
 
@@ -186,6 +204,57 @@ def test_a_bad_option_exits_2_with_one_line(tmp_path: Path, bad: list[str],
 def test_missing_target_exits_2(tmp_path: Path) -> None:
     proc = run_cli("run", "--size", "16M", "--duration", "0.2", cwd=tmp_path, timeout=60)
     assert_one_line_error(proc, 2, "--target")
+
+
+def test_help_promises_no_default_target(tmp_path: Path) -> None:
+    proc = run_cli("run", "--help", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "destination (required)" in text
+    assert "temporary" not in text
+
+
+def test_a_writer_killed_with_sigkill_is_reported(tmp_path: Path) -> None:
+    proc = start_cli("run", "--size", "32M", "--writers", "2", "--duration", "4",
+                     "--backup-at", "2", "--rate", "2000", "--target", "b.raw",
+                     "--json", "s.json", cwd=tmp_path)
+    try:
+        victim: list[int] = []
+
+        def writer_1_running() -> bool:
+            victim[:] = [pid for pid in children(proc.pid)
+                         if cmdline(pid).startswith("shmblock: guest-writer 1 ")]
+            return bool(victim)
+
+        wait_until(writer_1_running, 30.0, what="guest writer 1")
+        time.sleep(1.0)  # its title is set before it attaches and says Ready
+        assert cmdline(victim[0]).startswith("shmblock: guest-writer 1 ")  # still ours
+        os.kill(victim[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "writer 1: killed by signal 9" in out, out
+    stats = json.loads((tmp_path / "s.json").read_text())["writer_stats"]
+    assert [ws["status"] for ws in stats] == ["ok", "killed by signal 9"]
+
+
+def test_refused_guest_writes_are_one_line_on_stderr(tmp_path: Path) -> None:
+    """Thousands of refused guest writes (a copy-before-write timeout nobody can meet):
+    each process says so once, and the counts are in the summary."""
+    proc = run_cli("run", "--size", "32M", "--writers", "2", "--duration", "1.5",
+                   "--backup-at", "0.3", "--cbw-mode", "request", "--cbw-timeout", "0.00001",
+                   "--speed", "1M", "--target", "b.raw", "--json", "s.json", cwd=tmp_path)
+    stats = json.loads((tmp_path / "s.json").read_text())["writer_stats"]
+    refused = sum(ws["errors"] for ws in stats)
+    assert refused > 100, "the scenario did not make writes fail"
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    # At most one line per kind of problem and process (two writers, the worker).
+    assert len(lines) <= 6, proc.stderr
+    assert sum("write at" in line for line in lines) <= 2, proc.stderr
 
 
 def test_unknown_subcommand_exits_2(tmp_path: Path) -> None:
@@ -214,3 +283,32 @@ def test_unreachable_target_exits_1(tmp_path: Path, target: str, words: list[str
 def test_a_device_larger_than_dev_shm_exits_with_no_space(tmp_path: Path) -> None:
     proc = run_cli("run", *BASE, "--size", "100T", cwd=tmp_path, timeout=60)
     assert_one_line_error(proc, 1, "/dev/shm", "free", "smaller --size")
+
+
+def test_a_late_snapshot_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """When preparing the backup takes longer than --backup-at leaves, the run says so
+    (stderr and JSON) instead of being silently late. In-process: a slow target open
+    is simulated by delaying create_backup, and the preparation is forced after the
+    writers' start (as for a --backup-at further away than PREPARE_AHEAD)."""
+    from shmblock.engine import Engine
+
+    real = Engine.create_backup
+
+    def slow(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.0)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "create_backup", slow)
+    monkeypatch.setattr(cli, "PREPARE_AHEAD", 0.0)
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args([
+        "run", "--size", "16M", "--writers", "1", "--duration", "3", "--backup-at", "0.2",
+        "--target", "b.raw", "--json", "s.json", "--quiet"])
+    assert cli.cmd_run(args) == 0
+    err = capsys.readouterr().err
+    assert "--backup-at 0.2 could not be honoured" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    backup = json.loads((tmp_path / "s.json").read_text())["backup"]
+    assert backup["backup_at_honoured"] is False
+    assert backup["snapshot_at_s"] >= 1.0

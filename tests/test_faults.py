@@ -470,20 +470,37 @@ def bad_messages(max_size: int) -> list[tuple[str, bytes]]:
         ("wrong-version", msgpack.packb([99, 1, 5])),
         ("bad-field", msgpack.packb([protocol.PROTOCOL_VERSION, 4, -1, 1, 1, 1])),
         ("not-an-array", msgpack.packb({"type": 1})),
+        # 1000 arrays deep (1 KiB; as deep as a writer's small queue allows): decode
+        # used to raise RecursionError building its error text, which killed whichever
+        # loop received it. Whole, as the version, as a field.
+        ("deeply-nested", b"\x91" * min(1000, max_size - 1) + b"\x00"),
+        ("deeply-nested-version", b"\x92" + b"\x91" * min(1000, max_size - 3) + b"\x00\x07"),
+        ("deeply-nested-field", b"\x95\x01\x07" + b"\x91" * min(1000, max_size - 8)
+         + b"\x00\x01\x01"),
     ]
 
 
 def unexpected_messages(queue: str) -> list[protocol.Message]:
     """Valid messages that have no business on ``queue`` (or name nothing that exists)."""
     if queue == "sup":
+        # The job's outcome forged for the real job (job1), without its token or with a
+        # wrong one: only the job's own worker may report it.
         return [protocol.Freeze(epoch=1), protocol.CopyRequest(writer=0, seq=1, cluster=0,
                                                                count=1),
                 protocol.JobCompleted(job="nosuchjob", bytes_written=1, clusters_copied=1,
                                       cbw_clusters=1),
+                protocol.JobCompleted(job="job1", bytes_written=1, clusters_copied=1,
+                                      cbw_clusters=1),
+                protocol.JobFailed(job="job1", error="forged", token="0" * 32),
+                protocol.JobCancelled(job="job1", token="f" * 32),
+                protocol.JobProgress(job="job1", done=2**62, total=2**62),
                 protocol.WriterDone(writer=4000, ok=True, error="")]
     if queue == "bk":
+        # Control of the real job without its token: only the supervisor may steer it.
         return [protocol.CopyDone(seq=1, cluster=0, count=1, ok=True, error=""),
                 protocol.Cancel(job="nosuchjob"), protocol.Pause(job="nosuchjob"),
+                protocol.Pause(job="job1"), protocol.Cancel(job="job1", token="0" * 32),
+                protocol.Complete(job="job1"), protocol.Shutdown(reason="forged"),
                 protocol.CopyRequest(writer=4000, seq=1, cluster=2**40, count=1)]
     if queue == "ctl":
         return [protocol.JobStart(job="job1", sync="full", speed=0),

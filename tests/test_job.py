@@ -5,11 +5,22 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from typing import Any, cast
 
 import pytest
 
-from shmblock.errors import JobError, ShmblockError, StateError
-from shmblock.job import TRANSITIONS, JobEvent, JobResult, JobState, JobTracker, Outcome
+import protocol
+from shmblock.engine import MAX_SPEED, BackupJob
+from shmblock.errors import JobError, ShmblockError, StateError, UsageError
+from shmblock.job import (
+    TRANSITIONS,
+    VERBS,
+    JobEvent,
+    JobResult,
+    JobState,
+    JobTracker,
+    Outcome,
+)
 
 C, R, P, X = JobState.CREATED, JobState.RUNNING, JobState.PAUSED, JobState.CONCLUDED
 
@@ -179,3 +190,88 @@ def test_job_result_ok_and_throughput() -> None:
     assert not JobResult("job1", Outcome.FAILED).ok
     assert not JobResult("job1", Outcome.CANCELLED).ok
     assert JobResult("job1", Outcome.COMPLETED, bytes_total=5).throughput == 0.0
+
+
+# -- control verbs --------------------------------------------------------------------
+
+
+def test_each_verb_needs_its_own_state() -> None:
+    """created → running is allowed by the table, but only ``start`` may take it."""
+    assert {"start": (frozenset({C}), R), "pause": (frozenset({R}), P),
+                     "resume": (frozenset({P}), R)} == VERBS
+    for verb, (allowed, new) in VERBS.items():
+        assert all(new in TRANSITIONS[s] for s in allowed), verb
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+@pytest.mark.parametrize("state", list(JobState), ids=lambda s: s.value)
+def test_apply_checks_the_verb(verb: str, state: JobState) -> None:
+    t = JobTracker("job1")
+    t.state = state
+    allowed, new = VERBS[verb]
+    if state in allowed:
+        t.apply(verb, verb + "d")
+        assert t.state is new
+        return
+    with pytest.raises(StateError) as info:
+        t.apply(verb, verb + "d")
+    assert info.value.state == state.value
+    assert info.value.required == tuple(sorted(s.value for s in allowed))
+    assert verb in str(info.value) and state.value in str(info.value)
+    assert t.state is state
+    assert kinds(t) == ["created"]
+
+
+class NullQueue:
+    """A backup queue that only records what the job sends (no worker, no I/O)."""
+
+    def __init__(self) -> None:
+        self.sent: list[protocol.Message] = []
+
+    def send(self, msg: protocol.Message, timeout: float) -> None:
+        self.sent.append(msg)
+
+
+def null_job() -> tuple[BackupJob, NullQueue]:
+    queue = NullQueue()
+    none = cast(Any, None)
+    job = BackupJob(none, "job1", none, none, "full", none, cast(Any, queue),
+                    JobTracker("job1"))
+    return job, queue
+
+
+def test_resume_of_a_job_that_never_started_is_refused() -> None:
+    job, queue = null_job()
+    with pytest.raises(StateError) as info:
+        job.resume()
+    assert (info.value.state, info.value.required) == ("created", ("paused",))
+    assert str(info.value) == "cannot resume a job that is created"
+    assert job.state is C
+    assert queue.sent == []
+    with pytest.raises(StateError):
+        job.pause()
+    job.tracker.apply("start", "running")
+    with pytest.raises(StateError, match="cannot resume a job that is running"):
+        job.resume()
+    job.pause()
+    job.resume()
+    assert queue.sent == [protocol.Pause(job="job1"), protocol.Resume(job="job1")]
+
+
+def test_set_speed_emits_a_speed_event() -> None:
+    job, queue = null_job()
+    job.tracker.apply("start", "running")
+    job.set_speed(1 << 20)
+    assert queue.sent == [protocol.SetSpeed(job="job1", speed=1 << 20)]
+    event = job.events[-1]
+    assert (event.kind, event.data) == ("speed", {"speed": 1 << 20})
+    assert job.speed == 1 << 20
+
+
+@pytest.mark.parametrize("speed", [-1, MAX_SPEED + 1, 99999999 << 40])
+def test_a_speed_no_message_can_carry_is_a_usage_error(speed: int) -> None:
+    job, queue = null_job()
+    with pytest.raises(UsageError, match="speed"):
+        job.set_speed(speed)
+    assert queue.sent == []
+    assert kinds(job.tracker) == ["created"]

@@ -63,6 +63,7 @@ writers = st.integers(0, 4095)
 pids = st.integers(1, 2**31 - 1)
 jobs = st.from_regex(r"[A-Za-z0-9_.\-]{1,64}", fullmatch=True).filter(str.isascii)
 texts = st.text(max_size=MAX_TEXT)  # Hypothesis leaves out surrogates by default
+tokens = st.from_regex(r"[0-9a-f]{0,64}", fullmatch=True)
 
 
 @st.composite
@@ -91,54 +92,55 @@ def _writer_done(writer: int, outcome: tuple[bool, str]) -> WriterDone:
 
 
 STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
-    Freeze: st.builds(Freeze, u63),
-    Frozen: st.builds(Frozen, u63, writers),
-    Thaw: st.builds(Thaw, u63),
+    Freeze: st.builds(Freeze, u63, tokens),
+    Frozen: st.builds(Frozen, u63, writers, tokens),
+    Thaw: st.builds(Thaw, u63, tokens),
     CopyRequest: st.builds(_copy_request, writers, u63, cluster_ranges()),
     CopyDone: st.builds(_copy_done, u63, cluster_ranges(), outcomes()),
     Staged: st.builds(Staged, writers),
     Ready: st.builds(Ready, st.sampled_from(["writer", "backup"]), u63, pids),
     JobStart: st.builds(
-        JobStart, jobs, st.sampled_from(["full", "top", "none", "incremental"]), u63
+        JobStart, jobs, st.sampled_from(["full", "top", "none", "incremental"]), u63, tokens
     ),
-    JobProgress: st.builds(JobProgress, jobs, u63, u63),
-    JobCompleted: st.builds(JobCompleted, jobs, u63, u63, u63),
-    JobFailed: st.builds(JobFailed, jobs, texts),
-    JobCancelled: st.builds(JobCancelled, jobs),
-    Pause: st.builds(Pause, jobs),
-    Resume: st.builds(Resume, jobs),
-    Cancel: st.builds(Cancel, jobs),
-    SetSpeed: st.builds(SetSpeed, jobs, u63),
-    Complete: st.builds(Complete, jobs),
-    Shutdown: st.builds(Shutdown, texts),
+    JobProgress: st.builds(JobProgress, jobs, u63, u63, tokens),
+    JobCompleted: st.builds(JobCompleted, jobs, u63, u63, u63, tokens),
+    JobFailed: st.builds(JobFailed, jobs, texts, tokens),
+    JobCancelled: st.builds(JobCancelled, jobs, tokens),
+    Pause: st.builds(Pause, jobs, tokens),
+    Resume: st.builds(Resume, jobs, tokens),
+    Cancel: st.builds(Cancel, jobs, tokens),
+    SetSpeed: st.builds(SetSpeed, jobs, u63, tokens),
+    Complete: st.builds(Complete, jobs, tokens),
+    Shutdown: st.builds(Shutdown, texts, tokens),
     WriterDone: st.builds(_writer_done, writers, outcomes()),
 }
 messages: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
 
 # Every field at the value with the longest encoding: the biggest valid instances.
 LONGEST_JOB = "J" * 64
+LONGEST_TOKEN = "f" * 64
 LONGEST_TEXT = "\U0010ffff" * MAX_TEXT  # 4 UTF-8 bytes a character
 BIG_COUNT = 2**31
 BIG_CLUSTER = 2**63 - BIG_COUNT  # still 9 bytes on the wire, and cluster + count fits
 MAXIMAL: list[Message] = [
-    Freeze(U63_MAX),
-    Frozen(U63_MAX, 4095),
-    Thaw(U63_MAX),
+    Freeze(U63_MAX, LONGEST_TOKEN),
+    Frozen(U63_MAX, 4095, LONGEST_TOKEN),
+    Thaw(U63_MAX, LONGEST_TOKEN),
     CopyRequest(4095, U63_MAX, BIG_CLUSTER, BIG_COUNT),
     CopyDone(U63_MAX, BIG_CLUSTER, BIG_COUNT, False, LONGEST_TEXT),
     Staged(4095),
     Ready("backup", U63_MAX, 2**31 - 1),
-    JobStart(LONGEST_JOB, "incremental", U63_MAX),
-    JobProgress(LONGEST_JOB, U63_MAX, U63_MAX),
-    JobCompleted(LONGEST_JOB, U63_MAX, U63_MAX, U63_MAX),
-    JobFailed(LONGEST_JOB, LONGEST_TEXT),
-    JobCancelled(LONGEST_JOB),
-    Pause(LONGEST_JOB),
-    Resume(LONGEST_JOB),
-    Cancel(LONGEST_JOB),
-    SetSpeed(LONGEST_JOB, U63_MAX),
-    Complete(LONGEST_JOB),
-    Shutdown(LONGEST_TEXT),
+    JobStart(LONGEST_JOB, "incremental", U63_MAX, LONGEST_TOKEN),
+    JobProgress(LONGEST_JOB, U63_MAX, U63_MAX, LONGEST_TOKEN),
+    JobCompleted(LONGEST_JOB, U63_MAX, U63_MAX, U63_MAX, LONGEST_TOKEN),
+    JobFailed(LONGEST_JOB, LONGEST_TEXT, LONGEST_TOKEN),
+    JobCancelled(LONGEST_JOB, LONGEST_TOKEN),
+    Pause(LONGEST_JOB, LONGEST_TOKEN),
+    Resume(LONGEST_JOB, LONGEST_TOKEN),
+    Cancel(LONGEST_JOB, LONGEST_TOKEN),
+    SetSpeed(LONGEST_JOB, U63_MAX, LONGEST_TOKEN),
+    Complete(LONGEST_JOB, LONGEST_TOKEN),
+    Shutdown(LONGEST_TEXT, LONGEST_TOKEN),
     WriterDone(4095, False, LONGEST_TEXT),
 ]
 
@@ -171,8 +173,11 @@ def test_field_names_and_order() -> None:
     assert names(CopyRequest) == ("writer", "seq", "cluster", "count")
     assert names(CopyDone) == ("seq", "cluster", "count", "ok", "error")
     assert names(Ready) == ("role", "ident", "pid")
-    assert names(JobStart) == ("job", "sync", "speed")
-    assert names(JobCompleted) == ("job", "bytes_written", "clusters_copied", "cbw_clusters")
+    assert names(JobStart) == ("job", "sync", "speed", "token")
+    assert names(Cancel) == ("job", "token")
+    assert names(JobCompleted) == ("job", "bytes_written", "clusters_copied", "cbw_clusters",
+                                   "token")
+    assert names(JobFailed) == ("job", "error", "token")
     assert names(WriterDone) == ("writer", "ok", "error")
 
 
@@ -259,17 +264,18 @@ def test_max_encoded_size_fits_a_queue_message() -> None:
 
 
 GOLDEN: list[tuple[Message, str]] = [
-    (Freeze(0), "93010100"),
+    (Freeze(0), "94010100a0"),
     (CopyRequest(3, 123456, 1000, 1), "96010403ce0001e240cd03e801"),
     (
         CopyDone(7, 2**32, 2**31, False, "EIO"),
         "97010507cf0000000100000000ce80000000c2a345494f",
     ),
     (Ready("backup", 0, 4242), "950107a66261636b757000cd1092"),
-    (JobStart("job-1", "full", 0), "950108a56a6f622d31a466756c6c00"),
-    (JobProgress("b.1", U63_MAX, 300), "950109a3622e31cf7fffffffffffffffcd012c"),
+    (JobStart("job-1", "full", 0), "960108a56a6f622d31a466756c6c00a0"),
+    (JobProgress("b.1", U63_MAX, 300), "960109a3622e31cf7fffffffffffffffcd012ca0"),
+    (JobCancelled("j", "0a"), "94010ca16aa23061"),
     (WriterDone(1, True, ""), "95011301c3a0"),
-    (Shutdown("bye"), "930112a3627965"),
+    (Shutdown("bye"), "940112a3627965a0"),
 ]
 
 
@@ -298,6 +304,9 @@ def test_golden_bytes(msg: Message, hex_bytes: str) -> None:
         lambda: CopyDone(0, 0, 1, 1, ""),  # type: ignore[arg-type]
         lambda: CopyDone(0, 0, 1, True, "an error but ok"),
         lambda: Ready("guest", 0, 1),
+        lambda: JobCancelled("j", "F" * 32),  # tokens are lowercase hex
+        lambda: JobCancelled("j", "0" * 65),
+        lambda: JobFailed("j", "e", "not hex"),
         lambda: Ready("writer", 0, 0),
         lambda: Ready("writer", 0, 2**31),
         lambda: JobStart("j", "differential", 0),
@@ -351,7 +360,7 @@ def test_encode_refuses_a_tampered_message() -> None:
     object.__setattr__(msg, "reason", "\udcff")  # bypasses the constructor's checks
     with pytest.raises(LocalProtocolError):
         encode(msg)
-    assert encode(Shutdown("still works")) == wire(1, 18, "still works")
+    assert encode(Shutdown("still works")) == wire(1, 18, "still works", "")
 
 
 # --- short_error ---------------------------------------------------------------------
@@ -411,13 +420,13 @@ def test_biggest_valid_message_is_far_below_the_limit() -> None:
         pytest.param(b"", id="empty"),
         pytest.param(b"\x93\x01\x01", id="truncated"),
         pytest.param(b"\xc1", id="never-used-byte"),
-        pytest.param(wire(1, 1, 0) + b"\x00", id="trailing-byte"),
-        pytest.param(wire(1, 1, 0) * 2, id="two-messages"),
+        pytest.param(wire(1, 1, 0, "") + b"\x00", id="trailing-byte"),
+        pytest.param(wire(1, 1, 0, "") * 2, id="two-messages"),
         pytest.param(msgpack.packb({}), id="empty-map"),
         pytest.param(msgpack.packb({1: 1, 2: 0}), id="map"),
         pytest.param(msgpack.packb(msgpack.ExtType(1, b"x")), id="ext"),
         pytest.param(msgpack.packb(msgpack.ExtType(1, b"")), id="empty-ext"),
-        pytest.param(wire(1, 1, msgpack.ExtType(1, b"")), id="ext-field"),
+        pytest.param(wire(1, 1, msgpack.ExtType(1, b""), ""), id="ext-field"),
         pytest.param(msgpack.packb(1), id="int"),
         pytest.param(wire(), id="empty-array"),
         pytest.param(wire(1), id="version-only"),
@@ -431,14 +440,14 @@ def test_biggest_valid_message_is_far_below_the_limit() -> None:
         pytest.param(wire(1, True, 0), id="code-true"),  # True == 1 == Freeze's code
         pytest.param(wire(1, 1.0, 0), id="code-float"),
         pytest.param(wire(1, 1), id="too-few-fields"),
-        pytest.param(wire(1, 1, 0, 0), id="too-many-fields"),
-        pytest.param(wire(1, 1, 2**63), id="int-2**63"),
-        pytest.param(wire(1, 1, 2**64 - 1), id="int-2**64-1"),
-        pytest.param(wire(1, 1, -1), id="int-negative"),
-        pytest.param(wire(1, 1, True), id="bool-for-int"),
-        pytest.param(wire(1, 1, 1.0), id="float-for-int"),
-        pytest.param(wire(1, 1, None), id="nil-for-int"),
-        pytest.param(wire(1, 1, [0]), id="array-for-int"),
+        pytest.param(wire(1, 1, 0, "", ""), id="too-many-fields"),
+        pytest.param(wire(1, 1, 2**63, ""), id="int-2**63"),
+        pytest.param(wire(1, 1, 2**64 - 1, ""), id="int-2**64-1"),
+        pytest.param(wire(1, 1, -1, ""), id="int-negative"),
+        pytest.param(wire(1, 1, True, ""), id="bool-for-int"),
+        pytest.param(wire(1, 1, 1.0, ""), id="float-for-int"),
+        pytest.param(wire(1, 1, None, ""), id="nil-for-int"),
+        pytest.param(wire(1, 1, [0], ""), id="array-for-int"),
         pytest.param(wire(1, 19, 0, 1, ""), id="int-for-bool"),
         pytest.param(wire(1, 19, 0, True, "ok but an error"), id="ok-with-error"),
         pytest.param(wire(1, 2, 0, 4096), id="writer-4096"),
@@ -446,19 +455,19 @@ def test_biggest_valid_message_is_far_below_the_limit() -> None:
         pytest.param(wire(1, 4, 0, 0, U63_MAX, 2), id="range-past-2**63"),
         pytest.param(wire(1, 7, "guest", 0, 1), id="bad-role"),
         pytest.param(wire(1, 7, "writer", 0, 0), id="pid-0"),
-        pytest.param(wire(1, 12, ""), id="empty-job"),
-        pytest.param(wire(1, 12, "J" * 65), id="job-65"),
-        pytest.param(wire(1, 12, "a b"), id="job-space"),
-        pytest.param(wire(1, 12, b"job"), id="bin-for-str"),
-        pytest.param(wire(1, 18, "x" * (MAX_TEXT + 1)), id="text-1025"),
-        pytest.param(wire(1, 18, "x" * 4097), id="str-over-max-str-len"),
+        pytest.param(wire(1, 12, "", ""), id="empty-job"),
+        pytest.param(wire(1, 12, "J" * 65, ""), id="job-65"),
+        pytest.param(wire(1, 12, "a b", ""), id="job-space"),
+        pytest.param(wire(1, 12, b"job", ""), id="bin-for-str"),
+        pytest.param(wire(1, 18, "x" * (MAX_TEXT + 1), ""), id="text-1025"),
+        pytest.param(wire(1, 18, "x" * 4097, ""), id="str-over-max-str-len"),
         pytest.param(b"\x93\x01\x12\xa1\xff", id="invalid-utf8"),
         pytest.param(b"\x93\x01\x12\xda\xff\xff", id="huge-declared-str"),
         pytest.param(b"\xdd\xff\xff\xff\xff", id="huge-declared-array"),
         pytest.param(b"\xdf\xff\xff\xff\xff", id="huge-declared-map"),
         pytest.param(b"\xc6\xff\xff\xff\xff", id="huge-declared-bin"),
         pytest.param(b"\x91" * 8000, id="deep-nesting"),
-        pytest.param(wire(1, 1, [[[[[0]]]]]), id="nested-field"),
+        pytest.param(wire(1, 1, [[[[[0]]]]], ""), id="nested-field"),
     ],
 )
 def test_garbage_raises_remote_error(data: bytes) -> None:
@@ -467,23 +476,24 @@ def test_garbage_raises_remote_error(data: bytes) -> None:
 
 
 def test_limits_on_the_wire_are_inclusive() -> None:
-    assert decode(wire(1, 1, U63_MAX)) == Freeze(U63_MAX)
-    assert decode(wire(1, 18, "x" * MAX_TEXT)) == Shutdown("x" * MAX_TEXT)
-    assert decode(wire(1, 18, LONGEST_TEXT)) == Shutdown(LONGEST_TEXT)
-    assert decode(wire(1, 12, "J" * 64)) == JobCancelled("J" * 64)
+    assert decode(wire(1, 1, U63_MAX, "")) == Freeze(U63_MAX)
+    assert decode(wire(1, 18, "x" * MAX_TEXT, "")) == Shutdown("x" * MAX_TEXT)
+    assert decode(wire(1, 18, LONGEST_TEXT, "")) == Shutdown(LONGEST_TEXT)
+    assert decode(wire(1, 12, "J" * 64, "")) == JobCancelled("J" * 64)
+    assert decode(wire(1, 12, "J", "f" * 64)) == JobCancelled("J", "f" * 64)
 
 
 def test_non_canonical_int_encoding_is_accepted() -> None:
     # uint 64 holding 5: valid msgpack, so the value counts, not the form.
-    assert decode(bytes.fromhex("930101cf0000000000000005")) == Freeze(5)
+    assert decode(bytes.fromhex("940101cf0000000000000005a0")) == Freeze(5)
 
 
 def test_remote_error_keeps_its_cause() -> None:
     with pytest.raises(RemoteProtocolError) as excinfo:
-        decode(wire(1, 1, 0) + b"\x00")
+        decode(wire(1, 1, 0, "") + b"\x00")
     assert isinstance(excinfo.value.__cause__, msgpack.ExtraData)
     with pytest.raises(RemoteProtocolError) as excinfo:
-        decode(wire(1, 1, -1))
+        decode(wire(1, 1, -1, ""))
     assert isinstance(excinfo.value.__cause__, LocalProtocolError)
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import MAX_MESSAGE_SIZE, Message, RemoteProtocolError, decode, encode
+from protocol import MAX_MESSAGE_SIZE, Message, Ready, RemoteProtocolError, decode, encode
+from protocol.codec import describe
 from tests.test_protocol import MAXIMAL, messages
 
 
@@ -113,3 +115,89 @@ def _packed(items: list[Any]) -> bytes:
 )
 def test_structured_garbage(version: Any, code: Any, fields: list[Any]) -> None:
     decodes_or_refuses(_packed([version, code, *fields]))
+
+
+# -- nesting ------------------------------------------------------------------------------
+# A message is a flat array; a peer that nests containers a thousand deep (a 1 KiB message)
+# used to make decode raise RecursionError while it built its error text (repr of the
+# nested value), which killed whichever loop received it.
+
+
+def _nested(depth: int, container: bytes = b"\x91") -> bytes:
+    """``depth`` one-element containers around a 0: ``[[[...[0]...]]]`` without recursion."""
+    return container * depth + b"\x00"
+
+
+# Where a nested value can sit: the whole message, the version, the code, a field; with
+# and without trailing bytes (ExtraData's repr would include the parsed value).
+NESTING_SPOTS = [
+    pytest.param(b"", b"", id="whole"),
+    pytest.param(b"\x92", b"\x07", id="version"),  # [nested, 7]
+    pytest.param(b"\x92\x01", b"", id="code"),  # [1, nested]
+    pytest.param(b"\x95\x01\x07", b"\x01\x01", id="field"),  # Ready(role=nested, ...)
+    pytest.param(b"\x95\x01\x07\xa6writer", b"\x01", id="field2"),  # Ready(ident=nested)
+    pytest.param(b"\x95\x01\x07", b"\x01\x01\x00", id="trailing"),
+]
+
+
+@pytest.mark.parametrize("depth", [2, 100, 999, 1000, 1023, 1024, 1025, 5000, 8000])
+@pytest.mark.parametrize(("head", "tail"), NESTING_SPOTS)
+@pytest.mark.parametrize("container", [b"\x91", b"\x81\x00"], ids=["array", "map"])
+def test_deep_nesting_is_a_remote_error(depth: int, head: bytes, tail: bytes,
+                                        container: bytes) -> None:
+    data = head + _nested(depth, container) + tail
+    if len(data) > MAX_MESSAGE_SIZE:
+        data = data[:MAX_MESSAGE_SIZE]
+    with pytest.raises(RemoteProtocolError) as info:
+        decode(data)
+    assert len(str(info.value)) < 500  # the nested value is described, never spelled out
+
+
+def test_the_error_for_a_nested_field_names_the_element() -> None:
+    with pytest.raises(RemoteProtocolError, match="element 2 of the message is a tuple"):
+        decode(b"\x95\x01\x07" + _nested(1000) + b"\x01\x01")
+
+
+def test_deep_nesting_with_the_pure_python_unpacker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """msgpack's fallback unpacker recurses in Python: still a clean RemoteProtocolError."""
+    from msgpack import fallback
+
+    monkeypatch.setattr(msgpack, "unpackb", fallback.unpackb)  # codec calls msgpack.unpackb
+    for depth in (100, 1000, 5000):
+        with pytest.raises(RemoteProtocolError):
+            decode(b"\x95\x01\x07" + _nested(depth) + b"\x01\x01")
+    assert decode(encode(Ready(role="writer", ident=1, pid=1))) == Ready("writer", 1, 1)
+
+
+containers = st.recursive(
+    st.integers(0, 3),
+    lambda inner: st.lists(inner, min_size=1, max_size=2).map(tuple),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 3000), st.data())
+def test_nested_values_anywhere(position: int, depth: int, data: st.DataObject) -> None:
+    """Any element of a plausible message replaced by a deep or wide nest is refused."""
+    valid = [1, 7, "writer", 1, 1]
+    head = b"".join(_packed_scalar(v) for v in valid[:position])
+    tail = b"".join(_packed_scalar(v) for v in valid[position + 1 :])
+    nest = _nested(depth, data.draw(st.sampled_from([b"\x91", b"\x81\x00", b"\xdc\x00\x01"])))
+    body = head + nest + tail
+    count = len(valid) if position < len(valid) else len(valid) + 1
+    decodes_or_refuses((bytes([0x90 + count]) + body)[:MAX_MESSAGE_SIZE])
+    decodes_or_refuses(_packed([*valid[:2], data.draw(containers, label="wide")]))
+
+
+def _packed_scalar(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def test_describe_is_bounded() -> None:
+    assert describe("x" * 10_000).endswith("(10000 long)")
+    assert len(describe("x" * 10_000)) < 100
+    assert describe(2**4000) == "an int of 4001 bits"
+    assert describe((1, 2)) == "a tuple of 2 items"
+    assert describe(7) == "7"
+    assert describe(object()) == "a object"

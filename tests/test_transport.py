@@ -219,6 +219,32 @@ def test_malformed_messages_are_skipped_and_counted(queue: Queue, reader: Queue)
     assert reader.receive(0.0) is None
 
 
+def test_a_decoder_bug_does_not_kill_the_receiver(queue: Queue, reader: Queue,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever decode raises, receive drops those bytes and goes on to the next message
+    (a 1000-deep message used to make decode raise RecursionError, out of receive)."""
+    real = protocol.decode
+
+    def buggy(data: bytes) -> Message:
+        if data == b"\x91\x91\x00":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(data)
+
+    monkeypatch.setattr(protocol, "decode", buggy)
+    raw_send(queue.name, b"\x91\x91\x00")
+    queue.send(protocol.Staged(writer=3), timeout=1.0)
+    assert reader.receive(1.0) == protocol.Staged(writer=3)
+    assert reader.rejected == 1
+
+
+def test_a_deeply_nested_message_is_skipped(queue: Queue, reader: Queue) -> None:
+    raw_send(queue.name, b"\x91" * 1000 + b"\x00")
+    raw_send(queue.name, b"\x92" + b"\x91" * 1000 + b"\x00\x07")
+    queue.send(protocol.Staged(writer=4), timeout=1.0)
+    assert reader.receive(1.0) == protocol.Staged(writer=4)
+    assert reader.rejected == 2
+
+
 def test_only_garbage_then_timeout(queue: Queue, reader: Queue) -> None:
     raw_send(queue.name, b"\xc1")  # the one byte msgpack never uses
     t0 = time.monotonic()

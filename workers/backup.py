@@ -20,6 +20,8 @@ is not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hmac
 import logging
 import os
 import sys
@@ -35,7 +37,7 @@ from shmblock.names import RunNames
 from shmblock.targets import TargetSpec, open_target
 from shmblock.targets.base import Target
 from shmblock.transport import Queue
-from workers.common import Terminated, parent_alive, start_worker
+from workers.common import Terminated, parent_alive, read_job_token, start_worker
 
 log = logging.getLogger("shmblock.backup")
 
@@ -72,6 +74,7 @@ class BackupWorker:
         self.next_allowed = 0.0
         self.sync = args.sync
         self.complete_requested = False
+        self.token = ""  # the job's secret, from stdin: the supervisor wants it on Job*
 
     # -- messages ----------------------------------------------------------------------
 
@@ -91,9 +94,17 @@ class BackupWorker:
         elif isinstance(msg, protocol.Staged):
             pass  # the drain that follows every batch of messages picks it up
         elif isinstance(msg, protocol.Shutdown):
-            raise JobEnded(protocol.JobCancelled(job=self.job))
+            # The supervisor ends a job with Cancel, which carries the job's token; a
+            # Shutdown here can only come from someone else.
+            log.warning("ignoring Shutdown on the backup queue (a job ends with Cancel)")
         elif getattr(msg, "job", self.job) != self.job:
             log.warning("ignoring %s for another job", type(msg).__name__)
+        elif not hmac.compare_digest(getattr(msg, "token", ""), self.token):
+            # Anyone of this user can write to this queue; only the supervisor knows
+            # the job's token, so only it can pause, cancel or complete the job.
+            self.inbox.rejected += 1
+            log.warning("ignoring %s without this job's token on the backup queue",
+                        type(msg).__name__)
         elif isinstance(msg, protocol.Pause):
             self.paused = True
         elif isinstance(msg, protocol.Resume):
@@ -138,7 +149,14 @@ class BackupWorker:
         finally:
             ctl[L.CTL_WORKER_IDLE] = 0
         while msg is not None:
-            self.handle(msg)
+            try:
+                self.handle(msg)
+            except (JobEnded, TargetError, Terminated):
+                raise  # the job's end, a target failure that fails it, or SIGTERM
+            except Exception:
+                # One message must never kill the job: log it, count it, go on.
+                self.inbox.rejected += 1
+                log.exception("error handling %s (carrying on)", type(msg).__name__)
             msg = self.inbox.receive(0.0)
 
     # -- the job ------------------------------------------------------------------------
@@ -156,7 +174,10 @@ class BackupWorker:
             if not parent_alive(self.parent):
                 raise JobEnded(protocol.JobFailed(job=self.job, error="the supervisor died"))
             msg = self.inbox.receive(0.2)
-            if isinstance(msg, protocol.JobStart):
+            # The device's queue outlives jobs: a JobStart left by an earlier job whose
+            # worker died before reading it must not start this one before its snapshot.
+            if isinstance(msg, protocol.JobStart) and msg.job == self.job \
+                    and hmac.compare_digest(msg.token, self.token):
                 self.sync = msg.sync
                 self.speed = msg.speed
                 return
@@ -189,7 +210,8 @@ class BackupWorker:
                 last_progress = now
                 self.sup.try_send(protocol.JobProgress(
                     job=self.job, done=int(ctl[L.CTL_DONE_BYTES]),
-                    total=max(int(ctl[L.CTL_TOTAL_BYTES]), int(ctl[L.CTL_DONE_BYTES]))))
+                    total=max(int(ctl[L.CTL_TOTAL_BYTES]), int(ctl[L.CTL_DONE_BYTES])),
+                    token=self.token))
             if now - last_parent_check >= 0.5:
                 last_parent_check = now
                 if not parent_alive(self.parent):
@@ -277,10 +299,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     parent = start_worker(f"shmblock: backup-worker run={args.run} job={args.job}")
+    token = read_job_token()
     worker: BackupWorker | None = None
     final: protocol.Message
     try:
         worker = BackupWorker(args, parent)
+        worker.token = token
         worker.open()
         worker.sup.send(protocol.Ready(role="backup", ident=0, pid=os.getpid()), timeout=5.0)
         worker.wait_for_start()
@@ -304,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(final, protocol.JobCompleted) and worker.target is not None:
             worker.target.abort()
         worker.release_writers()
+        if isinstance(final, protocol.JobCompleted | protocol.JobFailed | protocol.JobCancelled):
+            final = dataclasses.replace(final, token=token)  # else the supervisor ignores it
         worker.sup.send(final, timeout=5.0)
     except ShmblockError as exc:
         print(f"backup worker: could not report the end of the job: {exc}", file=sys.stderr)

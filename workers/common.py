@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
+import select
 import signal
 import sys
 from types import FrameType
@@ -51,14 +53,63 @@ def start_worker(title: str) -> int:
         print(f"{title}: the supervisor (pid {expected}) died before this worker started",
               file=sys.stderr)
         raise SystemExit(1)
+    level = os.environ.get("SHMBLOCK_LOG", "WARNING").upper()
     logging.basicConfig(
-        level=os.environ.get("SHMBLOCK_LOG", "WARNING").upper(),
+        level=level,
         format=f"%(asctime)s {title}: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if level != "DEBUG":
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(OncePerProblem())
     return parent
+
+
+class OncePerProblem(logging.Filter):
+    """Let each kind of problem through once; drop its repeats.
+
+    A writer whose guest writes are refused logs one warning per write, thousands a
+    second, and a backup worker one per unanswerable request: stderr must stay one line
+    per problem. A problem is the message template (before %-formatting) with its
+    string arguments (a queue's name) and the types of its other arguments, so "write
+    at %d failed: %s" with a timeout and with a target error are two problems, and the
+    offsets do not matter. The counts are not lost: they are in the writer statistics
+    of the run summary. SHMBLOCK_LOG=DEBUG shows every line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str, tuple[str, ...]]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        key = (record.name, str(record.msg),
+               tuple(a[:100] if isinstance(a, str) else type(a).__name__ for a in args))
+        if key in self.seen:
+            return False
+        if len(self.seen) < 10_000:  # a bound, whatever the templates
+            self.seen.add(key)
+        return True
 
 
 def parent_alive(parent: int) -> bool:
     """False once the process that started us is gone (we were re-parented)."""
     return os.getppid() == parent
+
+
+def read_job_token(timeout: float = 5.0) -> str:
+    """The job token the supervisor wrote to our stdin, or "" if there is none.
+
+    The supervisor writes one line of hex and closes the pipe right after the spawn
+    (see ``Engine._spawn``); a few bytes to a fresh pipe arrive in one piece, so one
+    read after ``select`` gets them. Stdin that is not a pipe from the supervisor
+    (/dev/null, a terminal) gives "" after at most ``timeout`` seconds: the worker then
+    runs, but the supervisor refuses its reports.
+    """
+    try:
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], timeout)
+        data = os.read(sys.stdin.fileno(), 130) if ready else b""
+    except (OSError, ValueError):
+        return ""
+    token = data.decode("ascii", "replace").strip()
+    return token if re.fullmatch(r"[0-9a-f]{1,64}", token) else ""

@@ -10,6 +10,7 @@ invariant 3). Statistics go to its row in shared memory as it runs.
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ from shmblock.guest import WORKLOADS, GuestIO
 from shmblock.names import RunNames
 from shmblock.stats import W_FREEZE_TIMEOUTS, W_FREEZES
 from shmblock.transport import Queue
-from workers.common import Terminated, parent_alive, start_worker
+from workers.common import Terminated, parent_alive, read_job_token, start_worker
 from workers.workloads import batches
 
 log = logging.getLogger("shmblock.guest")
@@ -51,6 +52,7 @@ class GuestWriter:
         self.stop = False
         self.freezes = 0
         self.freeze_timeouts = 0
+        self.token = ""  # our secret, from stdin: the supervisor wants it on Frozen
 
     # -- control ------------------------------------------------------------------------
 
@@ -58,21 +60,38 @@ class GuestWriter:
         """Handle queued control messages; a Freeze blocks here until its Thaw."""
         msg = self.control.receive(wait)
         while msg is not None:
-            if isinstance(msg, protocol.Freeze):
-                self.frozen(msg.epoch)
-            elif isinstance(msg, protocol.Shutdown):
-                self.stop = True
-            elif not isinstance(msg, protocol.Thaw):
-                log.warning("unexpected %s on the control queue", type(msg).__name__)
+            try:
+                if not hmac.compare_digest(getattr(msg, "token", ""), self.token):
+                    # Anyone of this user can write here; only the supervisor has our token.
+                    log.warning("ignoring %s without this writer's token",
+                                type(msg).__name__)
+                elif isinstance(msg, protocol.Freeze):
+                    self.frozen(msg.epoch)
+                elif isinstance(msg, protocol.Shutdown):
+                    self.stop = True
+                elif not isinstance(msg, protocol.Thaw):
+                    log.warning("unexpected %s on the control queue", type(msg).__name__)
+            except Terminated:
+                raise
+            except Exception:
+                # One message must never end the guest's workload: log, count, go on.
+                self.control.rejected += 1
+                log.exception("error handling %s (carrying on)", type(msg).__name__)
             msg = self.control.receive(0.0)
 
     def frozen(self, epoch: int) -> None:
-        self.sup.send(protocol.Frozen(epoch=epoch, writer=self.ident), timeout=5.0)
+        self.sup.send(protocol.Frozen(epoch=epoch, writer=self.ident, token=self.token),
+                      timeout=5.0)
         self.freezes += 1
         self.device.stats[self.ident, W_FREEZES] = self.freezes
         deadline = time.monotonic() + FREEZE_TIMEOUT
         while time.monotonic() < deadline:
             msg = self.control.receive(0.2)
+            if msg is not None and not hmac.compare_digest(getattr(msg, "token", ""),
+                                                           self.token):
+                # A forged Thaw would let this writer write in the middle of a snapshot.
+                log.warning("ignoring %s without this writer's token", type(msg).__name__)
+                continue
             if isinstance(msg, protocol.Thaw) and msg.epoch == epoch:
                 return
             if isinstance(msg, protocol.Shutdown):
@@ -159,10 +178,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     parent = start_worker(f"shmblock: guest-writer {args.id} run={args.run}")
+    token = read_job_token()
     writer: GuestWriter | None = None
     ok, error = True, ""
     try:
         writer = GuestWriter(args, parent)
+        writer.token = token
         writer.sup.send(protocol.Ready(role="writer", ident=args.id, pid=os.getpid()),
                         timeout=5.0)
         writer.run()
