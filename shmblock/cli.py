@@ -3,6 +3,7 @@
     shmblock-run                   a short demonstration (verified backup of a busy device)
     shmblock-run run [options]     writers + a backup taken mid-run, with a summary
     shmblock-run cleanup           remove what crashed runs left behind
+    shmblock-run restore SRC DEST  write a backup into a device file and verify it
     shmblock-run bench [--quick]   benchmarks beside QEMU and the machine's limits
 
 Exit codes: 0 success, 1 failed job or verification, 2 bad usage, 130 interrupted.
@@ -147,6 +148,20 @@ def build_parser() -> ArgumentParser:
                         "left by crashed runs")
     cl.add_argument("--dry-run", action="store_true", help="only list what would go")
     cl.add_argument("--json", action="store_true", help="print the report as JSON")
+    rs = sub.add_parser("restore", help="write a backup (raw, qcow2 chain, NBD export) "
+                        "into a device file and verify it")
+    rs.add_argument("source", metavar="SOURCE", help="the backup: a raw or qcow2 image "
+                    "(its backing chain is followed), nbd://host[:port]/export or "
+                    "nbd+unix:///export?socket=PATH")
+    rs.add_argument("dest", metavar="DEST", help="the device file to write (a raw image "
+                    "that --device-file can map)")
+    rs.add_argument("--format", choices=("raw", "qcow2", "nbd"),
+                    help="source format (default: nbd for a URI, else probed)")
+    rs.add_argument("--force", action="store_true",
+                    help="replace an existing DEST (of the backup's size)")
+    rs.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="re-read both and compare them cluster by cluster (default on)")
+    rs.add_argument("--json", action="store_true", help="print the result as JSON")
     from shmblock.bench.options import add_arguments as add_bench_arguments
     add_bench_arguments(sub.add_parser(
         "bench", help="benchmarks under contention, beside QEMU and the machine's limits"))
@@ -458,6 +473,35 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from shmblock.errors import VerificationError
+    from shmblock.restore import RestoreResult, restore, summary_lines
+
+    result: RestoreResult | None = None
+    with progress_display(sys.stderr.isatty() and not args.json) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if bar is not None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done)
+
+        try:
+            result = restore(args.source, args.dest, format=args.format,
+                             overwrite=args.force, verify=args.verify, progress=progress)
+        except VerificationError as exc:
+            if args.json:
+                print(json.dumps({"ok": False, "source": args.source, "destination":
+                                  args.dest, "verified": False, "error": str(exc)}))
+            raise
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print("\n".join(summary_lines(result)))
+    return EXIT_OK
+
+
 class Interrupted(Exception):
     pass
 
@@ -478,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "cleanup":
             return cmd_cleanup(args)
+        if args.command == "restore":
+            return cmd_restore(args)
         if args.command == "bench":
             from shmblock.bench.runner import run as run_bench
             args.argv = sys.argv[1:] if argv is None else argv
