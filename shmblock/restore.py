@@ -573,6 +573,11 @@ def check_destination(dest: str, links: list[ChainLink], overwrite: bool) -> Non
         raise UsageError(f"destination {dest!r}: restore writes a device file or a live "
                          "device, not an NBD export")
     paths.check_output("destination", dest)
+    # First: "the same file as the backup" says more than any size or existence rule.
+    files = paths.with_parts("destination", dest)
+    files += [("the backup" if i == 0 else f"link {i + 1} of the backup's chain", link.path)
+              for i, link in enumerate(links) if link.format != "nbd"]
+    paths.check_distinct(files)
     size = links[0].size
     try:
         st = os.lstat(dest)
@@ -586,10 +591,6 @@ def check_destination(dest: str, links: list[ChainLink], overwrite: bool) -> Non
             raise UsageError(f"destination {dest!r} has {st.st_size} bytes, the backup "
                              f"{size}: a device file is replaced only by a backup of its "
                              "own size")
-    files = paths.with_parts("destination", dest)
-    files += [("the backup" if i == 0 else f"link {i + 1} of the backup's chain", link.path)
-              for i, link in enumerate(links) if link.format != "nbd"]
-    paths.check_distinct(files)
     paths.check_no_part("destination", dest)
     if st is not None and (st.st_dev, st.st_ino) in paths.inodes_in_use():
         raise UsageError(f"destination {dest!r} is open or mapped by a running process "
