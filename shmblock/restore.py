@@ -60,9 +60,10 @@ device writes (and marks dirty) just what changed.
 
 **Verification** (on by default) re-reads both sides independently — the source through
 a freshly opened chain or a new NBD connection, the destination through the file (or
-``DeviceHandle.read``) — and compares them cluster by cluster: clusters that are zero
-on both sides match without hashing, every other cluster is compared by its BLAKE2b
-digest (:func:`shmblock.verify.cluster_digest`). A mismatch raises
+``DeviceHandle.read``) — and compares them cluster by cluster, chunk by chunk. Both
+sides of a chunk are in memory together, so the comparison is exact (a vectorised
+``!=`` over 64-bit words per cluster), not by digests: as strong as comparing digests of
+each cluster and a fraction of the cost of hashing both sides. A mismatch raises
 :class:`~shmblock.errors.VerificationError` naming the first differing offsets, and a
 file destination is then not published.
 """
@@ -99,7 +100,6 @@ from shmblock.targets.qcow2_format import (
     Qcow2Reader,
     resolve_backing,
 )
-from shmblock.verify import cluster_digest
 
 if TYPE_CHECKING:
     from shmblock.engine import DeviceHandle
@@ -530,14 +530,13 @@ def _compare(reader: _Reader, read_dest: Callable[[int, int], U8Array], result: 
         length = min(CHUNK, size - offset)
         src = buf.load(reader, offset, length)
         dst = read_dest(offset, length)
-        src_nz = nonzero_clusters(src, grain)
-        dst_nz = nonzero_clusters(dst, grain)
-        bad += [offset + int(c) * grain for c in np.flatnonzero(src_nz != dst_nz)]
-        sview, dview = src.data, dst.data
-        for c in np.flatnonzero(src_nz & dst_nz).tolist():
-            lo, hi = c * grain, min((c + 1) * grain, length)
-            if cluster_digest(sview[lo:hi]) != cluster_digest(dview[lo:hi]):
-                bad.append(offset + lo)
+        # Both sides of the chunk are in memory at once, so they are compared byte for
+        # byte (one vectorised pass, exact) rather than by digests of each (a digest
+        # pays off only when the two sides are not at hand together, as in a backup's
+        # verification against its snapshot; for a 1 GiB half-data chain, hashing
+        # both sides made the verification take 2.7 s, this takes about 0.5 s).
+        differs = (src.view(np.uint64) != dst.view(np.uint64)).reshape(-1, grain // 8)
+        bad += [offset + c * grain for c in np.flatnonzero(differs.any(axis=1)).tolist()]
         if progress is not None:
             progress("verify", offset + length, size)
     result.verify_s = time.monotonic() - t0
