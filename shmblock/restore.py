@@ -143,12 +143,15 @@ class ChainLink:
     backing_format: str | None = None
 
 
-def _probe_format(path: str) -> str:
+def _probe_format(path: str, what: str = "backup") -> str:
+    # Through _open_regular: a FIFO named as a backing file must not hang the probe.
+    fd, _ = _open_regular(path, what)
     try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == MAGIC else "raw"
+        return "qcow2" if os.pread(fd, 4, 0) == MAGIC else "raw"
     except OSError as exc:
-        raise ChainError(f"cannot open backup {path!r}: {exc.strerror}") from exc
+        raise ChainError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
 
 
 def _open_regular(path: str, what: str) -> tuple[int, os.stat_result]:
@@ -212,7 +215,7 @@ def inspect_source(source: str, fmt: str | None = None,
             raise ChainError(f"{parent!r} names backing file {path!r} of format "
                              f"{link_fmt!r}; only raw and qcow2 backing files can be "
                              "restored")
-        probed = _probe_format(path)
+        probed = _probe_format(path, what)
         if link_fmt == "raw":
             if probed == "qcow2" and n > 1:
                 raise ChainError(f"{what} {path!r} is declared raw but is a qcow2 image "
@@ -241,7 +244,9 @@ def inspect_source(source: str, fmt: str | None = None,
         path = resolve_backing(path, link.backing_file)
         if link.backing_format is None:
             # QEMU probes when no format is recorded; so do we (for raw/qcow2 only).
-            link_fmt = _probe_format(path) if os.path.exists(path) else "raw"
+            # A missing file is reported by name at the top of the loop.
+            link_fmt = _probe_format(path, f"link {len(links) + 1} of the chain (backing "
+                                     f"file of {parent!r})") if os.path.lexists(path) else "raw"
         else:
             link_fmt = link.backing_format
 
@@ -346,6 +351,8 @@ class _NbdSource(NbdTarget):
 def _open_nbd(uri: str, timeout: float) -> Iterator[_NbdSource]:
     try:
         source = _NbdSource(uri, timeout)
+    except UsageError:
+        raise  # a malformed URI (NbdUriError) is bad usage, not a broken backup
     except TargetError as exc:
         raise ChainError(f"cannot read the NBD export: {exc}") from exc
     try:

@@ -336,3 +336,32 @@ def test_io_error_is_a_restore_error(tmp_path: Path) -> None:
     with pytest.raises(ChainError, match="does not exist"):
         restore(str(tmp_path / "nothing.qcow2"), str(tmp_path / "d.raw"))
     assert issubclass(ChainError, RestoreError)
+
+
+def test_fifo_backing_file_without_format_does_not_hang(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    top = tmp_path / "t.qcow2"
+    create(top, SIZE, tmp_path / "pipe", "raw", "-u")
+    # No backing format recorded (qemu-img insists on -F nowadays, so the extension is
+    # renamed to an unknown type, which readers skip): the format is probed, and the
+    # probe must not open the FIFO for reading and wait for a writer forever.
+    image = bytearray(top.read_bytes())
+    at = image.index(struct.pack(">I", 0xE2792ACA))
+    image[at : at + 4] = struct.pack(">I", 0x0BADF00D)
+    top.write_bytes(bytes(image))
+    with pytest.raises(ChainError, match=r"link 2 of the chain.*pipe.* is a FIFO"):
+        inspect_source(str(top))
+
+
+def test_bad_and_unreachable_nbd_sources(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        restore("nbd://", str(tmp_path / "d.raw"))
+    missing = f"nbd+unix:///x?socket={tmp_path / 'no.sock'}"
+    with pytest.raises(ChainError, match="cannot read the NBD export"):
+        restore(missing, str(tmp_path / "d.raw"), timeout=5)
+    assert not (tmp_path / "d.raw").exists()
+    proc = run_cli("restore", missing, tmp_path / "d.raw")
+    assert proc.returncode == 1 and "no.sock" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "x.raw").write_bytes(bytes(4096))
+    assert run_cli("restore", tmp_path / "x.raw", "nbd://localhost/x").returncode == 2
