@@ -85,6 +85,7 @@ import numpy.typing as npt
 from shmblock import paths
 from shmblock.copier import nonzero_clusters, runs
 from shmblock.errors import (
+    NoSpaceError,
     ShmblockError,
     TargetError,
     UsageError,
@@ -603,6 +604,23 @@ def check_destination(dest: str, links: list[ChainLink], overwrite: bool) -> Non
                          "(a device of a live run?); stop it first")
 
 
+def _check_free_space(dest: str, links: list[ChainLink], needed: int) -> None:
+    """Refuse (NoSpaceError) a restore whose allocated data cannot fit where ``dest`` goes.
+
+    ``needed`` counts every grain some link allocates: an upper bound for a qcow2 chain
+    or a sparse raw image. An NBD export gives no allocation, so nothing is refused (its
+    zeros are never written, and a full disk still fails cleanly as ENOSPC).
+    """
+    if links[0].format == "nbd":
+        return
+    st = os.statvfs(os.path.dirname(os.path.abspath(dest)))
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise NoSpaceError(f"restoring {links[0].path!r} needs up to {needed / 2**20:.0f} MiB "
+                           f"of data in {os.path.dirname(os.path.abspath(dest))!r}, which "
+                           f"has {free / 2**20:.0f} MiB free")
+
+
 def restore(source: str, dest: str, *, format: str | None = None, overwrite: bool = False,
             verify: bool = True, progress: Progress | None = None,
             timeout: float = NBD_TIMEOUT) -> RestoreResult:
@@ -617,6 +635,7 @@ def restore(source: str, dest: str, *, format: str | None = None, overwrite: boo
     check_destination(dest, links, overwrite)
     result = RestoreResult(source, links[0].format, dest, links[0].size, links, _grain(links))
     mask = allocation(links, result.grain)
+    _check_free_space(dest, links, int(np.count_nonzero(mask)) * result.grain)
     part = dest + paths.PART_SUFFIX
     try:
         fd = paths.create_part(part)

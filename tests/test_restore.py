@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from shmblock.engine import Engine
-from shmblock.errors import UsageError, VerificationError
+from shmblock.errors import NoSpaceError, UsageError, VerificationError
 from shmblock.restore import (
     ChainError,
     RestoreError,
@@ -365,3 +365,19 @@ def test_bad_and_unreachable_nbd_sources(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
     (tmp_path / "x.raw").write_bytes(bytes(4096))
     assert run_cli("restore", tmp_path / "x.raw", "nbd://localhost/x").returncode == 2
+
+
+def test_not_enough_space_is_refused_before_writing(
+        chain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.statvfs
+
+    def tiny(path: str) -> os.statvfs_result:
+        st = real(path)
+        fields = list(st)
+        fields[4] = 1  # f_bavail: one block free
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", tiny)
+    with pytest.raises(NoSpaceError, match="MiB free"):
+        restore(str(chain), str(tmp_path / "d.raw"))
+    assert not (tmp_path / "d.raw.part").exists()
