@@ -26,11 +26,12 @@ W_CBW_SAVES = 5  # clusters this writer saved into staging itself
 W_CBW_REQUESTS = 6  # clusters it asked the backup worker to save
 W_CBW_WAIT_NS = 7  # time spent in copy-before-write (claims, saves, waits)
 W_MAX_STALL_NS = 8  # longest single guest write
-W_ERRORS = 9  # writes that failed (break-guest-write)
+W_ERRORS = 9  # writes that failed (break-guest-write), target errors included
 W_START_NS = 10
 W_END_NS = 11
 W_RUNNING = 12
 W_FREEZES = 13
+W_TARGET_ERRORS = 14  # of W_ERRORS: writes refused because the target failed the save
 HIST_BASE = 16
 
 SUB_BITS = 3
@@ -85,6 +86,7 @@ class WriterStats:
     cbw_wait_s: float
     max_stall_s: float
     errors: int
+    target_errors: int
     elapsed_s: float
     p50_us: float
     p99_us: float
@@ -106,6 +108,7 @@ class WriterStats:
             cbw_wait_s=int(row[W_CBW_WAIT_NS]) / 1e9,
             max_stall_s=int(row[W_MAX_STALL_NS]) / 1e9,
             errors=int(row[W_ERRORS]),
+            target_errors=int(row[W_TARGET_ERRORS]),
             elapsed_s=max(end - start, 0) / 1e9,
             p50_us=percentile(hist, 50) / 1e3,
             p99_us=percentile(hist, 99) / 1e3,

@@ -4,33 +4,50 @@ It attaches to the device, opens the target (so an unreachable target fails the 
 before any writer is frozen), says Ready, waits for JobStart (sent once the supervisor
 has frozen the writers and set ``needs_copy``), then loops:
 
-1. answer every queued message: copy requests first-class (a writer is waiting), then
-   job control (pause, resume, set-speed, cancel, complete, shutdown);
-2. drain the staging slots writers filled;
-3. copy the next background chunk, unless paused or over the speed limit;
-4. when there is nothing to do, sleep on the queue for a few milliseconds, with the
+1. take every queued message: copy requests join the pending list, job control (pause,
+   resume, set-speed, cancel, complete, shutdown) is applied;
+2. serve the pending copy requests (:meth:`Copier.serve_request`: under the cluster's
+   claim, never waiting for it — a request whose claim a writer holds stays pending for
+   the next loop, because that writer is staging the cluster itself and will be done in
+   microseconds); once the target has acknowledged the writes (``settle``), answer them;
+   a request of another job is answered without copying anything;
+3. drain the staging slots writers filled;
+4. copy the next background chunk, unless paused or over the speed limit;
+5. when there is nothing to do, sleep on the queue for a few milliseconds, with the
    ``CTL_WORKER_IDLE`` flag up so staging writers ring the doorbell.
 
-The job ends completed (target committed), failed (target error, broken snapshot, the
-supervisor gone) or cancelled. In every case the worker clears ``needs_copy`` so writers
-run free, and the target is committed or aborted — never left looking finished when it
-is not.
+Requests that arrive before JobStart stay pending until it comes.
+
+The job ends completed (every staged cluster drained, target committed — a heartbeat
+thread keeps beating through a long final flush), failed (target error, broken
+snapshot, the supervisor gone) or cancelled. In every case the worker clears
+``needs_copy`` so writers run free and answers every request still pending or queued:
+``ok`` when nothing needs saving any more (completed, cancelled), a failure — marked as
+a target error when the target failed — when the job failed, so a writer whose save did
+not happen fails its write under ``break-guest-write``. The target is committed or
+aborted — never left looking finished when it is not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
 
 import protocol
 from shmblock import layout as L
 from shmblock.claims import Claims
-from shmblock.copier import SYNC_MODES, Copier
+from shmblock.copier import SYNC_MODES, Copier, Served
 from shmblock.device import Device
-from shmblock.errors import ShmblockError, TargetError, TransportError
+from shmblock.errors import JobError, ShmblockError, TargetError, TransportError
 from shmblock.names import RunNames
 from shmblock.targets import TargetSpec, open_target
 from shmblock.targets.base import Target
@@ -42,6 +59,33 @@ log = logging.getLogger("shmblock.backup")
 IDLE_WAIT = 0.005
 PROGRESS_EVERY = 0.1
 START_TIMEOUT = 60.0
+#: How often the heartbeat thread beats while the job loop is busy committing.
+HEARTBEAT_EVERY = 0.5
+
+
+@contextlib.contextmanager
+def heartbeat(ctl: npt.NDArray[np.uint64], every: float = HEARTBEAT_EVERY) -> Iterator[None]:
+    """Keep ``CTL_HEARTBEAT_NS`` fresh from a thread while the block runs.
+
+    The final commit (an fsync of a large file, an NBD flush) can take longer than the
+    supervisor's stuck timeout while the worker is perfectly healthy; the target's own
+    timeout bounds it.
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            ctl[L.CTL_HEARTBEAT_NS] = time.monotonic_ns()
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class JobEnded(Exception):
@@ -65,6 +109,10 @@ class BackupWorker:
         self.inbox = Queue.attach(self.names.backup_queue(args.device))
         self.sup = Queue.attach(self.names.supervisor_queue)
         self.replies: dict[int, Queue] = {}
+        #: copy requests not answered yet: before JobStart, or their claim was busy
+        self.pending: list[protocol.CopyRequest] = []
+        #: the job ended because the target failed (answers say so: target_error)
+        self.target_failed = False
         self.target: Target | None = None
         self.copier: Copier | None = None
         self.paused = False
@@ -87,7 +135,7 @@ class BackupWorker:
 
     def handle(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.CopyRequest):
-            self.serve(msg)
+            self.pending.append(msg)  # served after the batch of messages
         elif isinstance(msg, protocol.Staged):
             pass  # the drain that follows every batch of messages picks it up
         elif isinstance(msg, protocol.Shutdown):
@@ -108,29 +156,45 @@ class BackupWorker:
         else:
             log.warning("unexpected %s on the backup queue", type(msg).__name__)
 
-    def serve(self, req: protocol.CopyRequest) -> None:
-        ok, error = True, ""
-        if self.copier is None:
-            ok, error = False, "the backup job has not started"
-        else:
-            try:
-                self.copier.serve_request(req.cluster, req.count)
-            except TargetError as exc:
-                ok, error = False, protocol.short_error(str(exc))
-                self.answer(req, ok, error)
-                raise
-        self.answer(req, ok, error)
+    def serve_pending(self) -> None:
+        """Serve the pending copy requests; answer those that are done.
 
-    def answer(self, req: protocol.CopyRequest, ok: bool, error: str) -> None:
+        A TargetError propagates with every request still pending: the job fails and
+        :meth:`release_writers` answers them all with the failure.
+        """
+        copier = self.copier
+        if not self.pending or copier is None or copier.job_seq == 0:
+            return  # before JobStart: the writers' job is not known yet
+        done: list[tuple[protocol.CopyRequest, Served]] = []
+        busy: list[protocol.CopyRequest] = []
+        for req in self.pending:
+            served = copier.serve_request(req.cluster, req.count, req.job)
+            if served.answered:
+                done.append((req, served))
+            else:
+                busy.append(req)
+        if any(served is Served.SAVED for _, served in done):
+            copier.settle()  # the writer overwrites the cluster as soon as we answer
+        self.pending = busy
+        for req, served in done:
+            if served is Served.STALE:
+                self.answer(req, False, "the request is not for the running backup job")
+            else:
+                self.answer(req, True, "")
+
+    def answer(self, req: protocol.CopyRequest, ok: bool, error: str,
+               target_error: bool = False) -> None:
         queue = self.reply_queue(req.writer)
         if queue is not None and not queue.try_send(
             protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count, ok=ok,
-                              error=error)
+                              error=error, target_error=target_error)
         ):
             log.warning("writer %d's reply queue is full; it will time out", req.writer)
 
     def service_inbox(self, wait: float) -> None:
         ctl = self.device.ctl
+        if self.pending:
+            wait = min(wait, 0.0002)  # a writer is staging a requested cluster: nearly done
         if wait > 0:
             ctl[L.CTL_WORKER_IDLE] = 1
         try:
@@ -140,6 +204,7 @@ class BackupWorker:
         while msg is not None:
             self.handle(msg)
             msg = self.inbox.receive(0.0)
+        self.serve_pending()
 
     # -- the job ------------------------------------------------------------------------
 
@@ -159,6 +224,8 @@ class BackupWorker:
             if isinstance(msg, protocol.JobStart):
                 self.sync = msg.sync
                 self.speed = msg.speed
+                assert self.copier is not None
+                self.copier.begin()  # the supervisor set CTL_JOB_SEQ before JobStart
                 return
             if msg is not None:
                 self.handle(msg)
@@ -218,30 +285,44 @@ class BackupWorker:
     def finish(self) -> None:
         assert self.copier is not None and self.target is not None
         copier = self.copier
-        copier.drain_staging()
-        if self.sync != "none" and copier.marked_clusters():
-            # Cannot happen: the background pass saw every marked cluster under its claim.
-            raise JobEnded(protocol.JobFailed(
-                job=self.job, error=f"{copier.marked_clusters()} clusters left unsaved"))
-        if self.device.ctl[L.CTL_BROKEN]:
-            raise JobEnded(protocol.JobFailed(job=self.job, error="the snapshot is broken"))
-        self.target.commit()
+        # Waiting for stagers, the last drain, the target's flush and fsync can take
+        # longer than the supervisor's stuck timeout on a healthy worker: keep beating.
+        with heartbeat(self.device.ctl):
+            try:
+                copier.finish(self.sync)
+            except JobError as exc:
+                raise JobEnded(protocol.JobFailed(
+                    job=self.job, error=protocol.short_error(str(exc)))) from exc
+            if self.device.ctl[L.CTL_BROKEN]:
+                raise JobEnded(protocol.JobFailed(job=self.job,
+                                                  error="the snapshot is broken"))
+            self.target.commit()
         ctl = self.device.ctl
         ctl[L.CTL_DONE_BYTES] = copier.clusters_saved * copier.cs
         raise JobEnded(protocol.JobCompleted(
             job=self.job, bytes_written=copier.bytes_written,
             clusters_copied=copier.clusters_saved, cbw_clusters=copier.cbw_clusters))
 
-    def release_writers(self) -> None:
-        """The job is over: nothing needs copying any more, staged data is dropped."""
+    def release_writers(self, final: protocol.Message) -> None:
+        """The job is over: nothing needs copying any more, staged data is dropped.
+
+        Every copy request still pending or queued gets a definite answer instead of a
+        timeout: ``ok`` if the job completed or was cancelled (nothing needs saving any
+        more), else the failure, so that under break-guest-write a write whose cluster
+        was not saved fails even though the map is clear now.
+        """
         dev = self.device
         dev.ctl[L.CTL_JOB_ACTIVE] = 0
         dev.needs_copy[:] = 0
         dev.slot_state[:] = L.SLOT_FREE
-        # Anyone still waiting for a copy gets a definite answer instead of a timeout.
-        for msg in self.inbox.drain():
-            if isinstance(msg, protocol.CopyRequest):
-                self.answer(msg, False, "the backup job has ended")
+        failed = isinstance(final, protocol.JobFailed)
+        error = protocol.short_error(f"the backup job failed: {final.error}") \
+            if isinstance(final, protocol.JobFailed) else ""
+        requests = self.pending + [m for m in self.inbox.drain()
+                                   if isinstance(m, protocol.CopyRequest)]
+        self.pending = []
+        for req in requests:
+            self.answer(req, not failed, error, target_error=failed and self.target_failed)
 
     def close(self) -> None:
         if self.target is not None:
@@ -290,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         final = ended.final
     except Terminated:
         final = protocol.JobFailed(job=args.job, error="the backup worker was terminated")
+    except TargetError as exc:
+        if worker is not None:
+            worker.target_failed = True
+        final = protocol.JobFailed(job=args.job, error=protocol.short_error(str(exc)))
     except ShmblockError as exc:
         final = protocol.JobFailed(job=args.job, error=protocol.short_error(str(exc)))
     except Exception as exc:
@@ -303,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not isinstance(final, protocol.JobCompleted) and worker.target is not None:
             worker.target.abort()
-        worker.release_writers()
+        worker.release_writers(final)
         worker.sup.send(final, timeout=5.0)
     except ShmblockError as exc:
         print(f"backup worker: could not report the end of the job: {exc}", file=sys.stderr)
