@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import numpy.typing as npt
 
+import protocol
 from shmblock import layout as L
 from shmblock.claims import Claims
 from shmblock.device import Device
@@ -297,3 +299,81 @@ class Copier:
     def marked_clusters(self) -> int:
         """How many clusters the snapshot still needs."""
         return int(np.count_nonzero(self._nc))
+
+
+#: How a :class:`CopyRequests` book delivers an answer to the writer that asked.
+Answer = Callable[[protocol.CopyRequest, protocol.CopyDone], None]
+
+
+class CopyRequests:
+    """The backup worker's copy requests, from arrival to answer.
+
+    A request is *pending* until it is served; :meth:`serve` serves every pending one
+    it can (a request whose claim a writer holds stays pending for the next call: that
+    writer is staging the cluster itself), waits until the target has stored what was
+    written (``settle``), and only then answers — a writer that gets ``ok`` overwrites
+    the cluster at once. Requests that arrive before the job began stay pending too.
+    When the job ends, :meth:`end_job` answers everything left.
+    """
+
+    def __init__(self, copier: Copier, answer: Answer) -> None:
+        self.copier = copier
+        self._answer = answer
+        self.pending: list[protocol.CopyRequest] = []
+
+    def add(self, req: protocol.CopyRequest) -> None:
+        self.pending.append(req)
+
+    def serve(self) -> None:
+        """Serve and answer what can be served now.
+
+        A TargetError propagates with every request still pending, so that
+        :meth:`end_job` answers them all with the job's failure.
+        """
+        copier = self.copier
+        if not self.pending or copier.job_seq == 0:
+            return  # before the job began: the writers' job is not known yet
+        done: list[tuple[protocol.CopyRequest, Served]] = []
+        busy: list[protocol.CopyRequest] = []
+        for req in self.pending:
+            served = copier.serve_request(req.cluster, req.count, req.job)
+            if served.answered:
+                done.append((req, served))
+            else:
+                busy.append(req)
+        if any(served is Served.SAVED for _, served in done):
+            copier.settle()
+        self.pending = busy
+        for req, served in done:
+            if served is Served.STALE:
+                self._reply(req, False, "the request is not for the running backup job")
+            else:
+                self._reply(req, True, "")
+
+    def end_job(self, ok: bool, error: str = "", target_error: bool = False,
+                queued: Iterable[protocol.CopyRequest] = ()) -> None:
+        """The job is over (the map is clear): answer every request still pending and
+        ``queued`` (still in the inbox) — ``ok`` when nothing needs saving any more (the
+        job completed or was cancelled), else the failure, so that a writer whose
+        cluster was not saved fails its write under break-guest-write."""
+        requests = [*self.pending, *queued]
+        self.pending = []
+        for req in requests:
+            self._reply(req, ok, "" if ok else error, target_error and not ok)
+
+    def _reply(self, req: protocol.CopyRequest, ok: bool, error: str,
+               target_error: bool = False) -> None:
+        self._answer(req, protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count,
+                                            ok=ok, error=protocol.short_error(error),
+                                            target_error=target_error))
+
+
+def release_writers(device: Device) -> None:
+    """The job is over: nothing needs copying any more, staged data is dropped.
+
+    Called by the backup worker when its job ends, whatever the outcome (and by the
+    supervisor for a worker that died); answer the copy requests after this.
+    """
+    device.ctl[L.CTL_JOB_ACTIVE] = 0
+    device.needs_copy[:] = 0
+    device.slot_state[:] = L.SLOT_FREE

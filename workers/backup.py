@@ -45,7 +45,7 @@ import numpy.typing as npt
 import protocol
 from shmblock import layout as L
 from shmblock.claims import Claims
-from shmblock.copier import SYNC_MODES, Copier, Served
+from shmblock.copier import SYNC_MODES, Copier, CopyRequests, release_writers
 from shmblock.device import Device
 from shmblock.errors import JobError, ShmblockError, TargetError, TransportError
 from shmblock.names import RunNames
@@ -109,12 +109,11 @@ class BackupWorker:
         self.inbox = Queue.attach(self.names.backup_queue(args.device))
         self.sup = Queue.attach(self.names.supervisor_queue)
         self.replies: dict[int, Queue] = {}
-        #: copy requests not answered yet: before JobStart, or their claim was busy
-        self.pending: list[protocol.CopyRequest] = []
         #: the job ended because the target failed (answers say so: target_error)
         self.target_failed = False
         self.target: Target | None = None
         self.copier: Copier | None = None
+        self._requests: CopyRequests | None = None
         self.paused = False
         self.speed = args.speed
         self.next_allowed = 0.0
@@ -122,6 +121,11 @@ class BackupWorker:
         self.complete_requested = False
 
     # -- messages ----------------------------------------------------------------------
+
+    @property
+    def requests(self) -> CopyRequests:
+        assert self._requests is not None, "requests arrive after the target is open"
+        return self._requests
 
     def reply_queue(self, writer: int) -> Queue | None:
         queue = self.replies.get(writer)
@@ -135,7 +139,7 @@ class BackupWorker:
 
     def handle(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.CopyRequest):
-            self.pending.append(msg)  # served after the batch of messages
+            self.requests.add(msg)  # served after the batch of messages
         elif isinstance(msg, protocol.Staged):
             pass  # the drain that follows every batch of messages picks it up
         elif isinstance(msg, protocol.Shutdown):
@@ -156,44 +160,14 @@ class BackupWorker:
         else:
             log.warning("unexpected %s on the backup queue", type(msg).__name__)
 
-    def serve_pending(self) -> None:
-        """Serve the pending copy requests; answer those that are done.
-
-        A TargetError propagates with every request still pending: the job fails and
-        :meth:`release_writers` answers them all with the failure.
-        """
-        copier = self.copier
-        if not self.pending or copier is None or copier.job_seq == 0:
-            return  # before JobStart: the writers' job is not known yet
-        done: list[tuple[protocol.CopyRequest, Served]] = []
-        busy: list[protocol.CopyRequest] = []
-        for req in self.pending:
-            served = copier.serve_request(req.cluster, req.count, req.job)
-            if served.answered:
-                done.append((req, served))
-            else:
-                busy.append(req)
-        if any(served is Served.SAVED for _, served in done):
-            copier.settle()  # the writer overwrites the cluster as soon as we answer
-        self.pending = busy
-        for req, served in done:
-            if served is Served.STALE:
-                self.answer(req, False, "the request is not for the running backup job")
-            else:
-                self.answer(req, True, "")
-
-    def answer(self, req: protocol.CopyRequest, ok: bool, error: str,
-               target_error: bool = False) -> None:
+    def answer(self, req: protocol.CopyRequest, reply: protocol.CopyDone) -> None:
         queue = self.reply_queue(req.writer)
-        if queue is not None and not queue.try_send(
-            protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count, ok=ok,
-                              error=error, target_error=target_error)
-        ):
+        if queue is not None and not queue.try_send(reply):
             log.warning("writer %d's reply queue is full; it will time out", req.writer)
 
     def service_inbox(self, wait: float) -> None:
         ctl = self.device.ctl
-        if self.pending:
+        if self.requests.pending:
             wait = min(wait, 0.0002)  # a writer is staging a requested cluster: nearly done
         if wait > 0:
             ctl[L.CTL_WORKER_IDLE] = 1
@@ -204,7 +178,7 @@ class BackupWorker:
         while msg is not None:
             self.handle(msg)
             msg = self.inbox.receive(0.0)
-        self.serve_pending()
+        self.requests.serve()
 
     # -- the job ------------------------------------------------------------------------
 
@@ -214,6 +188,7 @@ class BackupWorker:
         self.target = open_target(spec, self.device.size, self.device.cluster_size,
                                   timeout=self.args.target_timeout)
         self.copier = Copier(self.device, self.target, self.claims, self.args.chunk)
+        self._requests = CopyRequests(self.copier, self.answer)
 
     def wait_for_start(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -304,25 +279,16 @@ class BackupWorker:
             clusters_copied=copier.clusters_saved, cbw_clusters=copier.cbw_clusters))
 
     def release_writers(self, final: protocol.Message) -> None:
-        """The job is over: nothing needs copying any more, staged data is dropped.
-
-        Every copy request still pending or queued gets a definite answer instead of a
-        timeout: ``ok`` if the job completed or was cancelled (nothing needs saving any
-        more), else the failure, so that under break-guest-write a write whose cluster
-        was not saved fails even though the map is clear now.
-        """
-        dev = self.device
-        dev.ctl[L.CTL_JOB_ACTIVE] = 0
-        dev.needs_copy[:] = 0
-        dev.slot_state[:] = L.SLOT_FREE
+        """The job is over: writers run free; every copy request gets its answer."""
+        release_writers(self.device)
+        queued = [m for m in self.inbox.drain() if isinstance(m, protocol.CopyRequest)]
+        if self._requests is None:
+            return  # the target never opened, so the job never started: nobody asked
         failed = isinstance(final, protocol.JobFailed)
-        error = protocol.short_error(f"the backup job failed: {final.error}") \
+        error = f"the backup job failed: {final.error}" \
             if isinstance(final, protocol.JobFailed) else ""
-        requests = self.pending + [m for m in self.inbox.drain()
-                                   if isinstance(m, protocol.CopyRequest)]
-        self.pending = []
-        for req in requests:
-            self.answer(req, not failed, error, target_error=failed and self.target_failed)
+        self.requests.end_job(not failed, error, target_error=self.target_failed,
+                              queued=queued)
 
     def close(self) -> None:
         if self.target is not None:
