@@ -51,7 +51,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from hypothesis import HealthCheck, Phase, event, settings
+import pytest
+from hypothesis import HealthCheck, Phase, currently_in_test_context, settings
+from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -101,36 +103,45 @@ LENGTHS = st.integers(1, 3 * CS + 1)  # up to four clusters, unaligned
 VALUES = st.integers(0, 255)
 
 U8Array = npt.NDArray[np.uint8]
+
+
+def event(what: str) -> None:
+    """Hypothesis's event(); a no-op when a scenario test drives the machine by hand."""
+    if currently_in_test_context():
+        hypothesis_event(what)
+
+
 BoolArray = npt.NDArray[np.bool_]
 
 
 class Hooks:
     """Points inside the worker's operations where a scheduled guest write may run.
 
-    Only the main thread's operations are interleaved: the worker thread serves
-    requests while the main thread is blocked in a write, and two writes of one
-    GuestIO must not overlap.
+    Each point names the cluster the worker is about to claim or write, so a scheduled
+    write can aim at it (the races that matter are on that cluster). Only the main
+    thread's operations are interleaved: the worker thread serves requests while the
+    main thread is blocked in a write, and two writes of one GuestIO must not overlap.
     """
 
     def __init__(self) -> None:
         self.main = threading.get_ident()
-        self.action: Callable[[], None] | None = None
+        self.action: Callable[[int], None] | None = None
         self.skip = 0
 
-    def arm(self, action: Callable[[], None], skip: int) -> None:
+    def arm(self, action: Callable[[int], None], skip: int) -> None:
         self.action, self.skip = action, skip
 
     def disarm(self) -> None:
         self.action = None
 
-    def point(self) -> None:
+    def point(self, cluster: int) -> None:
         if self.action is None or threading.get_ident() != self.main:
             return
         if self.skip:
             self.skip -= 1
             return
         action, self.action = self.action, None
-        action()
+        action(cluster)
 
 
 class HookedClaims(Claims):
@@ -139,13 +150,14 @@ class HookedClaims(Claims):
     def __init__(self, meta_name: str, hooks: Hooks) -> None:
         super().__init__(meta_name)
         self.hooks = hooks
+        self.spread = 0  # which cluster of a multi-cluster claim to aim at
 
     def try_claim(self, cluster: int, count: int = 1) -> bool:
-        self.hooks.point()
+        self.hooks.point(cluster + self.spread % count)
         return super().try_claim(cluster, count)
 
     def claim(self, cluster: int, count: int, deadline: float) -> None:
-        self.hooks.point()
+        self.hooks.point(cluster + self.spread % count)
         super().claim(cluster, count, deadline)
 
 
@@ -157,11 +169,11 @@ class HookedTarget(RawTarget):
         self.hooks = hooks
 
     def write(self, offset: int, data: Buffer) -> None:
-        self.hooks.point()
+        self.hooks.point(offset // self.cluster_size)
         super().write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self.hooks.point()
+        self.hooks.point(offset // self.cluster_size)
         super().write_zeroes(offset, length)
 
 
@@ -187,6 +199,7 @@ class Worker:
         self.late: set[tuple[int, int]] = set()
         self.received = 0
         self.served = 0
+        self.stale_answers = 0
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-backup-worker",
@@ -211,6 +224,10 @@ class Worker:
 
     def answer(self, req: protocol.CopyRequest, reply: protocol.CopyDone) -> None:
         """Deliver an answer (CopyRequests calls this)."""
+        if self.requests is not None and req.job != self.requests.copier.job_seq:
+            # Left over from an earlier job: answered without being served.
+            assert not reply.ok, f"a request of job {req.job} was served in a later job"
+            self.stale_answers += 1
         self.served += 1
         queue = self.replies[req.writer]
         if (req.writer, req.seq) in self.late:
@@ -536,34 +553,40 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
 
     # -- interleavings ----------------------------------------------------------------------------
 
-    @rule(operation=OPERATIONS, skip=st.integers(0, 2), writer=st.integers(0, WRITERS - 1),
-          offset=OFFSETS, length=LENGTHS, value=VALUES)
-    def write_during(self, operation: str, skip: int, writer: int, offset: int, length: int,
-                     value: int) -> None:
+    @rule(operation=OPERATIONS, skip=st.integers(0, 2), spread=st.integers(0, 7),
+          aim=st.booleans(), writer=st.integers(0, WRITERS - 1), offset=OFFSETS,
+          length=LENGTHS, value=VALUES)
+    def write_during(self, operation: str, skip: int, spread: int, aim: bool, writer: int,
+                     offset: int, length: int, value: int) -> None:
         """A guest write runs inside a worker operation, at its (skip+1)-th claim or
-        target call -- or after it, if it would have had to wait there."""
-        if self.job is None:
+        target call -- or after it, if it would have had to wait there. Aimed, it
+        writes the cluster the worker is about to claim or write."""
+        job = self.job
+        if job is None:
             self._write(writer, offset, length, value)
             return
         ran = False
 
-        def write_now() -> None:
-            nonlocal ran
+        def write_now(cluster: int) -> None:
+            nonlocal ran, offset
+            if aim:
+                offset = min(cluster * CS + offset % CS, SIZE - 1)
             if self._would_run_without_waiting(writer, offset, length):
                 ran = True
                 event(f"write interleaved with {operation}")
                 self._write(writer, offset, length, value)
 
         with self.w.lock:
+            job.claims.spread = spread
             self.hooks.arm(write_now, skip)
             try:
                 if operation == "finish":
                     self.finish()
                 elif operation == "background":
-                    if self.job.sync != "none":
-                        self.job.copier.copy_next_chunk()
+                    if job.sync != "none":
+                        job.copier.copy_next_chunk()
                 elif operation == "drain":
-                    self.job.copier.drain_staging()
+                    job.copier.drain_staging()
                 elif self.w.stalled:  # late requests
                     if self.w.parked:
                         event("stale requests served inside an interleaving")
@@ -571,6 +594,7 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
                     self.dev.ctl[L.CTL_CBW_TIMEOUT_US] = int(SERVING_TIMEOUT * 1e6)
             finally:
                 self.hooks.disarm()
+                job.claims.spread = 0
         if not ran:
             self._write(writer, offset, length, value)
 
@@ -728,3 +752,105 @@ CopyBeforeWriteMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_copy_before_write = CopyBeforeWriteMachine.TestCase
+
+
+# -- the interleavings that matter, spelled out ------------------------------------------------
+#
+# The machine above can generate each of these; here they run step by step, so that a
+# mutant of the code they guard (see the test's docstring) fails every time, not only
+# when Hypothesis happens to find the steps.
+
+
+def check(m: CopyBeforeWriteMachine) -> None:
+    m.worker_healthy()
+    m.device_holds_the_guest_writes()
+    m.outside_a_job_nothing_is_marked()
+    m.snapshot_contents_are_safe()
+
+
+def run_steps(steps: Callable[[CopyBeforeWriteMachine], None]) -> CopyBeforeWriteMachine:
+    m = CopyBeforeWriteMachine()
+    try:
+        steps(m)
+    finally:
+        m.teardown()
+    return m
+
+
+@pytest.mark.parametrize("old", [0, 3], ids=["zeros", "data"])
+def test_stale_request_served_after_a_stage_mode_writer_wrote(old: int) -> None:
+    """Issue 7 item 1. A request-mode write times out (the worker is stuck) and leaves
+    its request queued; a stage-mode writer then stages cluster 2 (all zeros, or data,
+    in the snapshot), clears it and writes new data -- inside the worker's serving of
+    the stale request. Serving without the claim (or reading needs_copy before taking
+    it) copies the new data: on a raw target the staged zeros never repair it."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.prefill([(2, old)])  # allocated, so its zeros are recorded explicitly
+        m.start_job(sync="full", mode="request", policy="break-guest-write", chunk=1)
+        m.toggle_worker()  # stuck
+        m.guest_write(writer=0, offset=2 * CS, length=10, value=7)  # times out
+        check(m)
+        assert m.w.parked, "the request should wait in the worker's queue"
+        m.set_cbw_mode("stage")
+        m.write_during("late requests", skip=0, spread=0, aim=True, writer=1, offset=5,
+                       length=10, value=9)
+        check(m)
+        assert m.w.served >= 1
+        m.end(cancel=1, leave_requests=False)  # complete, compare with the snapshot
+        check(m)
+
+    run_steps(steps)
+
+
+def test_request_left_over_from_an_earlier_job_is_not_served() -> None:
+    """A request still queued when its job ended is answered without copying in the
+    next job (it carries the old job's number)."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.start_job(sync="full", mode="request", policy="break-guest-write", chunk=8)
+        m.toggle_worker()
+        m.guest_write(writer=0, offset=CS, length=10, value=7)  # times out
+        m.end(cancel=0, leave_requests=True)  # cancelled; the request stays queued
+        check(m)
+        m.start_job(sync="full", mode="stage", policy="break-guest-write", chunk=8)
+        m.toggle_worker()  # wakes up: serves the left-over request
+        check(m)
+        assert m.w.stale_answers == 1
+        m.end(cancel=1, leave_requests=False)
+        check(m)
+
+    run_steps(steps)
+
+
+def test_background_copy_reads_the_map_only_under_its_claims() -> None:
+    """A stage-mode writer saves cluster 1 and writes it just before the background copy
+    takes the claims of chunk [0, 3): the copy must not write cluster 1 again (a mutant
+    that reads needs_copy before claiming writes the new data)."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.prefill([(0, 1), (1, 2), (2, 3)])
+        m.start_job(sync="full", mode="stage", policy="break-guest-write", chunk=3)
+        m.write_during("background", skip=0, spread=1, aim=True, writer=0, offset=0,
+                       length=10, value=5)
+        check(m)
+        m.end(cancel=1, leave_requests=False)
+        check(m)
+
+    run_steps(steps)
+
+
+@pytest.mark.parametrize("sync", ["full", "top", "none"])
+def test_finish_drains_what_writers_staged(sync: str) -> None:
+    """A cluster staged after the worker's last drain reaches the target (a mutant of
+    Copier.finish without its final drain loses it)."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.prefill([(4, 4)])
+        m.start_job(sync=sync, mode="stage", policy="break-guest-write", chunk=8)
+        m.guest_write(writer=1, offset=4 * CS, length=CS, value=6)  # stages cluster 4
+        check(m)
+        m.end(cancel=1, leave_requests=False)
+        check(m)
+
+    run_steps(steps)
