@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from shmblock import stats as S
 from shmblock.engine import DeviceHandle, Engine
 from shmblock.errors import CopyBeforeWriteError
 from shmblock.job import Outcome
-from tests.nbd_servers import server_group
+from tests.nbd_servers import NBD_CMD_FLUSH, OldNbdServer, server_group
 from tests.procs import stopped
 
 MiB = 1 << 20
@@ -157,3 +159,48 @@ def test_broken_snapshot_stops_copy_before_write_at_once(tmp_path: Path) -> None
         result = job.wait(30.0)
         assert result.outcome is Outcome.FAILED
         assert "broken" in result.error
+
+
+# -- a long final flush is not a stuck worker ----------------------------------------------------
+
+
+class _SlowFlushes:
+    """A connection whose answer to NBD_CMD_FLUSH comes ``delay`` seconds late."""
+
+    def __init__(self, conn: socket.socket, server: OldNbdServer, delay: float) -> None:
+        self._conn, self._server, self._delay = conn, server, delay
+
+    def sendall(self, data: bytes) -> None:
+        commands = self._server.log.commands
+        if commands and commands[-1][0] == NBD_CMD_FLUSH:
+            time.sleep(self._delay)
+        self._conn.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+class SlowFlushServer(OldNbdServer):
+    def __init__(self, socket_path: Path, size: int, delay: float) -> None:
+        super().__init__(socket_path, size)
+        self.delay = delay
+
+    def serve(self, conn: socket.socket) -> None:
+        super().serve(_SlowFlushes(conn, self, self.delay))  # type: ignore[arg-type]
+
+
+def test_a_final_flush_longer_than_the_stuck_timeout_completes(tmp_path: Path) -> None:
+    """The worker commits (NBD FLUSH) for 2.5 s, longer than the supervisor's stuck
+    timeout of 1 s: its heartbeat goes on, so the job completes instead of the worker
+    being killed as stuck (issue 7, smaller defects)."""
+    with server_group(tmp_path) as servers, Engine() as engine:
+        fake = servers.add_fake(SlowFlushServer(tmp_path / "slow.sock", SIZE, delay=2.5))
+        assert isinstance(fake, SlowFlushServer)
+        engine.stuck_timeout = 1.0
+        dev = engine.create_device(SIZE)
+        model = fill(dev, np.random.default_rng(4))
+        t0 = time.monotonic()
+        result = engine.backup(dev, fake.uri).wait(30.0)
+        assert result.outcome is Outcome.COMPLETED, result.error
+        assert time.monotonic() - t0 >= 2.5
+        assert bytes(fake.data) == model.tobytes()
