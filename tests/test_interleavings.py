@@ -227,3 +227,47 @@ def test_a_stage_mode_write_at_every_line_of_a_background_chunk(
             break
         n += 1
     assert n > 10, "the chunk was not traced line by line"
+
+
+def test_sync_none_completes_at_every_line_of_a_stage_mode_save(
+        rigs: Callable[[int, bool], Rig]) -> None:
+    """sync=none: the job is told to complete while a writer is at each line of a
+    stage-mode save of cluster 5. Whatever the writer staged must reach the target
+    before the job completes -- finish() stops copy-before-write and waits for the
+    writer's claim before its last drain (before, a cluster staged after the last drain
+    was dropped with the staging slots)."""
+    source = guest_module.__file__
+    n = 0
+    while True:
+        rig = rigs(1, False)
+        begin_job(rig.device, "none", cbw_mode="stage", cbw_timeout=0.05)
+        rig.copier.begin()
+        writer = rig.stepped(functools.partial(rig.guest.write, 5 * CS + 1, b"\xa5" * 100),
+                             source)
+        alive = all(writer.step() for _ in range(n))
+        errors: list[BaseException] = []
+
+        def finish(copier: Copier = rig.copier, errors: list[BaseException] = errors) -> None:
+            try:
+                copier.finish("none")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        finisher = threading.Thread(target=finish)
+        finisher.start()
+        finisher.join(0.2)  # done at once, unless the writer holds a claim it waits for
+        writer.finish()
+        finisher.join(STEP_TIMEOUT)
+        assert not finisher.is_alive() and not errors, errors
+        assert writer.error is None, writer.error
+        # Copies: a failing assert must not keep a view of the device alive.
+        slots, saved = rig.device.slot_state.copy(), rig.device.saved.copy()
+        assert not slots.any(), "a staged cluster was left behind"
+        image = rig.target.read(0, rig.device.size)
+        for c in range(N):
+            if saved[c]:
+                assert image[c * CS : (c + 1) * CS] == rig.snapshot[c * CS : (c + 1) * CS]
+        if not alive:
+            break
+        n += 1
+    assert n > 10
