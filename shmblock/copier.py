@@ -368,12 +368,18 @@ class CopyRequests:
                                             target_error=target_error))
 
 
-def release_writers(device: Device) -> None:
+def release_writers(device: Device, released_job: int = 0) -> None:
     """The job is over: nothing needs copying any more, staged data is dropped.
 
     Called by the backup worker when its job ends, whatever the outcome (and by the
     supervisor for a worker that died); answer the copy requests after this.
+    ``released_job`` is the job's number when it completed or was cancelled: a writer
+    still waiting for an answer (its request may have missed the worker's last look at
+    its queue) then goes ahead without one. A failed job passes 0, and such a writer
+    fails its write at its deadline, as break-guest-write requires.
     """
+    if released_job:
+        device.ctl[L.CTL_JOB_RELEASED] = released_job
     device.ctl[L.CTL_JOB_ACTIVE] = 0
     device.needs_copy[:] = 0
     device.slot_state[:] = L.SLOT_FREE

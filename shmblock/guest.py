@@ -59,6 +59,8 @@ WriteData = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
 WORKLOADS = ("random", "sequential", "zipf", "mixed", "first-touch")
 STATS_FLUSH_OPS = 256
 STATS_FLUSH_NS = 50_000_000
+#: How often a writer waiting for COPY_DONE looks whether the job ended without it.
+RELEASE_POLL = 0.02
 
 
 class GuestIO:
@@ -267,7 +269,9 @@ class GuestIO:
                 raise CopyBeforeWriteError(f"cannot ask the backup worker to save cluster {c}: "
                                            f"{exc}") from exc
             self._cbw_requests += 1
-            reply = self._await_copy_done(c, seq, deadline)
+            reply = self._await_copy_done(c, seq, job, deadline)
+            if reply is None:
+                return  # the job ended needing no more saves (completed or cancelled)
             if not reply.ok:
                 self._failed_on_target = reply.target_error
                 raise CopyBeforeWriteError(f"the backup worker could not save cluster {c}: "
@@ -276,17 +280,25 @@ class GuestIO:
             # cleared the map before answering); the loop re-checks the map rather than
             # trusting the answer.
 
-    def _await_copy_done(self, c: int, seq: int, deadline: float) -> protocol.CopyDone:
+    def _await_copy_done(self, c: int, seq: int, job: int,
+                         deadline: float) -> protocol.CopyDone | None:
+        """The answer to request ``seq``; None if the job ended without needing it."""
         assert self._reply is not None
+        ctl = self._ctl
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CopyBeforeWriteError(
                     f"the backup worker did not save cluster {c} within the copy-before-write "
                     "timeout")
-            reply = self._reply.receive(remaining)
+            # Look up now and then: a request sent just after the worker's last look at
+            # its queue gets no answer, but a job that completed or was cancelled says
+            # so in CTL_JOB_RELEASED (a failed or dead one does not: then we time out).
+            reply = self._reply.receive(min(remaining, RELEASE_POLL))
             if isinstance(reply, protocol.CopyDone) and reply.seq == seq:
                 return reply
+            if reply is None and int(ctl[L.CTL_JOB_RELEASED]) == job:
+                return None
             # Anything else is a late answer to a request that already timed out.
 
     def _cbw_failed(self) -> bool:

@@ -86,11 +86,12 @@ class WriterStats:
     cbw_wait_s: float
     max_stall_s: float
     errors: int
-    target_errors: int
     elapsed_s: float
     p50_us: float
     p99_us: float
     p999_us: float
+    #: of ``errors``: writes refused because the target failed to save their cluster
+    target_errors: int = 0
 
     @classmethod
     def from_row(cls, writer: int, row: U64Array) -> WriterStats:
@@ -108,11 +109,11 @@ class WriterStats:
             cbw_wait_s=int(row[W_CBW_WAIT_NS]) / 1e9,
             max_stall_s=int(row[W_MAX_STALL_NS]) / 1e9,
             errors=int(row[W_ERRORS]),
-            target_errors=int(row[W_TARGET_ERRORS]),
             elapsed_s=max(end - start, 0) / 1e9,
             p50_us=percentile(hist, 50) / 1e3,
             p99_us=percentile(hist, 99) / 1e3,
             p999_us=percentile(hist, 99.9) / 1e3,
+            target_errors=int(row[W_TARGET_ERRORS]),
         )
 
     @property

@@ -16,7 +16,7 @@ import protocol
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.claims import Claims
-from shmblock.copier import Copier, Served
+from shmblock.copier import Copier, Served, release_writers
 from shmblock.device import Device, Geometry
 from shmblock.errors import CopyBeforeWriteError, UsageError
 from shmblock.guest import STATS_FLUSH_NS, STATS_FLUSH_OPS, GuestIO
@@ -564,6 +564,40 @@ def test_a_timed_out_save_fails_the_write_even_if_the_job_ends_meanwhile(
     finally:
         timer.join()
     assert dev.data.tobytes() == before
+
+
+@pytest.mark.parametrize("completed", [True, False], ids=["completed", "failed"])
+def test_a_request_the_ending_job_never_saw(env: Env, backup: Queue, completed: bool) -> None:
+    """The request reached the queue after the worker's last look at it. A job that
+    completed (or was cancelled) says so in CTL_JOB_RELEASED and the write goes ahead at
+    once; after a failed or dead job it fails at its deadline (break-guest-write)."""
+    dev = env.device
+    before = fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", cbw_timeout=0.5)
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+
+    def end() -> None:
+        release_writers(dev, released_job=job if completed else 0)
+
+    timer = threading.Timer(0.03, end)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        if completed:
+            env.guest().write(2 * CS, b"\x01")
+        else:
+            with pytest.raises(CopyBeforeWriteError, match="did not save cluster 2"):
+                env.guest().write(2 * CS, b"\x01")
+    finally:
+        timer.join()
+    elapsed = time.monotonic() - t0
+    assert isinstance(backup.receive(0.0), protocol.CopyRequest)  # nobody answered it
+    if completed:
+        assert elapsed < 0.3
+        assert dev.data[2 * CS] == 1
+    else:
+        assert elapsed >= 0.45
+        assert dev.data.tobytes() == before
 
 
 def test_late_answers_are_ignored(env: Env, backup: Queue) -> None:

@@ -517,7 +517,7 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
         """workers.backup's release_writers and close; called with the worker lock held."""
         job = self.job
         assert job is not None
-        release_writers(self.dev)
+        release_writers(self.dev, released_job=job.copier.job_seq if ok else 0)
         requests = self.w.requests
         assert requests is not None
         # Whoever still waits gets a definite answer; a request parked in the queue of a

@@ -280,11 +280,12 @@ class BackupWorker:
 
     def release_writers(self, final: protocol.Message) -> None:
         """The job is over: writers run free; every copy request gets its answer."""
-        release_writers(self.device)
+        failed = isinstance(final, protocol.JobFailed)
+        job = self.copier.job_seq if self.copier is not None else 0
+        release_writers(self.device, released_job=0 if failed else job)
         queued = [m for m in self.inbox.drain() if isinstance(m, protocol.CopyRequest)]
         if self._requests is None:
             return  # the target never opened, so the job never started: nobody asked
-        failed = isinstance(final, protocol.JobFailed)
         error = f"the backup job failed: {final.error}" \
             if isinstance(final, protocol.JobFailed) else ""
         self.requests.end_job(not failed, error, target_error=self.target_failed,
