@@ -375,8 +375,10 @@ def release_writers(device: Device, released_job: int = 0) -> None:
     supervisor for a worker that died); answer the copy requests after this.
     ``released_job`` is the job's number when it completed or was cancelled: a writer
     still waiting for an answer (its request may have missed the worker's last look at
-    its queue) then goes ahead without one. A failed job passes 0, and such a writer
-    fails its write at its deadline, as break-guest-write requires.
+    its queue) then goes ahead without one. A failed job passes 0 -- its failure may be
+    that writer's save -- and such a writer fails its write at its deadline, as
+    break-guest-write requires. (The supervisor releasing a dead worker's job sets the
+    word itself: no save was reported failed, the waiting writers go ahead.)
     """
     if released_job:
         device.ctl[L.CTL_JOB_RELEASED] = released_job

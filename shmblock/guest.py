@@ -292,8 +292,10 @@ class GuestIO:
                     f"the backup worker did not save cluster {c} within the copy-before-write "
                     "timeout")
             # Look up now and then: a request sent just after the worker's last look at
-            # its queue gets no answer, but a job that completed or was cancelled says
-            # so in CTL_JOB_RELEASED (a failed or dead one does not: then we time out).
+            # its queue gets no answer, but a job that completed or was cancelled -- or
+            # whose worker died, released by the supervisor -- says so in
+            # CTL_JOB_RELEASED. A job whose worker failed (a target error) does not: its
+            # save may have been the one that failed, so we time out and fail.
             reply = self._reply.receive(min(remaining, RELEASE_POLL))
             if isinstance(reply, protocol.CopyDone) and reply.seq == seq:
                 return reply
