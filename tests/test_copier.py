@@ -543,9 +543,11 @@ def test_finish_of_sync_none_waits_for_a_writer_staging_now(rig: Rig) -> None:
             rig.copier.finish("none")
         finally:
             timer.join()
-    assert not dev.needs_copy.any()  # copy-before-write stopped: later writes go ahead
-    assert (dev.slot_state == L.SLOT_FREE).all()
-    assert dev.saved.tolist() == [int(c == 6) for c in range(N)]
+    # Copies: a failing assert must not keep a view of the device alive.
+    nc, slots, saved = dev.needs_copy.copy(), dev.slot_state.copy(), dev.saved.tolist()
+    assert not nc.any()  # copy-before-write stopped: later writes go ahead
+    assert (slots == L.SLOT_FREE).all(), "the cluster staged at the end was left behind"
+    assert saved == [int(c == 6) for c in range(N)]
     assert rig.target_bytes()[6 * CS : 7 * CS] == staged[0]
 
 
