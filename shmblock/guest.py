@@ -50,7 +50,7 @@ from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.claims import Claims
 from shmblock.device import Device
-from shmblock.errors import CopyBeforeWriteError, TransportError, UsageError
+from shmblock.errors import CopyBeforeWriteError, QueueTimeout, TransportError, UsageError
 from shmblock.transport import Queue
 
 #: What a guest write accepts: anything with the buffer protocol, numpy arrays included.
@@ -261,13 +261,9 @@ class GuestIO:
         nc = self._nc
         while nc[c]:
             seq = next(self._seq)
-            try:
-                self._backup().send(protocol.CopyRequest(writer=self.writer, seq=seq, cluster=c,
-                                                         count=1, job=job),
-                                    timeout=max(deadline - time.monotonic(), 0.0))
-            except TransportError as exc:
-                raise CopyBeforeWriteError(f"cannot ask the backup worker to save cluster {c}: "
-                                           f"{exc}") from exc
+            if not self._send_request(protocol.CopyRequest(
+                    writer=self.writer, seq=seq, cluster=c, count=1, job=job), deadline):
+                return  # the job ended needing no more saves (a dead worker's full queue)
             self._cbw_requests += 1
             reply = self._await_copy_done(c, seq, job, deadline)
             if reply is None:
@@ -279,6 +275,26 @@ class GuestIO:
             # ok: the worker saved c, found it saved, or the job no longer needs it (and
             # cleared the map before answering); the loop re-checks the map rather than
             # trusting the answer.
+
+    def _send_request(self, req: protocol.CopyRequest, deadline: float) -> bool:
+        """Queue ``req`` for the worker; False if its job was released while we waited."""
+        queue = self._backup()
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                queue.send(req, timeout=min(max(remaining, 0.0), RELEASE_POLL))
+                return True
+            except QueueTimeout as exc:
+                if int(self._ctl[L.CTL_JOB_RELEASED]) == req.job:
+                    return False
+                if remaining <= RELEASE_POLL:
+                    raise CopyBeforeWriteError(
+                        f"cannot ask the backup worker to save cluster {req.cluster}: its "
+                        "queue stayed full until the copy-before-write deadline (is the "
+                        "worker alive?)") from exc
+            except TransportError as exc:
+                raise CopyBeforeWriteError(f"cannot ask the backup worker to save cluster "
+                                           f"{req.cluster}: {exc}") from exc
 
     def _await_copy_done(self, c: int, seq: int, job: int,
                          deadline: float) -> protocol.CopyDone | None:

@@ -600,6 +600,41 @@ def test_a_request_the_ending_job_never_saw(env: Env, backup: Queue, completed: 
         assert dev.data.tobytes() == before
 
 
+@pytest.mark.parametrize("released", [True, False])
+def test_a_full_backup_queue_of_a_released_job(env: Env, released: bool) -> None:
+    """The worker died with its queue full. Once the supervisor has released the job the
+    blocked writer goes ahead; until then (or if it never does) it fails at its
+    deadline."""
+    dev = env.device
+    before = fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", cbw_timeout=0.5)
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+    with Queue.create(env.backup_name, BACKUP_RECEIVES, 2) as backup:
+        for seq in (1, 2):
+            backup.send(protocol.CopyRequest(writer=1, seq=seq, cluster=0, count=1, job=job),
+                        1.0)
+        timer = threading.Timer(0.05, release_writers, (dev,), {"released_job": job}) \
+            if released else None
+        if timer is not None:
+            timer.start()
+        t0 = time.monotonic()
+        try:
+            if released:
+                env.guest().write(3 * CS, b"\x01")
+            else:
+                with pytest.raises(CopyBeforeWriteError, match="queue stayed full"):
+                    env.guest().write(3 * CS, b"\x01")
+        finally:
+            if timer is not None:
+                timer.join()
+    if released:
+        assert time.monotonic() - t0 < 0.4
+        assert dev.data[3 * CS] == 1
+    else:
+        assert time.monotonic() - t0 >= 0.45
+        assert dev.data.tobytes() == before
+
+
 def test_late_answers_are_ignored(env: Env, backup: Queue) -> None:
     dev = env.device
     fill_device(dev)
