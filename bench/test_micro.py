@@ -404,6 +404,8 @@ def raw_copier(device: Device, shm_dir: str) -> Iterator[Copier]:
     target = RawTarget(os.path.join(shm_dir, "cbw.raw"), device.size, CS)
     claims = Claims(device.meta_name)
     copier = Copier(device, target, claims)
+    device.ctl[L.CTL_JOB_SEQ] += 1  # requests carry their job: serve_request checks it
+    copier.begin()
     try:
         yield copier
     finally:
@@ -417,14 +419,14 @@ def raw_copier(device: Device, shm_dir: str) -> Iterator[Copier]:
 
 @pytest.mark.benchmark(group="worker: save one cluster for copy-before-write → raw")
 def test_serve_request(benchmark: Any, device: Device, raw_copier: Copier) -> None:
-    """Copier.serve_request(c, 1): what the worker does for a writer's CopyRequest (the
-    writer holds the claim), a fresh data cluster each round."""
+    """Copier.serve_request(c, 1, job): what the worker does for a writer's CopyRequest
+    (claim, re-check, save, release), a fresh data cluster each round."""
     clusters = itertools.cycle(range(0, device.clusters, 32))  # even MiBs: random data
 
-    def setup() -> tuple[tuple[int, int], dict[str, Any]]:
+    def setup() -> tuple[tuple[int, int, int], dict[str, Any]]:
         c = next(clusters)
         device.needs_copy[c] = 1
-        return (c, 1), {}
+        return (c, 1, raw_copier.job_seq), {}
 
     benchmark.pedantic(raw_copier.serve_request, setup=setup, rounds=device.clusters // 32,
                        warmup_rounds=2)

@@ -62,7 +62,7 @@ codec use. Ints must be exactly ``int`` (``True`` is not a count), bools exactly
 :data:`MAX_TEXT_CHARS` characters and must be encodable as UTF-8; use
 :func:`short_error` to turn arbitrary exception text into a valid value. Two rules
 span fields: ``cluster + count`` may not pass 2**63, and ``ok=True`` goes with
-``error=""``.
+``error=""`` and ``target_error=False``.
 """
 
 from __future__ import annotations
@@ -326,13 +326,19 @@ class Thaw(_MessageBase):
 @_message
 @dataclass(frozen=True, slots=True)
 class CopyRequest(_MessageBase):
-    """writer → worker: save clusters [cluster, cluster+count) before I overwrite them."""
+    """writer → worker: save clusters [cluster, cluster+count) before I overwrite them.
+
+    ``job`` is the device's job number (``CTL_JOB_SEQ``) when the writer asked: a request
+    left in the queue by an earlier job is recognised and answered without copying. 0
+    (the default) never names a job.
+    """
 
     code: ClassVar[int] = 4
     writer: WriterIndex
     seq: U63
     cluster: U63
     count: ClusterCount
+    job: U63 = 0
 
     def _check_across_fields(self) -> None:
         _check_cluster_range(self)
@@ -341,7 +347,12 @@ class CopyRequest(_MessageBase):
 @_message
 @dataclass(frozen=True, slots=True)
 class CopyDone(_MessageBase):
-    """worker → writer: the answer to ``CopyRequest`` number ``seq``."""
+    """worker → writer: the answer to ``CopyRequest`` number ``seq``.
+
+    ``ok``: the clusters' snapshot contents are safe (or no job needs them any more), the
+    write may go ahead. ``target_error`` (only with ``ok=False``): saving failed because
+    the target failed, so the writer counts the refused write as a target error.
+    """
 
     code: ClassVar[int] = 5
     seq: U63
@@ -349,10 +360,13 @@ class CopyDone(_MessageBase):
     count: ClusterCount
     ok: Bool
     error: ErrorText
+    target_error: Bool = False
 
     def _check_across_fields(self) -> None:
         _check_cluster_range(self)
         _check_ok_means_no_error(self)
+        if self.ok and self.target_error:
+            raise LocalProtocolError("CopyDone: ok=True cannot carry target_error=True")
 
 
 @_message

@@ -1,17 +1,39 @@
 """Moving snapshot contents from the device to the target: the backup worker's hands.
 
+Theory of operation
+===================
+
 Three sources of snapshot contents, one rule (DESIGN.md invariant 2): whoever saves
-cluster c holds its claim and finds ``needs_copy[c] == 1``; saving clears it.
+cluster c holds its claim and finds ``needs_copy[c] == 1`` *under the claim*; saving
+clears it. Nobody holds a claim while waiting for another party, so the worker never
+waits for a claim either: it takes claims with ``try_claim`` and comes back later when
+one is held (a writer holding it is staging that cluster itself, which takes
+microseconds).
 
 * **Background copy** walks the map in cluster order, a chunk at a time. It takes the
-  chunk's claims without blocking (a writer holding one is saving that cluster right
-  now, or waiting for us to serve its request, so we must not wait for it), writes every
-  run of still-marked clusters straight from the shared mapping with one target write,
-  clears them, and drops the claims.
-* **Copy requests** come from writers that hold the claim themselves; the worker writes
-  the cluster from the device and clears it without claiming.
+  chunk's claims without blocking, reads ``needs_copy`` under them, writes every run of
+  still-marked clusters straight from the shared mapping with one target write, clears
+  them, and drops the claims. (Skipping a stretch already all zero needs no claim: 0 is
+  final for the job.)
+* **Copy requests** come from writers that hold *no* claim while they wait (request mode,
+  or stage mode with every slot full). :meth:`Copier.serve_request` treats them like a
+  one-cluster background copy: try the claim, re-check ``needs_copy`` under it, save,
+  clear, release. A request can be stale — its writer timed out or died, or it was left
+  in the queue by an earlier job — and meanwhile a stage-mode writer may have saved the
+  cluster and written new data: the re-check under the claim sees 0 and copies nothing.
+  A request carries the job it belongs to; one from another job is not served at all.
 * **Staging slots** hold old contents that writers saved themselves; draining writes the
-  slot to the target and frees it. ``needs_copy`` was cleared by the writer already.
+  slot to the target and frees it. ``needs_copy`` was cleared by the writer already,
+  after the slot was FULL, so a worker that sees a cluster unmarked and then drains finds
+  its slot.
+
+Ending a job (:meth:`Copier.finish`): for ``sync=none`` nothing ever unmarks every
+cluster, so the copier first stops copy-before-write (clears ``needs_copy``) and waits
+for writers that are staging right now (by taking every claim once) before the final
+drain; otherwise a cluster staged between the last drain and the writers' release
+would be dropped. For the other modes the map is all zero by then, so the final drain
+collects every staged cluster. A target that answers asynchronously (NBD) is then
+settled, so every write it was sent has been acknowledged.
 
 Each cluster therefore reaches the target exactly once per job, and only with its
 snapshot contents. All-zero clusters are found with a vectorised check and sent as
@@ -21,18 +43,42 @@ allocated them).
 
 from __future__ import annotations
 
+import enum
+import time
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import numpy.typing as npt
 
+import protocol
 from shmblock import layout as L
 from shmblock.claims import Claims
 from shmblock.device import Device
+from shmblock.errors import CopyBeforeWriteError, JobError
 from shmblock.targets.base import Target
 
 SYNC_MODES = ("full", "top", "none", "incremental")
 DEFAULT_CHUNK = 1 << 20
 
 BoolArray = npt.NDArray[np.bool_]
+
+#: How long :meth:`Copier.finish` waits for writers that are staging a cluster right now
+#: (they hold a claim for one cluster memcpy; this only bounds a stopped writer).
+FINISH_CLAIM_TIMEOUT = 10.0
+
+
+class Served(enum.Enum):
+    """What :meth:`Copier.serve_request` did with a copy request."""
+
+    SAVED = "saved"  # saved now, under the claims
+    ALREADY_SAVED = "already saved"  # someone saved them first: nothing copied
+    STALE = "stale"  # from another job (or none): nothing copied
+    BUSY = "busy"  # a claim is held (a writer is staging): serve again later
+
+    @property
+    def answered(self) -> bool:
+        """True when the request gets its CopyDone now; BUSY ones are kept for later."""
+        return self is not Served.BUSY
 
 
 def runs(mask: BoolArray) -> list[tuple[int, int, bool]]:
@@ -64,6 +110,8 @@ class Copier:
         self.cs = device.cluster_size
         self.chunk = max(chunk_bytes // self.cs, 1)
         self.cursor = 0
+        #: the device's CTL_JOB_SEQ of the job being copied; 0 before :meth:`begin`
+        self.job_seq = 0
         self.clusters_saved = 0
         self.cbw_clusters = 0
         self.bytes_written = 0
@@ -71,6 +119,10 @@ class Copier:
         self._view = device.data_view()
         self._nc = device.needs_copy
         self._saved = device.saved
+
+    def begin(self) -> None:
+        """The job's snapshot is taken (the maps are set): remember which job it is."""
+        self.job_seq = int(self.device.ctl[L.CTL_JOB_SEQ])
 
     # -- writing ----------------------------------------------------------------------
 
@@ -149,21 +201,42 @@ class Copier:
 
     # -- copy-before-write ------------------------------------------------------------------
 
-    def serve_request(self, cluster: int, count: int) -> None:
-        """Save clusters a writer asked for; the writer holds their claims."""
+    def serve_request(self, cluster: int, count: int, job: int) -> Served:
+        """Save clusters a writer asked for, like a background copy of them.
+
+        ``job`` is the job number the request carries. Nobody waits for us while holding
+        a claim, so a held claim means a writer is staging the cluster itself: the answer
+        is BUSY and the caller asks again later, never blocks.
+        """
+        ctl = self.device.ctl
+        if job == 0 or job != self.job_seq or int(ctl[L.CTL_JOB_SEQ]) != job:
+            return Served.STALE
+        c1 = min(cluster + count, self.device.clusters)
+        if cluster >= c1:
+            return Served.ALREADY_SAVED  # past the end: nothing there to save
+        if not self.claims.try_claim(cluster, c1 - cluster):
+            return Served.BUSY
         nc = self._nc
-        if count == 1 and cluster < self.device.clusters:
-            if nc[cluster]:
-                self._write_range(cluster, cluster + 1)
+        try:
+            # Read the map only now, under the claims: a stage-mode writer may have saved
+            # the cluster and written new data since the request was sent.
+            if c1 - cluster == 1:
+                if not nc[cluster]:
+                    return Served.ALREADY_SAVED
+                self._write_range(cluster, c1)
                 nc[cluster] = 0
                 self.cbw_clusters += 1
-            return
-        c1 = min(cluster + count, self.device.clusters)
-        for a, b, is_marked in runs(nc[cluster:c1] != 0):
-            if is_marked:
-                self._write_range(cluster + a, cluster + b)
-                nc[cluster + a : cluster + b] = 0
-                self.cbw_clusters += b - a
+                return Served.SAVED
+            saved = 0
+            for a, b, is_marked in runs(nc[cluster:c1] != 0):
+                if is_marked:
+                    self._write_range(cluster + a, cluster + b)
+                    nc[cluster + a : cluster + b] = 0
+                    saved += b - a
+            self.cbw_clusters += saved
+            return Served.SAVED if saved else Served.ALREADY_SAVED
+        finally:
+            self.claims.release(cluster, c1 - cluster)
 
     def drain_staging(self) -> int:
         """Write every FULL staging slot to the target and free it; returns slots drained."""
@@ -181,6 +254,43 @@ class Copier:
         self.cbw_clusters += full.size
         return int(full.size)
 
+    def settle(self) -> None:
+        """Wait until the target has acknowledged every write sent so far.
+
+        Called before answering copy requests: a writer that gets ``ok`` overwrites the
+        cluster, so its old contents must be stored, not just sent (NBD pipelines).
+        """
+        self.target.settle()
+
+    def finish(self, sync: str) -> None:
+        """Make every saved cluster reach the target before the job may complete.
+
+        Raises JobError when a cluster the snapshot covers was left unsaved (cannot
+        happen when the background pass ran to its end), TargetError from the target.
+        """
+        if sync == "none":
+            self.stop_copy_before_write()
+        self.drain_staging()
+        if sync != "none" and self.marked_clusters():
+            raise JobError(f"{self.marked_clusters()} clusters left unsaved")
+        self.settle()
+
+    def stop_copy_before_write(self, timeout: float = FINISH_CLAIM_TIMEOUT) -> None:
+        """Unmark every cluster, then wait for writers staging one right now.
+
+        A writer stages under the claim after reading ``needs_copy[c] == 1``; once the
+        map is clear and every claim has been free once, no writer can still fill a slot,
+        so a drain after this one sees every staged cluster.
+        """
+        self._nc[:] = 0
+        n = self.device.clusters
+        try:
+            self.claims.claim(0, n, time.monotonic() + timeout)
+        except CopyBeforeWriteError as exc:
+            raise JobError("a guest writer kept a cluster claimed while the job ended") \
+                from exc
+        self.claims.release(0, n)
+
     def close(self) -> None:
         """Drop the views of the device mapping (so the device can be closed)."""
         self._view.release()
@@ -189,3 +299,89 @@ class Copier:
     def marked_clusters(self) -> int:
         """How many clusters the snapshot still needs."""
         return int(np.count_nonzero(self._nc))
+
+
+#: How a :class:`CopyRequests` book delivers an answer to the writer that asked.
+Answer = Callable[[protocol.CopyRequest, protocol.CopyDone], None]
+
+
+class CopyRequests:
+    """The backup worker's copy requests, from arrival to answer.
+
+    A request is *pending* until it is served; :meth:`serve` serves every pending one
+    it can (a request whose claim a writer holds stays pending for the next call: that
+    writer is staging the cluster itself), waits until the target has stored what was
+    written (``settle``), and only then answers — a writer that gets ``ok`` overwrites
+    the cluster at once. Requests that arrive before the job began stay pending too.
+    When the job ends, :meth:`end_job` answers everything left.
+    """
+
+    def __init__(self, copier: Copier, answer: Answer) -> None:
+        self.copier = copier
+        self._answer = answer
+        self.pending: list[protocol.CopyRequest] = []
+
+    def add(self, req: protocol.CopyRequest) -> None:
+        self.pending.append(req)
+
+    def serve(self) -> None:
+        """Serve and answer what can be served now.
+
+        A TargetError propagates with every request still pending, so that
+        :meth:`end_job` answers them all with the job's failure.
+        """
+        copier = self.copier
+        if not self.pending or copier.job_seq == 0:
+            return  # before the job began: the writers' job is not known yet
+        done: list[tuple[protocol.CopyRequest, Served]] = []
+        busy: list[protocol.CopyRequest] = []
+        for req in self.pending:
+            served = copier.serve_request(req.cluster, req.count, req.job)
+            if served.answered:
+                done.append((req, served))
+            else:
+                busy.append(req)
+        if any(served is Served.SAVED for _, served in done):
+            copier.settle()
+        self.pending = busy
+        for req, served in done:
+            if served is Served.STALE:
+                self._reply(req, False, "the request is not for the running backup job")
+            else:
+                self._reply(req, True, "")
+
+    def end_job(self, ok: bool, error: str = "", target_error: bool = False,
+                queued: Iterable[protocol.CopyRequest] = ()) -> None:
+        """The job is over (the map is clear): answer every request still pending and
+        ``queued`` (still in the inbox) — ``ok`` when nothing needs saving any more (the
+        job completed or was cancelled), else the failure, so that a writer whose
+        cluster was not saved fails its write under break-guest-write."""
+        requests = [*self.pending, *queued]
+        self.pending = []
+        for req in requests:
+            self._reply(req, ok, "" if ok else error, target_error and not ok)
+
+    def _reply(self, req: protocol.CopyRequest, ok: bool, error: str,
+               target_error: bool = False) -> None:
+        self._answer(req, protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count,
+                                            ok=ok, error=protocol.short_error(error),
+                                            target_error=target_error))
+
+
+def release_writers(device: Device, released_job: int = 0) -> None:
+    """The job is over: nothing needs copying any more, staged data is dropped.
+
+    Called by the backup worker when its job ends, whatever the outcome (and by the
+    supervisor for a worker that died); answer the copy requests after this.
+    ``released_job`` is the job's number when it completed or was cancelled: a writer
+    still waiting for an answer (its request may have missed the worker's last look at
+    its queue) then goes ahead without one. A failed job passes 0 -- its failure may be
+    that writer's save -- and such a writer fails its write at its deadline, as
+    break-guest-write requires. (The supervisor releasing a dead worker's job sets the
+    word itself: no save was reported failed, the waiting writers go ahead.)
+    """
+    if released_job:
+        device.ctl[L.CTL_JOB_RELEASED] = released_job
+    device.ctl[L.CTL_JOB_ACTIVE] = 0
+    device.needs_copy[:] = 0
+    device.slot_state[:] = L.SLOT_FREE

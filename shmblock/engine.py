@@ -855,6 +855,8 @@ class Engine:
             if not dev.closed and dev.ctl[L.CTL_JOB_ACTIVE] and \
                     int(dev.ctl[L.CTL_JOB_SEQ]) == job.seq:
                 # The worker died without clearing the map (SIGKILL): do it for it.
+                # Writers still waiting for it go ahead: no save of theirs failed.
+                dev.ctl[L.CTL_JOB_RELEASED] = job.seq
                 dev.needs_copy[:] = 0
                 dev.slot_state[:] = L.SLOT_FREE
                 dev.ctl[L.CTL_JOB_ACTIVE] = 0

@@ -3,24 +3,34 @@
 :class:`GuestIO` is what every guest writer uses — the writer worker processes and a
 program writing through the Python API alike — so there is exactly one write path.
 
+Theory of operation
+===================
+
 A write of bytes ``[off, off+n)`` touches clusters ``c0..c1-1``. The common case costs
 one map lookup: if ``needs_copy`` is 0 for all of them, the snapshot no longer needs
-their old contents (or no job runs), and the write goes straight to shared memory. For
-each cluster c still marked (DESIGN.md invariant 2):
+their old contents (or no job runs), and the write goes straight to shared memory.
+``needs_copy[c]`` only goes 1 → 0 during a job, so once a writer has seen 0 it may write
+c without any claim. For each cluster c still marked (DESIGN.md invariant 2):
 
-1. claim c (an OFD lock the kernel drops if we die), re-check ``needs_copy[c]``;
-2. *stage* mode: copy the old 64 KiB into one of this writer's staging slots, mark the
-   slot FULL, clear ``needs_copy[c]`` — the backup worker drains the slot to the target;
-   *request* mode (or all slots full): send COPY_REQ and wait for COPY_DONE, the worker
-   writes c to the target and clears ``needs_copy[c]`` while we hold the claim;
-3. release the claim, write.
+* *stage* mode: claim c (an OFD lock the kernel drops if we die), re-check
+  ``needs_copy[c]``, copy the old contents into one of this writer's staging slots,
+  mark the slot FULL, clear ``needs_copy[c]`` — in that order, so whoever sees c
+  unmarked finds the slot — release. The backup worker drains the slot to the target.
+* *request* mode, or every slot of this writer full: hold **no** claim (a writer that
+  waited while holding one would make every stale request unsafe to serve), send
+  COPY_REQ carrying the device's job number, wait for COPY_DONE; the worker saves c
+  under the claim. Then re-check ``needs_copy[c]`` and ask again until it is 0 or the
+  deadline passes.
 
-If saving fails or takes longer than the copy-before-write timeout, ``on-cbw-error``
-decides (QEMU's names): ``break-guest-write`` fails this write with
-:class:`~shmblock.errors.CopyBeforeWriteError` and leaves the device unchanged;
-``break-snapshot`` lets the write through and marks the snapshot broken, so the job
-fails instead. If the job ended meanwhile (``needs_copy[c]`` is 0 again), the write just
-proceeds.
+Then write. If saving fails (COPY_DONE with ``ok=False``) or takes longer than the
+copy-before-write timeout, ``on-cbw-error`` decides (QEMU's names):
+``break-guest-write`` fails this write with
+:class:`~shmblock.errors.CopyBeforeWriteError` and leaves the device unchanged — even if
+the job ends right after and the map is cleared, since the cluster was never saved;
+``break-snapshot`` lets the write through and marks the snapshot broken (``CTL_BROKEN``),
+so the job fails instead, and from then on writes do not attempt copy-before-write at
+all. The worker answers ``ok=True`` when nothing needs saving any more (the job
+completed or was cancelled), so those writes go ahead.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.claims import Claims
 from shmblock.device import Device
-from shmblock.errors import CopyBeforeWriteError, TransportError, UsageError
+from shmblock.errors import CopyBeforeWriteError, QueueTimeout, TransportError, UsageError
 from shmblock.transport import Queue
 
 #: What a guest write accepts: anything with the buffer protocol, numpy arrays included.
@@ -49,6 +59,8 @@ WriteData = bytes | bytearray | memoryview | npt.NDArray[np.uint8]
 WORKLOADS = ("random", "sequential", "zipf", "mixed", "first-touch")
 STATS_FLUSH_OPS = 256
 STATS_FLUSH_NS = 50_000_000
+#: How often a writer waiting for COPY_DONE looks whether the job ended without it.
+RELEASE_POLL = 0.02
 
 
 class GuestIO:
@@ -96,6 +108,9 @@ class GuestIO:
         self._hist = [0] * S.HIST_BUCKETS
         self._ops = self._bytes = self._reads = self._read_bytes = 0
         self._cbw_saves = self._cbw_requests = self._cbw_wait_ns = self._errors = 0
+        self._target_errors = 0
+        # Set when the save that failed this write failed because the target did.
+        self._failed_on_target = False
         self._max_stall = 0
         self._unflushed = 0
         self._last_flush = time.monotonic_ns()
@@ -137,6 +152,8 @@ class GuestIO:
                 self._copy_before_write(c0, c1)
             except CopyBeforeWriteError:
                 self._errors += 1
+                if self._failed_on_target:
+                    self._target_errors += 1
                 self._account(t0, 0)
                 raise
         if c1 - c0 == 1:
@@ -165,43 +182,50 @@ class GuestIO:
             self.flush_stats()
 
     def _copy_before_write(self, c0: int, c1: int) -> None:
+        ctl = self._ctl
+        if ctl[L.CTL_BROKEN] and int(ctl[L.CTL_ON_CBW_ERROR]) == 1:
+            return  # break-snapshot, already broken: the job fails anyway, do not wait
         t0 = time.monotonic()
-        deadline = t0 + int(self._ctl[L.CTL_CBW_TIMEOUT_US]) / 1e6
+        deadline = t0 + int(ctl[L.CTL_CBW_TIMEOUT_US]) / 1e6
         nc = self._nc
+        self._failed_on_target = False
         try:
             for c in range(c0, c1):
-                if not nc[c]:
-                    continue
-                self._claims.claim(c, 1, deadline)
-                try:
-                    if nc[c]:
-                        self._save_cluster(c, deadline)
-                finally:
-                    self._claims.release(c, 1)
+                if nc[c]:
+                    self._save_cluster(c, deadline)
         except CopyBeforeWriteError:
             # Re-raise here, not in a helper that holds the exception: that helper's
             # frame in the traceback would hold the exception in a reference cycle, with
             # every frame's views of the device, and device.close() would then fail with
             # BufferError until the garbage collector happened to run.
-            if not self._cbw_failed(c0, c1):
+            if not self._cbw_failed():
                 raise
         finally:
             self._cbw_wait_ns += int((time.monotonic() - t0) * 1e9)
 
     def _save_cluster(self, c: int, deadline: float) -> None:
-        """Save cluster c's snapshot contents; we hold its claim and needs_copy[c] is 1."""
+        """Have cluster c's snapshot contents saved; needs_copy[c] was 1 when we looked."""
         if int(self._ctl[L.CTL_CBW_MODE]) == 0:
-            slot = self._free_slot()
-            if slot is not None:
-                cs = self._cs
-                self._staging[slot] = self._data[c * cs : (c + 1) * cs]
-                self._slot_cluster[slot] = c
-                self._slot_state[slot] = L.SLOT_FULL
-                self._nc[c] = 0
-                self._cbw_saves += 1
-                if self._ctl[L.CTL_WORKER_IDLE]:
-                    self._ring_doorbell()
-                return
+            nc = self._nc
+            self._claims.claim(c, 1, deadline)
+            try:
+                if not nc[c]:
+                    return  # saved by someone else while we waited for the claim
+                slot = self._free_slot()
+                if slot is not None:
+                    cs = self._cs
+                    # Order matters (see the module docstring): data, FULL, then unmark.
+                    self._staging[slot] = self._data[c * cs : (c + 1) * cs]
+                    self._slot_cluster[slot] = c
+                    self._slot_state[slot] = L.SLOT_FULL
+                    nc[c] = 0
+                    self._cbw_saves += 1
+                    if self._ctl[L.CTL_WORKER_IDLE]:
+                        self._ring_doorbell()
+                    return
+            finally:
+                self._claims.release(c, 1)
+        # Slots full, or request mode: ask the worker, holding no claim while we wait.
         self._request_copy(c, deadline)
 
     def _free_slot(self) -> int | None:
@@ -230,38 +254,82 @@ class GuestIO:
             self._backup().try_send(protocol.Staged(writer=self.writer))
 
     def _request_copy(self, c: int, deadline: float) -> None:
+        """Ask the backup worker to save c until ``needs_copy[c]`` is 0 or the deadline."""
         if self._reply is None:
             raise CopyBeforeWriteError("staging slots are full and this writer has no reply queue")
-        seq = next(self._seq)
-        try:
-            self._backup().send(protocol.CopyRequest(writer=self.writer, seq=seq, cluster=c,
-                                                     count=1),
-                                timeout=max(deadline - time.monotonic(), 0.0))
-        except TransportError as exc:
-            raise CopyBeforeWriteError(f"cannot ask the backup worker to save cluster {c}: "
-                                       f"{exc}") from exc
-        self._cbw_requests += 1
+        job = int(self._ctl[L.CTL_JOB_SEQ])
+        nc = self._nc
+        while nc[c]:
+            seq = next(self._seq)
+            if not self._send_request(protocol.CopyRequest(
+                    writer=self.writer, seq=seq, cluster=c, count=1, job=job), deadline):
+                return  # the job ended needing no more saves (a dead worker's full queue)
+            self._cbw_requests += 1
+            reply = self._await_copy_done(c, seq, job, deadline)
+            if reply is None:
+                return  # the job ended needing no more saves (completed or cancelled)
+            if not reply.ok:
+                self._failed_on_target = reply.target_error
+                raise CopyBeforeWriteError(f"the backup worker could not save cluster {c}: "
+                                           f"{reply.error}")
+            # ok: the worker saved c, found it saved, or the job no longer needs it (and
+            # cleared the map before answering); the loop re-checks the map rather than
+            # trusting the answer.
+
+    def _send_request(self, req: protocol.CopyRequest, deadline: float) -> bool:
+        """Queue ``req`` for the worker; False if its job was released while we waited."""
+        queue = self._backup()
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                queue.send(req, timeout=min(max(remaining, 0.0), RELEASE_POLL))
+                return True
+            except QueueTimeout as exc:
+                if int(self._ctl[L.CTL_JOB_RELEASED]) == req.job:
+                    return False
+                if remaining <= RELEASE_POLL:
+                    raise CopyBeforeWriteError(
+                        f"cannot ask the backup worker to save cluster {req.cluster}: its "
+                        "queue stayed full until the copy-before-write deadline (is the "
+                        "worker alive?)") from exc
+            except TransportError as exc:
+                raise CopyBeforeWriteError(f"cannot ask the backup worker to save cluster "
+                                           f"{req.cluster}: {exc}") from exc
+
+    def _await_copy_done(self, c: int, seq: int, job: int,
+                         deadline: float) -> protocol.CopyDone | None:
+        """The answer to request ``seq``; None if the job ended without needing it."""
+        assert self._reply is not None
+        ctl = self._ctl
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CopyBeforeWriteError(
                     f"the backup worker did not save cluster {c} within the copy-before-write "
                     "timeout")
-            reply = self._reply.receive(remaining)
+            # Look up now and then: a request sent just after the worker's last look at
+            # its queue gets no answer, but a job that completed or was cancelled -- or
+            # whose worker died, released by the supervisor -- says so in
+            # CTL_JOB_RELEASED. A job whose worker failed (a target error) does not: its
+            # save may have been the one that failed, so we time out and fail.
+            reply = self._reply.receive(min(remaining, RELEASE_POLL))
             if isinstance(reply, protocol.CopyDone) and reply.seq == seq:
-                if not reply.ok:
-                    raise CopyBeforeWriteError(f"the backup worker could not save cluster {c}: "
-                                               f"{reply.error}")
-                return
+                return reply
+            if reply is None and int(ctl[L.CTL_JOB_RELEASED]) == job:
+                return None
             # Anything else is a late answer to a request that already timed out.
 
-    def _cbw_failed(self, c0: int, c1: int) -> bool:
-        """Apply on-cbw-error after a save failed; True when the write may proceed."""
+    def _cbw_failed(self) -> bool:
+        """Apply on-cbw-error after a save failed; True when the write may proceed.
+
+        The map is not consulted: under break-guest-write a write whose save failed fails,
+        even if the job ended meanwhile and cleared ``needs_copy`` — the cluster was never
+        saved, so the snapshot (if it is still wanted) cannot have it.
+        """
         ctl = self._ctl
-        if not self._nc[c0:c1].any() or ctl[L.CTL_BROKEN]:
-            return True  # the job ended (maps cleared) or the snapshot is already broken
         if int(ctl[L.CTL_ON_CBW_ERROR]) == 1:
-            ctl[L.CTL_BROKEN] = 1  # break-snapshot: the job fails, the guest goes on
+            if ctl[L.CTL_JOB_ACTIVE]:
+                ctl[L.CTL_BROKEN] = 1  # break-snapshot: the job fails, the guest goes on
             return True
         return False
 
@@ -292,6 +360,7 @@ class GuestIO:
         row[S.W_CBW_WAIT_NS] = self._cbw_wait_ns
         row[S.W_MAX_STALL_NS] = self._max_stall
         row[S.W_ERRORS] = self._errors
+        row[S.W_TARGET_ERRORS] = self._target_errors
         row[S.HIST_BASE : S.HIST_BASE + S.HIST_BUCKETS] = self._hist
         now = time.monotonic_ns()
         row[S.W_END_NS] = now

@@ -56,6 +56,7 @@ CTL_HEARTBEAT_NS = 9  # CLOCK_MONOTONIC of the worker's last loop, for stuck det
 CTL_CBW_CLUSTERS = 10  # clusters saved by copy-before-write in this job
 CTL_BITMAP_MASK = 11  # bit i set: dirty bitmap i is enabled and records guest writes
 CTL_JOB_SEQ = 12  # incremented for every job started on the device
+CTL_JOB_RELEASED = 13  # CTL_JOB_SEQ of the last job that ended needing no more saves
 
 CBW_MODES = ("stage", "request")
 ON_CBW_ERROR = ("break-guest-write", "break-snapshot")

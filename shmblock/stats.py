@@ -26,11 +26,12 @@ W_CBW_SAVES = 5  # clusters this writer saved into staging itself
 W_CBW_REQUESTS = 6  # clusters it asked the backup worker to save
 W_CBW_WAIT_NS = 7  # time spent in copy-before-write (claims, saves, waits)
 W_MAX_STALL_NS = 8  # longest single guest write
-W_ERRORS = 9  # writes that failed (break-guest-write)
+W_ERRORS = 9  # writes that failed (break-guest-write), target errors included
 W_START_NS = 10
 W_END_NS = 11
 W_RUNNING = 12
 W_FREEZES = 13
+W_TARGET_ERRORS = 14  # of W_ERRORS: writes refused because the target failed the save
 HIST_BASE = 16
 # (word 15, kept apart from the counters above so each can grow on its own)
 W_FREEZE_TIMEOUTS = 15  # freezes this writer gave up on (no Thaw in time) and wrote on
@@ -94,6 +95,8 @@ class WriterStats:
     #: freezes the writer stopped waiting for (no Thaw within its timeout): it then
     #: wrote on while the supervisor may still have believed it frozen
     freeze_timeouts: int = 0
+    #: of ``errors``: writes refused because the target failed to save their cluster
+    target_errors: int = 0
 
     @classmethod
     def from_row(cls, writer: int, row: U64Array) -> WriterStats:
@@ -116,6 +119,7 @@ class WriterStats:
             p99_us=percentile(hist, 99) / 1e3,
             p999_us=percentile(hist, 99.9) / 1e3,
             freeze_timeouts=int(row[W_FREEZE_TIMEOUTS]),
+            target_errors=int(row[W_TARGET_ERRORS]),
         )
 
     @property

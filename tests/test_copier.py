@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 
 from shmblock import layout as L
 from shmblock.claims import Claims
-from shmblock.copier import Copier, nonzero_clusters, runs
+from shmblock.copier import Copier, Served, nonzero_clusters, runs
 from shmblock.device import Device, Geometry
+from shmblock.errors import JobError
 from shmblock.targets.base import Buffer, Target
 from shmblock.targets.raw import RawTarget
 from tests.helpers import CS, begin_job, new_device, pattern
@@ -247,7 +249,9 @@ def test_serve_request_writes_and_clears(rig: Rig) -> None:
     dev = rig.device
     guest_fill(dev, [7, 8, 9])
     begin_job(dev, "full")
-    rig.copier.serve_request(8, 1)
+    rig.copier.begin()
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+    assert rig.copier.serve_request(8, 1, job) is Served.SAVED
     assert dev.needs_copy[8] == 0
     assert dev.needs_copy[7] == 1 and dev.needs_copy[9] == 1
     assert dev.saved[8] == 1 and dev.saved.sum() == 1
@@ -255,17 +259,20 @@ def test_serve_request_writes_and_clears(rig: Rig) -> None:
     assert rig.target_bytes()[8 * CS : 9 * CS] == dev.data[8 * CS : 9 * CS].tobytes()
     # serving it again writes nothing (it is no longer marked)
     before = rig.copier.bytes_written
-    rig.copier.serve_request(8, 1)
+    assert rig.copier.serve_request(8, 1, job) is Served.ALREADY_SAVED
     assert rig.copier.bytes_written == before
     assert rig.copier.cbw_clusters == 1
+    with Claims(dev.meta_name) as other:
+        assert other.try_claim(0, N)  # every claim was released
 
 
 def test_serve_request_range_with_holes(rig: Rig) -> None:
     dev = rig.device
     guest_fill(dev, [10, 12])
     begin_job(dev, "full")
+    rig.copier.begin()
     dev.needs_copy[11] = 0
-    rig.copier.serve_request(10, 4)
+    assert rig.copier.serve_request(10, 4, int(dev.ctl[L.CTL_JOB_SEQ])) is Served.SAVED
     assert not dev.needs_copy[10:14].any()
     assert dev.saved[10:14].tolist() == [1, 0, 1, 1]
     assert rig.copier.cbw_clusters == 3
@@ -273,17 +280,81 @@ def test_serve_request_range_with_holes(rig: Rig) -> None:
 
 def test_serve_request_past_the_end_is_clipped(rig: Rig) -> None:
     begin_job(rig.device, "full")
-    rig.copier.serve_request(N - 1, 5)
+    rig.copier.begin()
+    job = int(rig.device.ctl[L.CTL_JOB_SEQ])
+    assert rig.copier.serve_request(N - 1, 5, job) is Served.SAVED
     assert rig.device.needs_copy[N - 1] == 0
-    rig.copier.serve_request(N + 3, 1)  # nothing there: nothing happens
+    # nothing there: nothing happens
+    assert rig.copier.serve_request(N + 3, 1, job) is Served.ALREADY_SAVED
     assert rig.copier.cbw_clusters == 1
 
 
 def test_serve_request_outside_a_job_is_a_no_op(rig: Rig) -> None:
     guest_fill(rig.device, [4])
-    rig.copier.serve_request(4, 1)
+    assert rig.copier.serve_request(4, 1, 0) is Served.STALE
     assert rig.copier.bytes_written == 0
     assert rig.target_bytes() == bytes(rig.device.size)
+
+
+def test_serve_request_of_another_job_copies_nothing(rig: Rig) -> None:
+    """A request left in the queue by an earlier job is answered, never served."""
+    dev = rig.device
+    guest_fill(dev, [4])
+    begin_job(dev, "full")
+    rig.copier.begin()
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+    for stale in (job - 1, job + 1, 0):
+        assert rig.copier.serve_request(4, 1, stale) is Served.STALE
+    assert dev.needs_copy[4] == 1 and not dev.saved.any()
+    assert rig.copier.bytes_written == 0
+
+
+def test_serve_request_before_the_job_began_is_stale(rig: Rig) -> None:
+    """Until begin() the copier does not know the job: the worker keeps such requests."""
+    dev = rig.device
+    begin_job(dev, "full")
+    assert rig.copier.serve_request(4, 1, int(dev.ctl[L.CTL_JOB_SEQ])) is Served.STALE
+    assert dev.needs_copy[4] == 1
+
+
+def test_serve_request_under_a_held_claim_is_busy(rig: Rig) -> None:
+    """A writer staging the cluster holds its claim: the request waits, nothing is read."""
+    dev = rig.device
+    guest_fill(dev, [5])
+    begin_job(dev, "full")
+    rig.copier.begin()
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+    with Claims(dev.meta_name) as writer:
+        assert writer.try_claim(5)
+        assert rig.copier.serve_request(5, 1, job) is Served.BUSY
+        assert rig.copier.serve_request(4, 2, job) is Served.BUSY  # any claim of the range
+        assert dev.needs_copy[4] == 1 and dev.needs_copy[5] == 1
+        assert not dev.saved.any()
+        # the writer stages 5 and writes new data, then lets go
+        old = stage(dev, 0, 5)
+        dev.data[5 * CS : 6 * CS] = 0xAB
+        writer.release(5)
+    assert rig.copier.serve_request(5, 1, job) is Served.ALREADY_SAVED
+    assert not dev.saved[5]  # the stale request copied nothing; the drain saves it
+    assert rig.copier.drain_staging() == 1
+    assert rig.target_bytes()[5 * CS : 6 * CS] == old
+
+
+def test_stale_request_after_a_writer_staged_copies_nothing(rig: Rig) -> None:
+    """Issue 7 item 1 on a raw target: the snapshot cluster is all zeros, a stage-mode
+    writer saves it and writes data; a stale request for it must not copy the new data
+    (the staged zeros would not repair it: zero writes are skipped on a raw target)."""
+    dev = rig.device
+    begin_job(dev, "full")
+    rig.copier.begin()
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+    stage(dev, 0, 3)
+    dev.data[3 * CS : 4 * CS] = 0x5A
+    dev.allocated[3] = 1
+    assert rig.copier.serve_request(3, 1, job) is Served.ALREADY_SAVED
+    rig.copier.drain_staging()
+    copy_all(rig.copier)
+    assert rig.target_bytes()[3 * CS : 4 * CS] == bytes(CS)
 
 
 # -- staging drain --------------------------------------------------------------------------------
@@ -423,3 +494,84 @@ def test_close_lets_the_device_close(tmp_path: Path) -> None:
         r.target.abort()
         dev.close()  # no BufferError: the copier dropped its views
         assert dev.closed
+
+
+# -- finishing a job --------------------------------------------------------------------------
+
+
+def test_finish_drains_what_was_staged_after_the_last_drain(rig: Rig) -> None:
+    """A mutant of finish() without its final drain loses this cluster every time."""
+    dev = rig.device
+    guest_fill(dev, [2])
+    begin_job(dev, "full")
+    rig.copier.begin()
+    old = stage(dev, 1, 2)  # a writer staged it after the worker's last drain
+    dev.data[2 * CS : 3 * CS] = 0x11
+    copy_all(rig.copier)
+    rig.copier.finish("full")
+    slots = dev.slot_state.copy()  # no view of the device in a failing assert
+    assert (slots == L.SLOT_FREE).all(), "finish() left a staged cluster"
+    assert rig.target_bytes()[2 * CS : 3 * CS] == old
+
+
+def test_finish_refuses_a_cluster_left_unsaved(rig: Rig) -> None:
+    begin_job(rig.device, "full")
+    rig.copier.begin()
+    with pytest.raises(JobError, match=f"{N} clusters left unsaved"):
+        rig.copier.finish("full")
+
+
+def test_finish_of_sync_none_waits_for_a_writer_staging_now(rig: Rig) -> None:
+    """sync=none: a writer that read needs_copy == 1 under its claim just before the job
+    completes still stages; finish() must wait for it and drain its slot."""
+    dev = rig.device
+    guest_fill(dev, [6])
+    begin_job(dev, "none")
+    rig.copier.begin()
+    with Claims(dev.meta_name) as writer:
+        assert writer.try_claim(6)
+        assert dev.needs_copy[6] == 1  # the writer has checked, and is about to stage
+        staged: list[bytes] = []
+
+        def stage_and_release() -> None:
+            staged.append(stage(dev, 0, 6))
+            dev.data[6 * CS : 7 * CS] = 0x22
+            writer.release(6)
+
+        timer = threading.Timer(0.05, stage_and_release)
+        timer.start()
+        try:
+            rig.copier.finish("none")
+        finally:
+            timer.join()
+    # Copies: a failing assert must not keep a view of the device alive.
+    nc, slots, saved = dev.needs_copy.copy(), dev.slot_state.copy(), dev.saved.tolist()
+    assert not nc.any()  # copy-before-write stopped: later writes go ahead
+    assert (slots == L.SLOT_FREE).all(), "the cluster staged at the end was left behind"
+    assert saved == [int(c == 6) for c in range(N)]
+    assert rig.target_bytes()[6 * CS : 7 * CS] == staged[0]
+
+
+def test_finish_of_sync_none_gives_up_on_a_stuck_claim(rig: Rig) -> None:
+    begin_job(rig.device, "none")
+    with Claims(rig.device.meta_name) as writer:
+        assert writer.try_claim(3)
+        with pytest.raises(JobError, match="kept a cluster claimed"):
+            rig.copier.stop_copy_before_write(timeout=0.05)
+
+
+def test_finish_settles_the_target(device: Device) -> None:
+    class Settling(RecordingTarget):
+        def settle(self) -> None:
+            self.calls.append(("settle", 0, 0))
+
+    begin_job(device, "full")
+    target = Settling(device.size, CS)
+    with Claims(device.meta_name) as claims:
+        copier = Copier(device, target, claims, chunk_bytes=N * CS)
+        try:
+            copier.copy_next_chunk()
+            copier.finish("full")
+        finally:
+            copier.close()
+    assert target.calls[-1] == ("settle", 0, 0)

@@ -16,7 +16,7 @@ import protocol
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.claims import Claims
-from shmblock.copier import Copier
+from shmblock.copier import Copier, Served, release_writers
 from shmblock.device import Device, Geometry
 from shmblock.errors import CopyBeforeWriteError, UsageError
 from shmblock.guest import STATS_FLUSH_NS, STATS_FLUSH_OPS, GuestIO
@@ -114,9 +114,10 @@ class Server:
             raise self.errors[0]
 
 
-def done(req: protocol.CopyRequest, ok: bool = True, error: str = "") -> protocol.CopyDone:
+def done(req: protocol.CopyRequest, ok: bool = True, error: str = "",
+         target_error: bool = False) -> protocol.CopyDone:
     return protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count, ok=ok,
-                             error=error)
+                             error=error, target_error=target_error)
 
 
 # -- no job: straight writes ----------------------------------------------------------------
@@ -320,6 +321,36 @@ def test_break_snapshot_lets_the_write_through(env: Env) -> None:
     assert dev.data[9 * CS] == 0xEE
 
 
+def test_once_broken_writes_do_not_wait_for_copy_before_write(env: Env) -> None:
+    """Issue 7 item 3: with break-snapshot, after CTL_BROKEN is set writers skip
+    copy-before-write at once instead of waiting the timeout on every write."""
+    dev = env.device
+    fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", on_cbw_error="break-snapshot",
+              cbw_timeout=5.0)
+    dev.ctl[L.CTL_BROKEN] = 1  # an earlier write broke the snapshot
+    with Queue.create(env.backup_name, BACKUP_RECEIVES) as backup:  # nobody serves it
+        g = env.guest()
+        t0 = time.monotonic()
+        for c in range(4):
+            g.write(c * CS, b"\x05")
+        assert time.monotonic() - t0 < 1.0
+        assert backup.receive(0.0) is None  # nobody was even asked
+    assert all(dev.data[c * CS] == 5 for c in range(4))
+
+
+def test_a_broken_snapshot_under_break_guest_write_is_not_skipped(env: Env) -> None:
+    """CTL_BROKEN only ever comes from break-snapshot; under break-guest-write a stray
+    flag must not turn copy-before-write off."""
+    dev = env.device
+    before = fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", cbw_timeout=0.05)
+    dev.ctl[L.CTL_BROKEN] = 1
+    with pytest.raises(CopyBeforeWriteError):
+        env.guest().write(0, b"\x01")
+    assert dev.data.tobytes() == before
+
+
 def test_write_after_the_job_ended_proceeds(env: Env) -> None:
     dev = env.device
     fill_device(dev)
@@ -346,13 +377,19 @@ def test_request_mode_waits_for_the_worker(env: Env, backup: Queue, tmp_path: Pa
     before = fill_device(dev)
     begin_job(dev, "full", cbw_mode="request")
     target = RawTarget(str(tmp_path / "b.raw"), dev.size, CS)
-    claims_seen: list[bool] = []
+    claims_free: list[bool] = []
     with Claims(dev.meta_name) as worker_claims, Claims(dev.meta_name) as probe:
         copier = Copier(dev, target, worker_claims)
+        copier.begin()
 
         def serve(req: protocol.CopyRequest) -> protocol.CopyDone:
-            claims_seen.append(probe.try_claim(req.cluster))  # the writer holds it
-            copier.serve_request(req.cluster, req.count)
+            # The writer waits without holding the claim: a stale request served now
+            # could otherwise race a stage-mode writer (issue 7, item 1).
+            free = probe.try_claim(req.cluster)
+            claims_free.append(free)
+            if free:
+                probe.release(req.cluster)
+            assert copier.serve_request(req.cluster, req.count, req.job) is Served.SAVED
             return done(req)
 
         server = Server(backup, env.reply, serve)
@@ -364,7 +401,8 @@ def test_request_mode_waits_for_the_worker(env: Env, backup: Queue, tmp_path: Pa
             copier.close()
     assert [(r.writer, r.cluster, r.count) for r in server.requests] == [(0, 7, 1), (0, 8, 1)]
     assert [r.seq for r in server.requests] == [1, 2]
-    assert claims_seen == [False, False]
+    assert [r.job for r in server.requests] == [int(dev.ctl[L.CTL_JOB_SEQ])] * 2
+    assert claims_free == [True, True]
     assert dev.needs_copy[7] == 0 and dev.needs_copy[8] == 0
     assert (dev.slot_state == L.SLOT_FREE).all()  # request mode uses no slot
     assert target.read(7 * CS, 2 * CS) == before[7 * CS : 9 * CS]
@@ -373,6 +411,49 @@ def test_request_mode_waits_for_the_worker(env: Env, backup: Queue, tmp_path: Pa
     g.flush_stats()
     assert dev.stats[0, S.W_CBW_REQUESTS] == 2
     assert dev.stats[0, S.W_CBW_WAIT_NS] > 0
+
+
+def test_an_ok_answer_for_a_cluster_still_marked_asks_again(env: Env, backup: Queue) -> None:
+    """The writer trusts the map, not the answer: it asks until needs_copy[c] is 0."""
+    dev = env.device
+    fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request")
+
+    def serve(req: protocol.CopyRequest) -> protocol.CopyDone:
+        if len(server.requests) == 2:
+            dev.needs_copy[req.cluster] = 0  # saved on the second request only
+        return done(req)
+
+    server = Server(backup, env.reply, serve)
+    try:
+        env.guest().write(3 * CS, b"\x07")
+    finally:
+        server.stop()
+    assert [r.cluster for r in server.requests] == [3, 3]
+    assert dev.data[3 * CS] == 7
+
+
+def test_stage_mode_with_full_slots_releases_the_claim_before_asking(env: Env,
+                                                                    backup: Queue) -> None:
+    dev = env.device
+    fill_device(dev)
+    begin_job(dev, "full", cbw_mode="stage")
+    fill_slots(dev, 0)
+    free: list[bool] = []
+    with Claims(dev.meta_name) as probe:
+
+        def serve(req: protocol.CopyRequest) -> protocol.CopyDone:
+            free.append(probe.try_claim(req.cluster))
+            probe.release(req.cluster)
+            dev.needs_copy[req.cluster] = 0
+            return done(req)
+
+        server = Server(backup, env.reply, serve)
+        try:
+            env.guest().write(5 * CS, b"\x01")
+        finally:
+            server.stop()
+    assert free == [True]
 
 
 def test_full_slots_fall_back_to_a_request(env: Env, backup: Queue) -> None:
@@ -405,7 +486,7 @@ def test_request_timeout_fails_the_write(env: Env, backup: Queue) -> None:
     assert 0.045 <= time.monotonic() - t0 < 2.0
     assert dev.data.tobytes() == before
     assert isinstance(backup.receive(0.0), protocol.CopyRequest)  # it was asked
-    # the claim was released: the worker could claim the cluster now
+    # no claim is held: the worker can claim the cluster
     with Claims(dev.meta_name) as c:
         assert c.try_claim(4)
 
@@ -423,15 +504,16 @@ def test_request_refused_by_the_worker(env: Env, backup: Queue) -> None:
     assert dev.data.tobytes() == before
 
 
-def test_request_answered_after_the_job_ended_lets_the_write_through(env: Env,
-                                                                    backup: Queue) -> None:
+def test_request_answered_ok_after_the_job_ended_lets_the_write_through(
+        env: Env, backup: Queue) -> None:
+    """The job completed or was cancelled while the writer waited: nothing needs saving."""
     dev = env.device
     fill_device(dev)
     begin_job(dev, "full", cbw_mode="request")
 
     def cancel(req: protocol.CopyRequest) -> protocol.CopyDone:
-        end_job(dev)  # release_writers: maps cleared, pending requests refused
-        return done(req, ok=False, error="the backup job has ended")
+        end_job(dev)  # release_writers: maps cleared, pending requests answered ok
+        return done(req)
 
     server = Server(backup, env.reply, cancel)
     try:
@@ -439,6 +521,118 @@ def test_request_answered_after_the_job_ended_lets_the_write_through(env: Env,
     finally:
         server.stop()
     assert dev.data[CS : CS + 4].tobytes() == b"\x09" * 4
+
+
+@pytest.mark.parametrize("target_error", [True, False])
+def test_a_failed_save_fails_the_write_even_if_the_job_ends_right_after(
+        env: Env, backup: Queue, target_error: bool) -> None:
+    """Issue 7 item 3: under break-guest-write, a write whose save was reported failed
+    fails and leaves the device unchanged, though the failing job cleared needs_copy
+    before the writer looked again (the old code let it through then)."""
+    dev = env.device
+    before = fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", on_cbw_error="break-guest-write")
+
+    def fail(req: protocol.CopyRequest) -> protocol.CopyDone:
+        end_job(dev)  # the job fails: release_writers clears the maps first
+        return done(req, ok=False, error="No space left on device", target_error=target_error)
+
+    server = Server(backup, env.reply, fail)
+    g = env.guest()
+    try:
+        with pytest.raises(CopyBeforeWriteError, match="No space left on device"):
+            g.write(2 * CS, b"\x01" * 8)
+    finally:
+        server.stop()
+    assert dev.data.tobytes() == before
+    g.flush_stats()
+    assert dev.stats[0, S.W_ERRORS] == 1
+    assert dev.stats[0, S.W_TARGET_ERRORS] == int(target_error)
+    assert dev.stats[0, S.W_OPS] == 0
+
+
+def test_a_timed_out_save_fails_the_write_even_if_the_job_ends_meanwhile(
+        env: Env, backup: Queue) -> None:
+    dev = env.device
+    before = fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", cbw_timeout=0.1)
+    timer = threading.Timer(0.03, end_job, (dev,))  # a dead worker's job is failed
+    timer.start()
+    try:
+        with pytest.raises(CopyBeforeWriteError, match="did not save cluster 2"):
+            env.guest().write(2 * CS, b"\x01")
+    finally:
+        timer.join()
+    assert dev.data.tobytes() == before
+
+
+@pytest.mark.parametrize("completed", [True, False], ids=["completed", "failed"])
+def test_a_request_the_ending_job_never_saw(env: Env, backup: Queue, completed: bool) -> None:
+    """The request reached the queue after the worker's last look at it. A job that
+    completed (or was cancelled) says so in CTL_JOB_RELEASED and the write goes ahead at
+    once; after a failed or dead job it fails at its deadline (break-guest-write)."""
+    dev = env.device
+    before = fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", cbw_timeout=0.5)
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+
+    def end() -> None:
+        release_writers(dev, released_job=job if completed else 0)
+
+    timer = threading.Timer(0.03, end)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        if completed:
+            env.guest().write(2 * CS, b"\x01")
+        else:
+            with pytest.raises(CopyBeforeWriteError, match="did not save cluster 2"):
+                env.guest().write(2 * CS, b"\x01")
+    finally:
+        timer.join()
+    elapsed = time.monotonic() - t0
+    assert isinstance(backup.receive(0.0), protocol.CopyRequest)  # nobody answered it
+    if completed:
+        assert elapsed < 0.3
+        assert dev.data[2 * CS] == 1
+    else:
+        assert elapsed >= 0.45
+        assert dev.data.tobytes() == before
+
+
+@pytest.mark.parametrize("released", [True, False])
+def test_a_full_backup_queue_of_a_released_job(env: Env, released: bool) -> None:
+    """The worker died with its queue full. Once the supervisor has released the job the
+    blocked writer goes ahead; until then (or if it never does) it fails at its
+    deadline."""
+    dev = env.device
+    before = fill_device(dev)
+    begin_job(dev, "full", cbw_mode="request", cbw_timeout=0.5)
+    job = int(dev.ctl[L.CTL_JOB_SEQ])
+    with Queue.create(env.backup_name, BACKUP_RECEIVES, 2) as backup:
+        for seq in (1, 2):
+            backup.send(protocol.CopyRequest(writer=1, seq=seq, cluster=0, count=1, job=job),
+                        1.0)
+        timer = threading.Timer(0.05, release_writers, (dev,), {"released_job": job}) \
+            if released else None
+        if timer is not None:
+            timer.start()
+        t0 = time.monotonic()
+        try:
+            if released:
+                env.guest().write(3 * CS, b"\x01")
+            else:
+                with pytest.raises(CopyBeforeWriteError, match="queue stayed full"):
+                    env.guest().write(3 * CS, b"\x01")
+        finally:
+            if timer is not None:
+                timer.join()
+    if released:
+        assert time.monotonic() - t0 < 0.4
+        assert dev.data[3 * CS] == 1
+    else:
+        assert time.monotonic() - t0 >= 0.45
+        assert dev.data.tobytes() == before
 
 
 def test_late_answers_are_ignored(env: Env, backup: Queue) -> None:

@@ -79,12 +79,13 @@ def outcomes(draw: st.DrawFn) -> tuple[bool, str]:
     return ok, "" if ok else draw(texts)
 
 
-def _copy_request(writer: int, seq: int, rng: tuple[int, int]) -> CopyRequest:
-    return CopyRequest(writer, seq, *rng)
+def _copy_request(writer: int, seq: int, rng: tuple[int, int], job: int) -> CopyRequest:
+    return CopyRequest(writer, seq, *rng, job)
 
 
-def _copy_done(seq: int, rng: tuple[int, int], outcome: tuple[bool, str]) -> CopyDone:
-    return CopyDone(seq, *rng, *outcome)
+def _copy_done(seq: int, rng: tuple[int, int], outcome: tuple[bool, str],
+               target_error: bool) -> CopyDone:
+    return CopyDone(seq, *rng, *outcome, target_error=target_error and not outcome[0])
 
 
 def _writer_done(writer: int, outcome: tuple[bool, str]) -> WriterDone:
@@ -95,8 +96,8 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Freeze: st.builds(Freeze, u63, tokens),
     Frozen: st.builds(Frozen, u63, writers, tokens),
     Thaw: st.builds(Thaw, u63, tokens),
-    CopyRequest: st.builds(_copy_request, writers, u63, cluster_ranges()),
-    CopyDone: st.builds(_copy_done, u63, cluster_ranges(), outcomes()),
+    CopyRequest: st.builds(_copy_request, writers, u63, cluster_ranges(), u63),
+    CopyDone: st.builds(_copy_done, u63, cluster_ranges(), outcomes(), st.booleans()),
     Staged: st.builds(Staged, writers),
     Ready: st.builds(Ready, st.sampled_from(["writer", "backup"]), u63, pids),
     JobStart: st.builds(
@@ -126,8 +127,8 @@ MAXIMAL: list[Message] = [
     Freeze(U63_MAX, LONGEST_TOKEN),
     Frozen(U63_MAX, 4095, LONGEST_TOKEN),
     Thaw(U63_MAX, LONGEST_TOKEN),
-    CopyRequest(4095, U63_MAX, BIG_CLUSTER, BIG_COUNT),
-    CopyDone(U63_MAX, BIG_CLUSTER, BIG_COUNT, False, LONGEST_TEXT),
+    CopyRequest(4095, U63_MAX, BIG_CLUSTER, BIG_COUNT, U63_MAX),
+    CopyDone(U63_MAX, BIG_CLUSTER, BIG_COUNT, False, LONGEST_TEXT, True),
     Staged(4095),
     Ready("backup", U63_MAX, 2**31 - 1),
     JobStart(LONGEST_JOB, "incremental", U63_MAX, LONGEST_TOKEN),
@@ -170,8 +171,8 @@ def test_field_names_and_order() -> None:
     def names(cls: type[Any]) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    assert names(CopyRequest) == ("writer", "seq", "cluster", "count")
-    assert names(CopyDone) == ("seq", "cluster", "count", "ok", "error")
+    assert names(CopyRequest) == ("writer", "seq", "cluster", "count", "job")
+    assert names(CopyDone) == ("seq", "cluster", "count", "ok", "error", "target_error")
     assert names(Ready) == ("role", "ident", "pid")
     assert names(JobStart) == ("job", "sync", "speed", "token")
     assert names(Cancel) == ("job", "token")
@@ -265,10 +266,10 @@ def test_max_encoded_size_fits_a_queue_message() -> None:
 
 GOLDEN: list[tuple[Message, str]] = [
     (Freeze(0), "94010100a0"),
-    (CopyRequest(3, 123456, 1000, 1), "96010403ce0001e240cd03e801"),
+    (CopyRequest(3, 123456, 1000, 1, 9), "97010403ce0001e240cd03e80109"),
     (
-        CopyDone(7, 2**32, 2**31, False, "EIO"),
-        "97010507cf0000000100000000ce80000000c2a345494f",
+        CopyDone(7, 2**32, 2**31, False, "EIO", True),
+        "98010507cf0000000100000000ce80000000c2a345494fc3",
     ),
     (Ready("backup", 0, 4242), "950107a66261636b757000cd1092"),
     (JobStart("job-1", "full", 0), "960108a56a6f622d31a466756c6c00a0"),
@@ -303,6 +304,8 @@ def test_golden_bytes(msg: Message, hex_bytes: str) -> None:
         lambda: CopyRequest(0, 0, U63_MAX, 2),  # the range would pass 2**63
         lambda: CopyDone(0, 0, 1, 1, ""),  # type: ignore[arg-type]
         lambda: CopyDone(0, 0, 1, True, "an error but ok"),
+        lambda: CopyDone(0, 0, 1, True, "", True),  # a target error is not ok
+        lambda: CopyRequest(0, 0, 0, 1, -1),
         lambda: Ready("guest", 0, 1),
         lambda: JobCancelled("j", "F" * 32),  # tokens are lowercase hex
         lambda: JobCancelled("j", "0" * 65),

@@ -3,10 +3,23 @@
 One process plays every part. Two :class:`GuestIO` writers write to a small device
 through the real write path; a :class:`Copier` (the backup worker's hands) copies to a
 real :class:`RawTarget`; a thread stands in for the worker's inbox and serves copy
-requests, so the request path (``cbw_mode=request``, or stage mode with every slot
-full) runs for real: the writer holds its claim and blocks on its reply queue while the
-"worker" saves the cluster. The worker can be stalled, which makes writes that need it
-time out and exercises ``on-cbw-error``.
+requests through the worker's real :class:`CopyRequests` book, so the request path
+(``cbw_mode=request``, or stage mode with every slot full) runs for real: the writer
+blocks on its reply queue, holding no claim, while the "worker" saves the cluster under
+the claim. The worker can be stalled, which makes writes that need it time out and
+exercises ``on-cbw-error``; when it wakes up it serves those requests late, long after
+their writers gave up, and a request parked when a job ends may be left over for the
+next job (a writer sent it after the worker drained its queue).
+
+Interleavings. The worker's claims and target are wrapped so that a guest write can be
+scheduled to run *inside* a worker operation — background copy, the late serving of
+stale requests, a staging drain, the end of the job — at the n-th claim or target call
+of that operation, exactly where a second process could run. The write runs there if it
+would not have to wait (every cluster it must save is unclaimed, stage mode, slots
+free); otherwise it runs when the operation is over, as a blocked writer would. This is
+how the model generates the race of issue 7 item 1 (a stale copy request served after a
+stage-mode writer staged the cluster, cleared it and wrote new data) and background
+copy between reading the map and taking the claim.
 
 The model is plain numpy: the guest's writes applied to a zeroed array, and at job start
 a copy of it -- the snapshot. After every step the machine checks the invariants of
@@ -18,7 +31,8 @@ DESIGN.md that this level can see:
   it without saving it first);
 * a cluster no longer marked has its snapshot contents on the target or in exactly one
   FULL staging slot, and ``saved`` says which;
-* when a job finishes, the committed file is the snapshot, byte for byte, for every
+* when a job finishes (through the copier's own ``finish``, with no drain of the
+  model's before it), the committed file is the snapshot, byte for byte, for every
   cluster the sync mode covers (invariant 1), and every cluster was saved exactly once.
 
 The snapshot start needs no freeze here: in one thread no write is ever in flight when a
@@ -32,11 +46,14 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from hypothesis import HealthCheck, Phase, event, settings
+import pytest
+from hypothesis import HealthCheck, Phase, currently_in_test_context, settings
+from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -49,10 +66,11 @@ import protocol
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.claims import Claims
-from shmblock.copier import Copier
+from shmblock.copier import Copier, CopyRequests, release_writers
 from shmblock.device import Device, Geometry
 from shmblock.errors import CopyBeforeWriteError
 from shmblock.guest import GuestIO
+from shmblock.targets.base import Buffer
 from shmblock.targets.raw import RawTarget
 from shmblock.transport import (
     BACKUP_RECEIVES,
@@ -61,7 +79,7 @@ from shmblock.transport import (
     WRITER_REPLY_RECEIVES,
     Queue,
 )
-from tests.helpers import CS, begin_job, create_device, destroy, end_job, run_names
+from tests.helpers import CS, begin_job, create_device, destroy, run_names
 
 CLUSTERS = 24
 SIZE = CLUSTERS * CS
@@ -79,16 +97,88 @@ SYNCS = st.sampled_from(["full", "top", "none"])
 MODES = st.sampled_from(L.CBW_MODES)
 POLICIES = st.sampled_from(L.ON_CBW_ERROR)
 CHUNKS = st.sampled_from([1, 3, 8])  # background chunk, in clusters
+OPERATIONS = st.sampled_from(["background", "late requests", "drain", "finish"])
 OFFSETS = st.integers(0, SIZE - 1)
 LENGTHS = st.integers(1, 3 * CS + 1)  # up to four clusters, unaligned
 VALUES = st.integers(0, 255)
 
 U8Array = npt.NDArray[np.uint8]
+
+
+def event(what: str) -> None:
+    """Hypothesis's event(); a no-op when a scenario test drives the machine by hand."""
+    if currently_in_test_context():
+        hypothesis_event(what)
+
+
 BoolArray = npt.NDArray[np.bool_]
 
 
+class Hooks:
+    """Points inside the worker's operations where a scheduled guest write may run.
+
+    Each point names the cluster the worker is about to claim or write, so a scheduled
+    write can aim at it (the races that matter are on that cluster). Only the main
+    thread's operations are interleaved: the worker thread serves requests while the
+    main thread is blocked in a write, and two writes of one GuestIO must not overlap.
+    """
+
+    def __init__(self) -> None:
+        self.main = threading.get_ident()
+        self.action: Callable[[int], None] | None = None
+        self.skip = 0
+
+    def arm(self, action: Callable[[int], None], skip: int) -> None:
+        self.action, self.skip = action, skip
+
+    def disarm(self) -> None:
+        self.action = None
+
+    def point(self, cluster: int) -> None:
+        if self.action is None or threading.get_ident() != self.main:
+            return
+        if self.skip:
+            self.skip -= 1
+            return
+        action, self.action = self.action, None
+        action(cluster)
+
+
+class HookedClaims(Claims):
+    """The worker's claims; each attempt is an interleaving point."""
+
+    def __init__(self, meta_name: str, hooks: Hooks) -> None:
+        super().__init__(meta_name)
+        self.hooks = hooks
+        self.spread = 0  # which cluster of a multi-cluster claim to aim at
+
+    def try_claim(self, cluster: int, count: int = 1) -> bool:
+        self.hooks.point(cluster + self.spread % count)
+        return super().try_claim(cluster, count)
+
+    def claim(self, cluster: int, count: int, deadline: float) -> None:
+        self.hooks.point(cluster + self.spread % count)
+        super().claim(cluster, count, deadline)
+
+
+class HookedTarget(RawTarget):
+    """A raw target; each write is an interleaving point before the data is read."""
+
+    def __init__(self, path: str, size: int, cluster_size: int, hooks: Hooks) -> None:
+        super().__init__(path, size, cluster_size)
+        self.hooks = hooks
+
+    def write(self, offset: int, data: Buffer) -> None:
+        self.hooks.point(offset // self.cluster_size)
+        super().write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.hooks.point(offset // self.cluster_size)
+        super().write_zeroes(offset, length)
+
+
 class Worker:
-    """The backup worker's inbox, served by a thread: copy requests, answered in order.
+    """The backup worker's inbox, served by a thread through the real CopyRequests.
 
     While a writer waits for its CopyDone the main thread is blocked inside
     ``GuestIO.write``, so the thread never runs alongside the other rules. When stalled it
@@ -99,12 +189,17 @@ class Worker:
     def __init__(self, inbox: Queue, replies: list[Queue]) -> None:
         self.inbox = inbox
         self.replies = replies
-        self.lock = threading.Lock()  # held while the copier is in use
-        self.copier: Copier | None = None
+        # Held while the copier is in use; re-entrant, since a write scheduled inside a
+        # worker operation waits for the thread to take its requests.
+        self.lock = threading.RLock()
+        self.requests: CopyRequests | None = None
         self.stalled = False
         self.parked: list[protocol.CopyRequest] = []
+        #: (writer, seq) of requests whose writer gave up: answered without waiting
+        self.late: set[tuple[int, int]] = set()
         self.received = 0
         self.served = 0
+        self.stale_answers = 0
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-backup-worker",
@@ -115,31 +210,42 @@ class Worker:
         try:
             while not self._stop.is_set():
                 msg = self.inbox.receive(0.005)
-                if isinstance(msg, protocol.CopyRequest):
-                    with self.lock:
+                with self.lock:
+                    if isinstance(msg, protocol.CopyRequest):
                         self.received += 1
-                        if self.stalled:
+                        if self.stalled or self.requests is None:
                             self.parked.append(msg)
                         else:
-                            self.serve(msg, late=False)
+                            self.requests.add(msg)
+                    if self.requests is not None and not self.stalled:
+                        self.requests.serve()
         except BaseException as exc:  # reported by the machine's invariant
             self.errors.append(exc)
 
-    def serve(self, req: protocol.CopyRequest, late: bool) -> None:
-        """Save the clusters (if a job runs) and answer; called with ``lock`` held."""
-        if self.copier is not None:
-            self.copier.serve_request(req.cluster, req.count)
-            answer = protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count,
-                                       ok=True, error="")
-        else:
-            answer = protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count,
-                                       ok=False, error="the backup job has ended")
+    def answer(self, req: protocol.CopyRequest, reply: protocol.CopyDone) -> None:
+        """Deliver an answer (CopyRequests calls this)."""
+        if self.requests is not None and req.job != self.requests.copier.job_seq:
+            # Left over from an earlier job: answered without being served.
+            assert not reply.ok, f"a request of job {req.job} was served in a later job"
+            self.stale_answers += 1
         self.served += 1
-        reply = self.replies[req.writer]
-        if late:
-            reply.try_send(answer)  # nobody waits for it; a full queue drops it
+        queue = self.replies[req.writer]
+        if (req.writer, req.seq) in self.late:
+            queue.try_send(reply)  # nobody waits for it; a full queue drops it
         else:
-            reply.send(answer, timeout=5.0)
+            queue.send(reply, timeout=5.0)
+
+    def wake(self) -> None:
+        """Serve what waited in the queue while stalled; called with ``lock`` held."""
+        parked, self.parked = self.parked, []
+        self.late.update((r.writer, r.seq) for r in parked)
+        self.stalled = False
+        if self.requests is None:
+            self.parked = parked  # no job: they wait in the queue for the next one
+            return
+        for req in parked:
+            self.requests.add(req)
+        self.requests.serve()
 
     def wait_received(self, count: int) -> None:
         """Wait until the thread has taken ``count`` requests in all from the inbox.
@@ -168,8 +274,8 @@ class Job:
     policy: str
     snapshot: U8Array
     covered: BoolArray
-    target: RawTarget
-    claims: Claims
+    target: HookedTarget
+    claims: HookedClaims
     copier: Copier
     prev_needs_copy: U8Array
     served_before: int
@@ -217,8 +323,11 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
         self.worker: Worker | None = None
         self.job: Job | None = None
         self.jobs = 0
+        self.hooks = Hooks()
+        self.probe: Claims | None = None
         try:
             self.device = create_device(self.names, GEO)
+            self.probe = Claims(self.device.meta_name)
             inbox = Queue.create(self.names.backup_queue("dev0"), BACKUP_RECEIVES,
                                  QUEUE_DEPTH)
             self.queues.append(inbox)
@@ -273,20 +382,21 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
         dev = self.dev
         self.jobs += 1
         path = os.path.join(self.tmp, f"backup{self.jobs}.raw")
-        target = RawTarget(path, SIZE, CS)
-        claims = Claims(dev.meta_name)
+        target = HookedTarget(path, SIZE, CS, self.hooks)
+        claims = HookedClaims(dev.meta_name, self.hooks)
         with self.w.lock:
             copier = Copier(dev, target, claims, chunk_bytes=chunk * CS)
             timeout = STALLED_TIMEOUT if self.w.stalled else SERVING_TIMEOUT
             # The supervisor's freeze: no write is in flight in this one-threaded model.
             begin_job(dev, sync, cbw_mode=mode, on_cbw_error=policy, cbw_timeout=timeout)
+            copier.begin()  # what the worker does on JobStart
             if sync == "none":
                 copier.cursor = dev.clusters  # copy-before-write only, as workers.backup
             self.job = Job(sync, policy, snapshot=dev.data.copy(),
                            covered=dev.needs_copy != 0, target=target, claims=claims,
                            copier=copier, prev_needs_copy=dev.needs_copy.copy(),
                            served_before=self.w.served)
-            self.w.copier = copier
+            self.w.requests = CopyRequests(copier, self.w.answer)
         if sync == "top":
             assert np.array_equal(self.job.covered, self.written)
         else:
@@ -321,16 +431,20 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
         assert drained == full
         assert (Shared.of(self.dev).slot_state == L.SLOT_FREE).all()
 
-    @rule(cancel=st.integers(0, 3))
-    def end(self, cancel: int) -> None:
-        """The job completes (three times in four) or is cancelled."""
+    @rule(cancel=st.integers(0, 3), leave_requests=st.booleans())
+    def end(self, cancel: int, leave_requests: bool) -> None:
+        """The job completes (three times in four) or is cancelled. Requests a stalled
+        worker holds may be left in the queue for the next job."""
         if cancel == 0:
-            self.cancel()
+            self.cancel(leave_requests)
         else:
-            self.finish()
+            self.finish(leave_requests)
 
-    def finish(self) -> None:
-        """What workers.backup does to complete a job, then check the result."""
+    def finish(self, leave_requests: bool = False) -> None:
+        """What workers.backup does to complete a job, then check the result.
+
+        No drain here before the copier's own finish(): the final drain is its job.
+        """
         job = self.job
         if job is None:
             return
@@ -338,19 +452,18 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
         with self.w.lock:
             copier = job.copier
             for _ in range(CLUSTERS + 2):
-                copier.drain_staging()
                 if copier.background_done:
                     break
                 copier.copy_next_chunk()
             assert copier.background_done
-            copier.drain_staging()
+            copier.finish(job.sync)
             shared = Shared.of(dev)
-            assert (shared.slot_state == L.SLOT_FREE).all()
+            assert (shared.slot_state == L.SLOT_FREE).all(), "finish() left staged clusters"
             if shared.broken:
                 # The snapshot is broken: the worker fails the job.
                 assert job.broken
                 job.target.abort()
-                self._end_job()
+                self._end_job(ok=False, leave_requests=leave_requests)
                 return
             if job.sync != "none":
                 assert not shared.needs_copy.any(), "clusters left unsaved after the last pass"
@@ -360,7 +473,7 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
             clusters_saved = copier.clusters_saved
             copier_cbw = copier.cbw_clusters
             requests_served = self.w.served - job.served_before
-            self._end_job()
+            self._end_job(ok=True, leave_requests=leave_requests)
         with open(path, "rb") as f:
             image = np.frombuffer(f.read(), dtype=np.uint8)
         os.unlink(path)
@@ -390,26 +503,33 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
         if requests_served:
             event("finished a job with served copy requests")
 
-    def cancel(self) -> None:
+    def cancel(self, leave_requests: bool = False) -> None:
         job = self.job
         if job is None:
             return
         with self.w.lock:
             job.target.abort()
-            self._end_job()
+            self._end_job(ok=True, leave_requests=leave_requests)
         assert not os.path.exists(job.target.path)
         assert not os.path.exists(job.target.part_path)
 
-    def _end_job(self) -> None:
+    def _end_job(self, ok: bool, leave_requests: bool) -> None:
         """workers.backup's release_writers and close; called with the worker lock held."""
         job = self.job
         assert job is not None
-        end_job(self.dev)
-        for req in self.w.parked:  # whoever still waits gets a definite answer
-            self.w.copier = None
-            self.w.serve(req, late=True)
-        self.w.parked.clear()
-        self.w.copier = None
+        release_writers(self.dev, released_job=job.copier.job_seq if ok else 0)
+        requests = self.w.requests
+        assert requests is not None
+        # Whoever still waits gets a definite answer; a request parked in the queue of a
+        # stalled worker may instead stay there for the next job (sent after the drain).
+        queued: list[protocol.CopyRequest] = []
+        if leave_requests and self.w.parked:
+            event("requests left over for the next job")
+        else:
+            queued, self.w.parked = self.w.parked, []
+            self.w.late.update((r.writer, r.seq) for r in queued)
+        requests.end_job(ok, "the backup job failed", queued=queued)
+        self.w.requests = None
         job.copier.close()
         job.claims.close()
         job.target.close()
@@ -428,11 +548,75 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
                 return
             if self.w.parked:
                 event("late requests served")
-            for req in self.w.parked:
-                self.w.serve(req, late=True)
-            self.w.parked.clear()
-            self.w.stalled = False
+            self.w.wake()
             self.dev.ctl[L.CTL_CBW_TIMEOUT_US] = int(SERVING_TIMEOUT * 1e6)
+
+    # -- interleavings ----------------------------------------------------------------------------
+
+    @rule(operation=OPERATIONS, skip=st.integers(0, 2), spread=st.integers(0, 7),
+          aim=st.booleans(), writer=st.integers(0, WRITERS - 1), offset=OFFSETS,
+          length=LENGTHS, value=VALUES)
+    def write_during(self, operation: str, skip: int, spread: int, aim: bool, writer: int,
+                     offset: int, length: int, value: int) -> None:
+        """A guest write runs inside a worker operation, at its (skip+1)-th claim or
+        target call -- or after it, if it would have had to wait there. Aimed, it
+        writes the cluster the worker is about to claim or write."""
+        job = self.job
+        if job is None:
+            self._write(writer, offset, length, value)
+            return
+        ran = False
+
+        def write_now(cluster: int) -> None:
+            nonlocal ran, offset
+            if aim:
+                offset = min(cluster * CS + offset % CS, SIZE - 1)
+            if self._would_run_without_waiting(writer, offset, length):
+                ran = True
+                event(f"write interleaved with {operation}")
+                self._write(writer, offset, length, value)
+
+        with self.w.lock:
+            job.claims.spread = spread
+            self.hooks.arm(write_now, skip)
+            try:
+                if operation == "finish":
+                    self.finish()
+                elif operation == "background":
+                    if job.sync != "none":
+                        job.copier.copy_next_chunk()
+                elif operation == "drain":
+                    job.copier.drain_staging()
+                elif self.w.stalled:  # late requests
+                    if self.w.parked:
+                        event("stale requests served inside an interleaving")
+                    self.w.wake()
+                    self.dev.ctl[L.CTL_CBW_TIMEOUT_US] = int(SERVING_TIMEOUT * 1e6)
+            finally:
+                self.hooks.disarm()
+                job.claims.spread = 0
+        if not ran:
+            self._write(writer, offset, length, value)
+
+    def _would_run_without_waiting(self, writer: int, offset: int, length: int) -> bool:
+        """Would this write finish now, without a claim someone holds or the worker?"""
+        dev = self.dev
+        ctl = dev.ctl
+        length = min(length, SIZE - offset)
+        marked = [c for c in clusters_of(offset, length) if dev.needs_copy[c]]
+        if not marked or (ctl[L.CTL_BROKEN] and int(ctl[L.CTL_ON_CBW_ERROR]) == 1):
+            return True
+        if int(ctl[L.CTL_CBW_MODE]) != 0:
+            return False
+        free = [s for s in dev.writer_slots(writer) if dev.slot_state[s] == L.SLOT_FREE]
+        if len(free) < len(marked):
+            return False
+        assert self.probe is not None
+        for c in marked:
+            if not self.probe.try_claim(c):
+                return False
+            self.probe.release(c)
+        return True
 
     # -- the guest ------------------------------------------------------------------------------
 
@@ -548,6 +732,8 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
             self.job = None
         for g in self.guests:
             g.close()
+        if self.probe is not None:
+            self.probe.close()
         for q in self.queues:
             q.close()
             q.unlink()
@@ -566,3 +752,105 @@ CopyBeforeWriteMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_copy_before_write = CopyBeforeWriteMachine.TestCase
+
+
+# -- the interleavings that matter, spelled out ------------------------------------------------
+#
+# The machine above can generate each of these; here they run step by step, so that a
+# mutant of the code they guard (see the test's docstring) fails every time, not only
+# when Hypothesis happens to find the steps.
+
+
+def check(m: CopyBeforeWriteMachine) -> None:
+    m.worker_healthy()
+    m.device_holds_the_guest_writes()
+    m.outside_a_job_nothing_is_marked()
+    m.snapshot_contents_are_safe()
+
+
+def run_steps(steps: Callable[[CopyBeforeWriteMachine], None]) -> CopyBeforeWriteMachine:
+    m = CopyBeforeWriteMachine()
+    try:
+        steps(m)
+    finally:
+        m.teardown()
+    return m
+
+
+@pytest.mark.parametrize("old", [0, 3], ids=["zeros", "data"])
+def test_stale_request_served_after_a_stage_mode_writer_wrote(old: int) -> None:
+    """Issue 7 item 1. A request-mode write times out (the worker is stuck) and leaves
+    its request queued; a stage-mode writer then stages cluster 2 (all zeros, or data,
+    in the snapshot), clears it and writes new data -- inside the worker's serving of
+    the stale request. Serving without the claim (or reading needs_copy before taking
+    it) copies the new data: on a raw target the staged zeros never repair it."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.prefill([(2, old)])  # allocated, so its zeros are recorded explicitly
+        m.start_job(sync="full", mode="request", policy="break-guest-write", chunk=1)
+        m.toggle_worker()  # stuck
+        m.guest_write(writer=0, offset=2 * CS, length=10, value=7)  # times out
+        check(m)
+        assert m.w.parked, "the request should wait in the worker's queue"
+        m.set_cbw_mode("stage")
+        m.write_during("late requests", skip=0, spread=0, aim=True, writer=1, offset=5,
+                       length=10, value=9)
+        check(m)
+        assert m.w.served >= 1
+        m.end(cancel=1, leave_requests=False)  # complete, compare with the snapshot
+        check(m)
+
+    run_steps(steps)
+
+
+def test_request_left_over_from_an_earlier_job_is_not_served() -> None:
+    """A request still queued when its job ended is answered without copying in the
+    next job (it carries the old job's number)."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.start_job(sync="full", mode="request", policy="break-guest-write", chunk=8)
+        m.toggle_worker()
+        m.guest_write(writer=0, offset=CS, length=10, value=7)  # times out
+        m.end(cancel=0, leave_requests=True)  # cancelled; the request stays queued
+        check(m)
+        m.start_job(sync="full", mode="stage", policy="break-guest-write", chunk=8)
+        m.toggle_worker()  # wakes up: serves the left-over request
+        check(m)
+        assert m.w.stale_answers == 1
+        m.end(cancel=1, leave_requests=False)
+        check(m)
+
+    run_steps(steps)
+
+
+def test_background_copy_reads_the_map_only_under_its_claims() -> None:
+    """A stage-mode writer saves cluster 1 and writes it just before the background copy
+    takes the claims of chunk [0, 3): the copy must not write cluster 1 again (a mutant
+    that reads needs_copy before claiming writes the new data)."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.prefill([(0, 1), (1, 2), (2, 3)])
+        m.start_job(sync="full", mode="stage", policy="break-guest-write", chunk=3)
+        m.write_during("background", skip=0, spread=1, aim=True, writer=0, offset=0,
+                       length=10, value=5)
+        check(m)
+        m.end(cancel=1, leave_requests=False)
+        check(m)
+
+    run_steps(steps)
+
+
+@pytest.mark.parametrize("sync", ["full", "top", "none"])
+def test_finish_drains_what_writers_staged(sync: str) -> None:
+    """A cluster staged after the worker's last drain reaches the target (a mutant of
+    Copier.finish without its final drain loses it)."""
+
+    def steps(m: CopyBeforeWriteMachine) -> None:
+        m.prefill([(4, 4)])
+        m.start_job(sync=sync, mode="stage", policy="break-guest-write", chunk=8)
+        m.guest_write(writer=1, offset=4 * CS, length=CS, value=6)  # stages cluster 4
+        check(m)
+        m.end(cancel=1, leave_requests=False)
+        check(m)
+
+    run_steps(steps)

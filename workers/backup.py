@@ -4,35 +4,52 @@ It attaches to the device, opens the target (so an unreachable target fails the 
 before any writer is frozen), says Ready, waits for JobStart (sent once the supervisor
 has frozen the writers and set ``needs_copy``), then loops:
 
-1. answer every queued message: copy requests first-class (a writer is waiting), then
-   job control (pause, resume, set-speed, cancel, complete, shutdown);
-2. drain the staging slots writers filled;
-3. copy the next background chunk, unless paused or over the speed limit;
-4. when there is nothing to do, sleep on the queue for a few milliseconds, with the
+1. take every queued message: copy requests join the pending list, job control (pause,
+   resume, set-speed, cancel, complete, shutdown) is applied;
+2. serve the pending copy requests (:meth:`Copier.serve_request`: under the cluster's
+   claim, never waiting for it — a request whose claim a writer holds stays pending for
+   the next loop, because that writer is staging the cluster itself and will be done in
+   microseconds); once the target has acknowledged the writes (``settle``), answer them;
+   a request of another job is answered without copying anything;
+3. drain the staging slots writers filled;
+4. copy the next background chunk, unless paused or over the speed limit;
+5. when there is nothing to do, sleep on the queue for a few milliseconds, with the
    ``CTL_WORKER_IDLE`` flag up so staging writers ring the doorbell.
 
-The job ends completed (target committed), failed (target error, broken snapshot, the
-supervisor gone) or cancelled. In every case the worker clears ``needs_copy`` so writers
-run free, and the target is committed or aborted — never left looking finished when it
-is not.
+Requests that arrive before JobStart stay pending until it comes.
+
+The job ends completed (every staged cluster drained, target committed — a heartbeat
+thread keeps beating through a long final flush), failed (target error, broken
+snapshot, the supervisor gone) or cancelled. In every case the worker clears
+``needs_copy`` so writers run free and answers every request still pending or queued:
+``ok`` when nothing needs saving any more (completed, cancelled), a failure — marked as
+a target error when the target failed — when the job failed, so a writer whose save did
+not happen fails its write under ``break-guest-write``. The target is committed or
+aborted — never left looking finished when it is not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hmac
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
 
 import protocol
 from shmblock import layout as L
 from shmblock.claims import Claims
-from shmblock.copier import SYNC_MODES, Copier
+from shmblock.copier import SYNC_MODES, Copier, CopyRequests, release_writers
 from shmblock.device import Device
-from shmblock.errors import ShmblockError, TargetError, TransportError
+from shmblock.errors import JobError, ShmblockError, TargetError, TransportError
 from shmblock.names import RunNames
 from shmblock.targets import TargetSpec, open_target
 from shmblock.targets.base import Target
@@ -44,6 +61,33 @@ log = logging.getLogger("shmblock.backup")
 IDLE_WAIT = 0.005
 PROGRESS_EVERY = 0.1
 START_TIMEOUT = 60.0
+#: How often the heartbeat thread beats while the job loop is busy committing.
+HEARTBEAT_EVERY = 0.5
+
+
+@contextlib.contextmanager
+def heartbeat(ctl: npt.NDArray[np.uint64], every: float = HEARTBEAT_EVERY) -> Iterator[None]:
+    """Keep ``CTL_HEARTBEAT_NS`` fresh from a thread while the block runs.
+
+    The final commit (an fsync of a large file, an NBD flush) can take longer than the
+    supervisor's stuck timeout while the worker is perfectly healthy; the target's own
+    timeout bounds it.
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            ctl[L.CTL_HEARTBEAT_NS] = time.monotonic_ns()
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class JobEnded(Exception):
@@ -67,8 +111,11 @@ class BackupWorker:
         self.inbox = Queue.attach(self.names.backup_queue(args.device))
         self.sup = Queue.attach(self.names.supervisor_queue)
         self.replies: dict[int, Queue] = {}
+        #: the job ended because the target failed (answers say so: target_error)
+        self.target_failed = False
         self.target: Target | None = None
         self.copier: Copier | None = None
+        self._requests: CopyRequests | None = None
         self.paused = False
         self.speed = args.speed
         self.next_allowed = 0.0
@@ -77,6 +124,11 @@ class BackupWorker:
         self.token = ""  # the job's secret, from stdin: the supervisor wants it on Job*
 
     # -- messages ----------------------------------------------------------------------
+
+    @property
+    def requests(self) -> CopyRequests:
+        assert self._requests is not None, "requests arrive after the target is open"
+        return self._requests
 
     def reply_queue(self, writer: int) -> Queue | None:
         queue = self.replies.get(writer)
@@ -90,7 +142,7 @@ class BackupWorker:
 
     def handle(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.CopyRequest):
-            self.serve(msg)
+            self.requests.add(msg)  # served after the batch of messages
         elif isinstance(msg, protocol.Staged):
             pass  # the drain that follows every batch of messages picks it up
         elif isinstance(msg, protocol.Shutdown):
@@ -119,29 +171,15 @@ class BackupWorker:
         else:
             log.warning("unexpected %s on the backup queue", type(msg).__name__)
 
-    def serve(self, req: protocol.CopyRequest) -> None:
-        ok, error = True, ""
-        if self.copier is None:
-            ok, error = False, "the backup job has not started"
-        else:
-            try:
-                self.copier.serve_request(req.cluster, req.count)
-            except TargetError as exc:
-                ok, error = False, protocol.short_error(str(exc))
-                self.answer(req, ok, error)
-                raise
-        self.answer(req, ok, error)
-
-    def answer(self, req: protocol.CopyRequest, ok: bool, error: str) -> None:
+    def answer(self, req: protocol.CopyRequest, reply: protocol.CopyDone) -> None:
         queue = self.reply_queue(req.writer)
-        if queue is not None and not queue.try_send(
-            protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count, ok=ok,
-                              error=error)
-        ):
+        if queue is not None and not queue.try_send(reply):
             log.warning("writer %d's reply queue is full; it will time out", req.writer)
 
     def service_inbox(self, wait: float) -> None:
         ctl = self.device.ctl
+        if self.requests.pending:
+            wait = min(wait, 0.0002)  # a writer is staging a requested cluster: nearly done
         if wait > 0:
             ctl[L.CTL_WORKER_IDLE] = 1
         try:
@@ -158,6 +196,7 @@ class BackupWorker:
                 self.inbox.rejected += 1
                 log.exception("error handling %s (carrying on)", type(msg).__name__)
             msg = self.inbox.receive(0.0)
+        self.requests.serve()
 
     # -- the job ------------------------------------------------------------------------
 
@@ -167,6 +206,7 @@ class BackupWorker:
         self.target = open_target(spec, self.device.size, self.device.cluster_size,
                                   timeout=self.args.target_timeout)
         self.copier = Copier(self.device, self.target, self.claims, self.args.chunk)
+        self._requests = CopyRequests(self.copier, self.answer)
 
     def wait_for_start(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -180,6 +220,8 @@ class BackupWorker:
                     and hmac.compare_digest(msg.token, self.token):
                 self.sync = msg.sync
                 self.speed = msg.speed
+                assert self.copier is not None
+                self.copier.begin()  # the supervisor set CTL_JOB_SEQ before JobStart
                 return
             if msg is not None:
                 self.handle(msg)
@@ -240,30 +282,36 @@ class BackupWorker:
     def finish(self) -> None:
         assert self.copier is not None and self.target is not None
         copier = self.copier
-        copier.drain_staging()
-        if self.sync != "none" and copier.marked_clusters():
-            # Cannot happen: the background pass saw every marked cluster under its claim.
-            raise JobEnded(protocol.JobFailed(
-                job=self.job, error=f"{copier.marked_clusters()} clusters left unsaved"))
-        if self.device.ctl[L.CTL_BROKEN]:
-            raise JobEnded(protocol.JobFailed(job=self.job, error="the snapshot is broken"))
-        self.target.commit()
+        # Waiting for stagers, the last drain, the target's flush and fsync can take
+        # longer than the supervisor's stuck timeout on a healthy worker: keep beating.
+        with heartbeat(self.device.ctl):
+            try:
+                copier.finish(self.sync)
+            except JobError as exc:
+                raise JobEnded(protocol.JobFailed(
+                    job=self.job, error=protocol.short_error(str(exc)))) from exc
+            if self.device.ctl[L.CTL_BROKEN]:
+                raise JobEnded(protocol.JobFailed(job=self.job,
+                                                  error="the snapshot is broken"))
+            self.target.commit()
         ctl = self.device.ctl
         ctl[L.CTL_DONE_BYTES] = copier.clusters_saved * copier.cs
         raise JobEnded(protocol.JobCompleted(
             job=self.job, bytes_written=copier.bytes_written,
             clusters_copied=copier.clusters_saved, cbw_clusters=copier.cbw_clusters))
 
-    def release_writers(self) -> None:
-        """The job is over: nothing needs copying any more, staged data is dropped."""
-        dev = self.device
-        dev.ctl[L.CTL_JOB_ACTIVE] = 0
-        dev.needs_copy[:] = 0
-        dev.slot_state[:] = L.SLOT_FREE
-        # Anyone still waiting for a copy gets a definite answer instead of a timeout.
-        for msg in self.inbox.drain():
-            if isinstance(msg, protocol.CopyRequest):
-                self.answer(msg, False, "the backup job has ended")
+    def release_writers(self, final: protocol.Message) -> None:
+        """The job is over: writers run free; every copy request gets its answer."""
+        failed = isinstance(final, protocol.JobFailed)
+        job = self.copier.job_seq if self.copier is not None else 0
+        release_writers(self.device, released_job=0 if failed else job)
+        queued = [m for m in self.inbox.drain() if isinstance(m, protocol.CopyRequest)]
+        if self._requests is None:
+            return  # the target never opened, so the job never started: nobody asked
+        error = f"the backup job failed: {final.error}" \
+            if isinstance(final, protocol.JobFailed) else ""
+        self.requests.end_job(not failed, error, target_error=self.target_failed,
+                              queued=queued)
 
     def close(self) -> None:
         if self.target is not None:
@@ -314,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         final = ended.final
     except Terminated:
         final = protocol.JobFailed(job=args.job, error="the backup worker was terminated")
+    except TargetError as exc:
+        if worker is not None:
+            worker.target_failed = True
+        final = protocol.JobFailed(job=args.job, error=protocol.short_error(str(exc)))
     except ShmblockError as exc:
         final = protocol.JobFailed(job=args.job, error=protocol.short_error(str(exc)))
     except Exception as exc:
@@ -327,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not isinstance(final, protocol.JobCompleted) and worker.target is not None:
             worker.target.abort()
-        worker.release_writers()
+        worker.release_writers(final)
         if isinstance(final, protocol.JobCompleted | protocol.JobFailed | protocol.JobCancelled):
             final = dataclasses.replace(final, token=token)  # else the supervisor ignores it
         worker.sup.send(final, timeout=5.0)

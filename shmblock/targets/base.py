@@ -9,6 +9,7 @@ Lifecycle::
     t = open_target(spec, size=..., cluster_size=...)   # opened / connected, checked
     t.write(offset, data)          # any order, cluster aligned, len a multiple of clusters
     t.write_zeroes(offset, length) # the snapshot holds zeros here: record them explicitly
+    t.settle()                     # wait until every write so far is acknowledged
     t.commit()                     # flush; make the result visible as a finished backup
     t.read(offset, length)         # optional read-back through the target (verification)
     t.close()                      # release handles (after commit or abort)
@@ -73,6 +74,16 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def write_zeroes(self, offset: int, length: int) -> None:
         """Record that ``length`` bytes at ``offset`` are zeros in the snapshot."""
+
+    def settle(self) -> None:
+        """Return once every write and write_zeroes sent so far has been acknowledged.
+
+        Raises TargetIOError if one of them failed. A target whose writes are done when
+        they return (raw and qcow2 files: the data is in the page cache, where a later
+        fsync in ``commit`` finds it) has nothing to wait for. The worker calls this
+        before it tells a writer its cluster is saved.
+        """
+        return None  # nothing in flight by default
 
     @abc.abstractmethod
     def commit(self) -> None:

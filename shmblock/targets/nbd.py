@@ -48,11 +48,13 @@ negotiate structured replies, so every reply is a 16-byte simple reply (magic, e
 cookie), followed by the data for a successful ``NBD_CMD_READ``. Requests are
 *pipelined*: :meth:`NbdTarget.write` sends a request (header and payload with one
 ``sendmsg``, the payload a memoryview of the caller's buffer, never copied) and returns
-without waiting for its reply. Replies may come in any order ("Replies need not be sent
-in the same order as requests"); each is matched to its request by cookie. At most
-:data:`MAX_INFLIGHT_REQUESTS` requests and :data:`MAX_INFLIGHT_BYTES` of payload are in
-flight: when the window is full, the next request first collects replies. Nothing else
-waits for round trips, so throughput is bounded by bandwidth, not latency.
+without waiting for its reply; :meth:`NbdTarget.settle` waits for every reply (the backup
+worker calls it before telling a writer that its cluster is saved). Replies may come in
+any order ("Replies need not be sent in the same order as requests"); each is matched to
+its request by cookie. At most :data:`MAX_INFLIGHT_REQUESTS` requests and
+:data:`MAX_INFLIGHT_BYTES` of payload are in flight: when the window is full, the next
+request first collects replies. Nothing else waits for round trips, so throughput is
+bounded by bandwidth, not latency.
 
 Reads are pipelined the same way, but only after every write has been answered (and reads
 finish before the next write is sent), so the two streams never wait on each other.
@@ -667,6 +669,12 @@ class NbdTarget(Target):
                 f"request at offset {offset} of {length} bytes is not aligned to the "
                 f"minimum block size {minimum} of NBD server {self.uri}"
             )
+
+    def settle(self) -> None:
+        # The writes are pipelined: wait for their replies, so an error reply fails the
+        # caller (a copy request's answer) instead of a later call.
+        self._check_usable()
+        self._drain()
 
     def commit(self) -> None:
         self._check_usable()
