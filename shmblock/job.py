@@ -544,8 +544,7 @@ class JobLifecycle:
     def resume(self) -> None:
         self.require(Verb.RESUME)
         if not self.user_paused:
-            raise self._refuse(Verb.RESUME, "it is not paused",
-                               frozenset({_C, _P, _S} if self.state is _C else {_P, _S}))
+            raise self._refuse(Verb.RESUME, "it is not paused", frozenset({_P, _S}))
         self._unpause()
         self.io_status = IoStatus.OK  # QEMU resets the io-status on a user resume
 
@@ -632,8 +631,6 @@ class JobLifecycle:
         self.final = dict(final)
         if outcome is not Outcome.COMPLETED:
             self._ret = outcome
-            self.error = error
-        elif error:
             self.error = error
         if outcome is Outcome.CANCELLED:
             self.cancelled = True
