@@ -765,13 +765,15 @@ class JobTracker:
     the defaults keep what they saw before: ``auto_dismiss=False`` (a job ends
     ``concluded`` and stays there), and ``status`` events left out of :attr:`events`
     (``status_events=False``). The QMP layer will pass QEMU's defaults
-    (``auto_dismiss=True, status_events=True``).
+    (``auto_dismiss=True, status_events=True``). Trackers whose jobs share a
+    :class:`JobTxn` must share ``lock`` too (one ``threading.Condition()``).
     """
 
     def __init__(self, job: str, on_event: Callable[[JobEvent], None] | None = None, *,
                  auto_finalize: bool = True, auto_dismiss: bool = False,
                  status_events: bool = False, ready_phase: bool = False,
-                 hooks: JobHooks | None = None, txn: JobTxn | None = None) -> None:
+                 hooks: JobHooks | None = None, txn: JobTxn | None = None,
+                 lock: threading.Condition | None = None) -> None:
         self.job = job
         self.done = 0
         self.total = 0
@@ -779,7 +781,9 @@ class JobTracker:
         self.started = time.monotonic()
         self.running_since = 0.0
         self.ended = 0.0
-        self._lock = threading.Condition()  # an RLock inside: hooks may call back
+        # An RLock inside (hooks may call back). The trackers of one transaction must
+        # share one: a job's end moves the other jobs of its group too.
+        self._lock = lock if lock is not None else threading.Condition()
         self._on_event = on_event
         self._status_events = status_events
         self.lifecycle = JobLifecycle(job, auto_finalize=auto_finalize,

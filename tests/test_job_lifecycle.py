@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -780,3 +781,21 @@ TestLifecycleMachine = LifecycleMachine.TestCase
 TestLifecycleMachine.settings = settings(max_examples=300, stateful_step_count=30,
                                          deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_trackers_of_one_transaction_share_a_lock_and_wake_each_other() -> None:
+    lock = threading.Condition()
+    txn = JobTxn()
+    a = JobTracker("a", txn=txn, lock=lock)
+    b = JobTracker("b", txn=txn, lock=lock)
+    a.command("start")
+    b.command("start")
+    a.conclude(Outcome.COMPLETED)
+    assert not a.wait(0.01)  # waiting for b
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(a.wait(10.0)))
+    waiter.start()
+    b.conclude(Outcome.FAILED, "boom")
+    waiter.join(10.0)
+    assert woke == [True]
+    assert (a.outcome, b.outcome) == (Outcome.CANCELLED, Outcome.FAILED)
