@@ -134,7 +134,7 @@ log = logging.getLogger(__name__)
 
 
 class JobState(enum.Enum):
-    """A job's status, QEMU's ``JobStatus`` (the four first members predate the rest)."""
+    """A job's status, QEMU's ``JobStatus`` (created, running, paused, concluded came first)."""
 
     CREATED = "created"
     RUNNING = "running"
