@@ -77,6 +77,7 @@ class Recorder:
         self.log = log if log is not None else []
         self.prepare_error: str | None = None
         self.prepare_raises = False
+        self.cancel_ends_work = False  # an in-process job may stop inside the hook
 
     def hooks(self) -> JobHooks:
         def record(name: str) -> Callable[[JobLifecycle], None]:
@@ -88,9 +89,14 @@ class Recorder:
                 raise OSError(errno.EIO, "bitmap store unwritable")
             return self.prepare_error
 
+        def cancel(job: JobLifecycle) -> None:
+            self.log.append(f"cancel {job.job}")
+            if self.cancel_ends_work:
+                job.work_ended(Outcome.CANCELLED)
+
         return JobHooks(on_prepare=prepare, on_commit=record("commit"),
                         on_abort=record("abort"), on_clean=record("clean"),
-                        on_cancel=record("cancel"), on_complete=record("complete"))
+                        on_cancel=cancel, on_complete=record("complete"))
 
 
 def statuses(job: JobLifecycle) -> list[str]:
@@ -432,6 +438,16 @@ def test_grouped_one_fails_all_abort() -> None:
                                                                "abort j2"]
 
 
+def test_grouped_abort_when_the_others_stop_inside_the_cancel_hook() -> None:
+    jobs, log, rec = group(3)
+    rec.cancel_ends_work = True
+    jobs[1].work_ended(Outcome.FAILED, "target gone")
+    assert [j.state for j in jobs] == [X, X, X]
+    assert [j.outcome for j in jobs] == [Outcome.CANCELLED, Outcome.FAILED,
+                                         Outcome.CANCELLED]
+    assert sum(e.startswith("abort") for e in log) == 3  # each aborted once
+
+
 def test_grouped_manual_finalize_waits_for_one_finalize_of_any_job() -> None:
     jobs, log, _ = group(2, auto_finalize=False)
     jobs[0].work_ended(Outcome.COMPLETED)
@@ -680,7 +696,8 @@ def test_tracker_io_error_and_mark_ready() -> None:
 
 
 class LifecycleMachine(RuleBasedStateMachine):
-    """Random verbs and work reports on one to three jobs, grouped or not.
+    """Random verbs and work reports on one to three jobs, grouped or not, whose work
+    stops later or at once (inside ``on_cancel``) when cancelled.
 
     Checks: a refused verb is exactly one the tables refuse; every status change is in
     the table; a group commits all or nothing and never finalizes before all are done;
@@ -691,6 +708,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     def setup(self, n: int, grouped: bool, data: st.DataObject) -> None:
         self.log: list[str] = []
         self.rec = Recorder(self.log)
+        self.rec.cancel_ends_work = data.draw(st.booleans())
         txn = JobTxn() if grouped else None
         self.grouped = grouped
         self.jobs = [
