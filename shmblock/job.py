@@ -63,7 +63,7 @@ the backup worker stops copying at its next chunk boundary (QEMU likewise report
 The end of a job (``job_completed`` and friends in QEMU's ``job.c``)::
 
     running ──work ended well──▶ waiting ──all jobs of the txn waiting──▶ pending
-    running ──failed or cancelled──▶ aborting
+    created, running ──failed or cancelled──▶ aborting
     pending ──finalize (or auto-finalize): prepare ok──▶ commit, clean ──▶ concluded
     pending ──prepare failed, or cancel──▶ aborting ──abort, clean──▶ concluded
     concluded ──dismiss (or auto-dismiss)──▶ null
@@ -101,9 +101,10 @@ The end of a job (``job_completed`` and friends in QEMU's ``job.c``)::
   caller holds a handle whose result must say why it ended.
 * **Ready**: backup jobs have no ready phase, as in QEMU (a backup's work ends by
   itself; even ``sync=none`` never reports ``ready``), so ``complete`` is refused for
-  them in every status. shmblock's ``BackupJob.complete()`` of a ``sync=none`` job is
-  not the ``complete`` verb: it tells the worker to end its work, which then ends well
-  like any backup (``running → waiting → pending → concluded``). ``ready_phase=True``
+  them in every status. (QEMU's ``sync=none`` backup runs until cancelled, as image
+  fleecing uses it.) shmblock's ``BackupJob.complete()`` of a ``sync=none`` job is not
+  the ``complete`` verb: it tells the worker to end its work, which then ends well like
+  any backup (``running → waiting → pending → concluded``). ``ready_phase=True``
   is there for jobs that have one (a mirror-like job).
 
 Error policies (``on-source-error`` / ``on-target-error``, QEMU's ``BlockdevOnError``)
@@ -786,6 +787,7 @@ class JobTracker:
         self._lock = lock if lock is not None else threading.Condition()
         self._on_event = on_event
         self._status_events = status_events
+        self._starting = False  # inside transition() or command(): a recorded start
         self.lifecycle = JobLifecycle(job, auto_finalize=auto_finalize,
                                       auto_dismiss=auto_dismiss, ready_phase=ready_phase,
                                       hooks=hooks, txn=txn, emit=self._sink)
@@ -796,8 +798,10 @@ class JobTracker:
     def _sink(self, event: JobEvent) -> None:
         if event.kind == "status":
             status = event.data["status"]
-            if status == "running" and not self.running_since:
-                self.running_since = event.time  # the first start counts
+            # The first recorded start counts: a work that ended before the engine
+            # recorded the start (a race with a quick worker) leaves it 0, as before.
+            if status == "running" and not self.running_since and self._starting:
+                self.running_since = event.time
             elif status == "concluded":
                 self.ended = event.time
             if not self._status_events:
@@ -863,7 +867,11 @@ class JobTracker:
                 lc.user_paused = True
             elif lc.state in (JobState.PAUSED, JobState.STANDBY):
                 lc.user_paused = False
-            lc._to(new)
+            self._starting = True
+            try:
+                lc._to(new)
+            finally:
+                self._starting = False
             self._emit(event, **data)
             self._lock.notify_all()
 
@@ -898,7 +906,11 @@ class JobTracker:
     def command(self, verb: Verb | str, **args: Any) -> None:
         """Apply a QEMU verb (:data:`VERB_TABLE`); StateError naming job, status, verb."""
         with self._lock:
-            self.lifecycle.command(verb, **args)
+            self._starting = True
+            try:
+                self.lifecycle.command(verb, **args)
+            finally:
+                self._starting = False
             kind = self._VERB_EVENTS.get(Verb(verb))
             if kind is not None:
                 self._emit(kind)
