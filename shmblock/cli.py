@@ -27,12 +27,13 @@ from typing import Any, NoReturn
 
 from shmblock import paths
 from shmblock.cleanup import cleanup
-from shmblock.copier import SYNC_MODES
-from shmblock.engine import MAX_SPEED, BackupJob, Engine
+from shmblock.engine import BackupJob, Engine
 from shmblock.errors import ShmblockError, StateError, UsageError
 from shmblock.guest import WORKLOADS
 from shmblock.job import JobResult
 from shmblock.layout import CBW_MODES, ON_CBW_ERROR
+from shmblock.options import MAX_SPEED, BackupOptions
+from shmblock.snapshot import SYNC_MODES
 from shmblock.stats import WriterStats
 from shmblock.targets import FORMATS, TargetSpec
 from shmblock.units import format_rate, format_size, parse_size
@@ -256,7 +257,15 @@ def backup_dict(result: JobResult) -> dict[str, Any]:
     return d
 
 
-def check_output_paths(args: argparse.Namespace) -> None:
+def backup_options(args: argparse.Namespace) -> BackupOptions:
+    """The run's backup options, validated before anything runs (UsageError: exit 2)."""
+    return BackupOptions(
+        TargetSpec.parse(args.target, args.format), sync=args.sync, speed=args.speed,
+        cbw_mode=args.cbw_mode, cbw_timeout=args.cbw_timeout, on_cbw_error=args.on_cbw_error,
+        verify=args.verify, reference_image=args.reference_image)
+
+
+def check_output_paths(args: argparse.Namespace, spec: TargetSpec) -> None:
     """Refuse output paths that cannot be written, before anything runs (exit code 2).
 
     Otherwise a whole run happens first, and a missing directory for the reference image
@@ -265,10 +274,9 @@ def check_output_paths(args: argparse.Namespace) -> None:
     two of target, reference image, summary and device file may be one file
     (:mod:`shmblock.paths`); a device file must be able to back the device.
     """
-    spec = TargetSpec.parse(args.target, args.format)
     files: list[tuple[str, str]] = []
-    if spec.format != "nbd":
-        files += paths.with_parts("--target", spec.target)
+    if spec.file is not None:
+        files += paths.with_parts("--target", spec.file)
     if args.reference_image:
         paths.check_output("--reference-image", args.reference_image)
         files += paths.with_parts("--reference-image", args.reference_image)
@@ -279,7 +287,7 @@ def check_output_paths(args: argparse.Namespace) -> None:
         paths.check_device_file(args.device_file, args.size)
         files.append(("--device-file", args.device_file))
     paths.check_distinct(files)
-    for option, path in (("--target", None if spec.format == "nbd" else spec.target),
+    for option, path in (("--target", spec.file),
                          ("--reference-image", args.reference_image)):
         if path:
             paths.check_no_part(option, path)
@@ -309,7 +317,8 @@ def check_run_options(args: argparse.Namespace) -> None:
 
 def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
     check_run_options(args)
-    check_output_paths(args)
+    options = backup_options(args)
+    check_output_paths(args, options.spec)
     with Engine() as engine:
         dev = engine.create_device(args.size, args.cluster_size, backing_file=args.device_file,
                                    max_writers=max(args.writers, 1))
@@ -319,11 +328,7 @@ def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
         def prepare() -> BackupJob:
             # Worker start, target open/connect, verification buffers: the slow parts,
             # done before the snapshot instant (and, normally, before the writers start).
-            return engine.create_backup(
-                dev, args.target, format=args.format, sync=args.sync, speed=args.speed,
-                cbw_mode=args.cbw_mode, cbw_timeout=args.cbw_timeout,
-                on_cbw_error=args.on_cbw_error, verify=args.verify,
-                reference_image=args.reference_image)
+            return engine.create_backup(dev, options)
 
         job = prepare() if args.backup_at <= PREPARE_AHEAD else None
         t0 = time.monotonic()

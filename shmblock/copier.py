@@ -52,12 +52,12 @@ import numpy.typing as npt
 
 import protocol
 from shmblock import layout as L
+from shmblock import snapshot
 from shmblock.claims import Claims
 from shmblock.device import Device
 from shmblock.errors import CopyBeforeWriteError, JobError
 from shmblock.targets.base import Target
 
-SYNC_MODES = ("full", "top", "none", "incremental")
 DEFAULT_CHUNK = 1 << 20
 
 BoolArray = npt.NDArray[np.bool_]
@@ -268,10 +268,11 @@ class Copier:
         Raises JobError when a cluster the snapshot covers was left unsaved (cannot
         happen when the background pass ran to its end), TargetError from the target.
         """
-        if sync == "none":
+        background = snapshot.has_background_copy(sync)
+        if not background:
             self.stop_copy_before_write()
         self.drain_staging()
-        if sync != "none" and self.marked_clusters():
+        if background and self.marked_clusters():
             raise JobError(f"{self.marked_clusters()} clusters left unsaved")
         self.settle()
 
@@ -371,22 +372,3 @@ class CopyRequests:
         self._answer(req, protocol.CopyDone(seq=req.seq, cluster=req.cluster, count=req.count,
                                             ok=ok, error=protocol.short_error(error),
                                             target_error=target_error))
-
-
-def release_writers(device: Device, released_job: int = 0) -> None:
-    """The job is over: nothing needs copying any more, staged data is dropped.
-
-    Called by the backup worker when its job ends, whatever the outcome (and by the
-    supervisor for a worker that died); answer the copy requests after this.
-    ``released_job`` is the job's number when it completed or was cancelled: a writer
-    still waiting for an answer (its request may have missed the worker's last look at
-    its queue) then goes ahead without one. A failed job passes 0 -- its failure may be
-    that writer's save -- and such a writer fails its write at its deadline, as
-    break-guest-write requires. (The supervisor releasing a dead worker's job sets the
-    word itself: no save was reported failed, the waiting writers go ahead.)
-    """
-    if released_job:
-        device.ctl[L.CTL_JOB_RELEASED] = released_job
-    device.ctl[L.CTL_JOB_ACTIVE] = 0
-    device.needs_copy[:] = 0
-    device.slot_state[:] = L.SLOT_FREE

@@ -136,3 +136,12 @@ class BitmapInconsistent(BitmapError):
 
 class BitmapBusy(BitmapError):
     """The bitmap is in use by a job, or its store is open by another live run."""
+
+
+class Terminated(Exception):
+    """A worker process was asked to stop (SIGTERM, or its supervisor died).
+
+    Not a :class:`ShmblockError`: nothing went wrong with the engine. Raised by the
+    worker processes' signal handler (``workers.common``) wherever they are, so the engine
+    code they run (:mod:`shmblock.backup_loop`) lets it through every catch-all.
+    """

@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +37,7 @@ from shmblock.paths import (
     explain_create_error,
     publish,
 )
-from shmblock.targets import TargetSpec
+from shmblock.targets import TargetSpec, open_reader
 
 DIGEST_BYTES = 16
 READ_CHUNK = 8 << 20
@@ -254,40 +253,6 @@ class SnapshotCapture:
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
-
-
-class Reader(Protocol):
-    """Reads a finished backup without going through the code that wrote it."""
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class RawFileReader:
-    """A raw image read with pread."""
-
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, offset)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def open_reader(spec: TargetSpec, size: int, cluster_size: int, timeout: float = 30.0) -> Reader:
-    """An independent reader of a finished backup."""
-    if spec.format == "raw":
-        return RawFileReader(spec.target)
-    if spec.format == "qcow2":
-        from shmblock.targets.qcow2_format import Qcow2Reader
-
-        return Qcow2Reader(spec.target)
-    from shmblock.targets.nbd import NbdTarget
-
-    return NbdTarget(spec.target, size, cluster_size, timeout=timeout)
 
 
 def verify_target(spec: TargetSpec, capture: SnapshotCapture,

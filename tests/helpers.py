@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from shmblock import layout as L
+from shmblock import snapshot
 from shmblock.device import Device, Geometry
 from shmblock.names import RunNames, new_run_id
 
@@ -61,33 +61,19 @@ def shm_names(prefix: str | None = None) -> list[str]:
 
 
 def begin_job(device: Device, sync: str = "full", cbw_mode: str = "stage",
-              on_cbw_error: str = "break-guest-write", cbw_timeout: float = 5.0) -> None:
-    """Initialise the maps for a job the way the supervisor does while writers are frozen.
+              on_cbw_error: str = "break-guest-write", cbw_timeout: float = 5.0) -> int:
+    """Set the maps for a job the way the supervisor does while writers are frozen.
 
     In-process tests have no write in flight when they call this, which is all the
-    freeze guarantees (see ``Engine._take_snapshot``).
+    freeze guarantees. Returns the job's number.
     """
-    ctl = device.ctl
-    ctl[L.CTL_CBW_MODE] = L.CBW_MODES.index(cbw_mode)
-    ctl[L.CTL_CBW_TIMEOUT_US] = int(cbw_timeout * 1e6)
-    ctl[L.CTL_ON_CBW_ERROR] = L.ON_CBW_ERROR.index(on_cbw_error)
-    ctl[L.CTL_BROKEN] = 0
-    ctl[L.CTL_DONE_BYTES] = 0
-    device.slot_state[:] = L.SLOT_FREE
-    device.saved[:] = 0
-    if sync == "top":
-        np.copyto(device.needs_copy, device.allocated)
-    else:
-        device.needs_copy[:] = 1
-    ctl[L.CTL_JOB_SEQ] += 1
-    ctl[L.CTL_JOB_ACTIVE] = 1
+    snapshot.configure(device, cbw_mode, cbw_timeout, on_cbw_error)
+    return snapshot.take(device, sync)
 
 
 def end_job(device: Device) -> None:
-    """What the backup worker does when a job ends (``release_writers``)."""
-    device.ctl[L.CTL_JOB_ACTIVE] = 0
-    device.needs_copy[:] = 0
-    device.slot_state[:] = L.SLOT_FREE
+    """What the backup worker does when a (failed) job ends."""
+    snapshot.release(device)
 
 
 def pattern(length: int, seed: int) -> bytes:

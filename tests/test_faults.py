@@ -31,7 +31,7 @@ import posix_ipc
 import pytest
 
 import protocol
-from shmblock import engine as engine_module
+from shmblock import freeze as freeze_module
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.engine import DeviceHandle, Engine
@@ -430,7 +430,7 @@ def test_worker_stuck_before_its_first_heartbeat_is_detected(tmp_path: Path) -> 
 def test_a_stopped_writer_fails_the_snapshot_in_bounded_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer that never answers Freeze: job start fails, nothing stays frozen."""
-    monkeypatch.setattr(engine_module, "FREEZE_TIMEOUT", 1.0)
+    monkeypatch.setattr(freeze_module, "FREEZE_TIMEOUT", 1.0)
     with Engine() as engine:
         dev = engine.create_device(16 * MiB, max_writers=2)
         procs = engine.start_writers(dev, 2, workload="random", duration=60.0, seed=12)

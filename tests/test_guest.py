@@ -16,11 +16,12 @@ import protocol
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.claims import Claims
-from shmblock.copier import Copier, Served, release_writers
+from shmblock.copier import Copier, Served
 from shmblock.device import Device, Geometry
 from shmblock.errors import CopyBeforeWriteError, UsageError
 from shmblock.guest import STATS_FLUSH_NS, STATS_FLUSH_OPS, GuestIO
 from shmblock.names import RunNames
+from shmblock.snapshot import release as release_writers
 from shmblock.targets.raw import RawTarget
 from shmblock.transport import BACKUP_RECEIVES, WRITER_REPLY_RECEIVES, Queue
 from tests.helpers import CS, begin_job, end_job, new_device, pattern, run_names

@@ -66,10 +66,11 @@ import protocol
 from shmblock import layout as L
 from shmblock import stats as S
 from shmblock.claims import Claims
-from shmblock.copier import Copier, CopyRequests, release_writers
+from shmblock.copier import Copier, CopyRequests
 from shmblock.device import Device, Geometry
 from shmblock.errors import CopyBeforeWriteError
 from shmblock.guest import GuestIO
+from shmblock.snapshot import release as release_writers
 from shmblock.targets.base import Buffer
 from shmblock.targets.raw import RawTarget
 from shmblock.transport import (

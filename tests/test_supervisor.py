@@ -31,6 +31,7 @@ from shmblock import stats as S
 from shmblock.engine import STUCK_MARGIN, Engine
 from shmblock.errors import PeerGone
 from shmblock.job import Outcome
+from shmblock.pump import Pump
 from shmblock.transport import WRITER_CONTROL_RECEIVES, WRITER_REPLY_RECEIVES
 from shmblock.verify import SnapshotCapture
 from tests.nbd_servers import OldNbdServer, server_group
@@ -101,21 +102,21 @@ def test_a_forged_ready_does_not_stand_for_the_worker(tmp_path: Path) -> None:
 
 def test_an_exception_handling_one_message_does_not_stop_the_pump(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Engine._dispatch
+    real = Pump.dispatch
     failures: list[protocol.Message] = []
 
-    def flaky(self: Engine, msg: protocol.Message) -> None:
+    def flaky(self: Pump, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.JobProgress) and len(failures) < 3:
             failures.append(msg)
             raise RuntimeError("a bug in a handler")
         real(self, msg)
 
-    monkeypatch.setattr(Engine, "_dispatch", flaky)
+    monkeypatch.setattr(Pump, "dispatch", flaky)
     with Engine() as engine:
         dev = engine.create_device(8 * MiB)
         job = engine.backup(dev, str(tmp_path / "b.raw"), speed=4 * MiB, verify=True)
         result = job.wait(60.0)
-        assert engine._pump.is_alive()
+        assert engine.pump.alive
     assert len(failures) == 3
     assert engine.pump_errors == 3
     assert result.outcome is Outcome.COMPLETED, result.error
@@ -127,10 +128,10 @@ class PumpKiller(BaseException):
 
 
 def kill_the_pump(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fatal(self: Engine) -> None:
+    def fatal(self: Pump) -> None:
         raise PumpKiller("simulated death of the pump")
 
-    monkeypatch.setattr(Engine, "_watch_children", fatal)
+    monkeypatch.setattr(Pump, "watch_children", fatal)
 
 
 def test_a_dead_pump_fails_the_job_instead_of_hanging(
@@ -144,7 +145,7 @@ def test_a_dead_pump_fails_the_job_instead_of_hanging(
         t0 = time.monotonic()
         result = job.wait(20.0)  # used to time out (or, without a timeout, hang forever)
         elapsed = time.monotonic() - t0
-        assert not engine._pump.is_alive()
+        assert not engine.pump.alive
         assert result.outcome is Outcome.FAILED
         assert "pump" in result.error and "PumpKiller" in result.error, result.error
         assert elapsed < 15.0
@@ -161,7 +162,7 @@ def test_a_dead_pump_fails_a_freeze_with_writers(monkeypatch: pytest.MonkeyPatch
         dev = engine.create_device(4 * MiB, max_writers=1)
         engine.start_writers(dev, 1, workload="random", duration=60.0, rate=100.0)
         kill_the_pump(monkeypatch)
-        wait_until(lambda: not engine._pump.is_alive(), 5.0, what="the pump to die")
+        wait_until(lambda: not engine.pump.alive, 5.0, what="the pump to die")
         t0 = time.monotonic()
         with pytest.raises(PeerGone, match="pump"), engine.freeze([dev]):
             pass
@@ -340,9 +341,9 @@ def test_the_writer_loop_survives_an_error_handling_one_message(
     with Engine() as engine:
         dev = engine.create_device(4 * MiB, max_writers=1)
         names = engine.names
-        engine._create_queue(names.writer_control_queue("dev0", 0),
+        engine.run.create_queue(names.writer_control_queue("dev0", 0),
                              WRITER_CONTROL_RECEIVES, small=True)
-        engine._create_queue(names.writer_reply_queue("dev0", 0),
+        engine.run.create_queue(names.writer_reply_queue("dev0", 0),
                              WRITER_REPLY_RECEIVES, small=True)
         args = writer_module.parse_args([
             "--meta", dev.device.meta_name, "--device", "dev0", "--run", names.run_id,

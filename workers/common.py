@@ -13,13 +13,12 @@ from types import FrameType
 
 from setproctitle import setproctitle
 
+from shmblock.errors import Terminated
 from shmblock.names import SUPERVISOR_PID_ENV
 
 PR_SET_PDEATHSIG = 1
 
-
-class Terminated(Exception):
-    """SIGTERM (or the parent's death) asked this worker to stop."""
+__all__ = ["OncePerProblem", "Terminated", "parent_alive", "read_job_token", "start_worker"]
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

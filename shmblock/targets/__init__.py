@@ -1,6 +1,9 @@
 """Backup targets behind one small interface (:class:`~shmblock.targets.base.Target`).
 
-:func:`open_target` picks the implementation from the format and the target string:
+:func:`open_target` picks the implementation from the format and the target string, and
+:func:`open_reader` an independent reader of a finished backup; this is the one place
+that dispatches on a target's format (and :class:`TargetSpec` the one that names its
+``.part`` file):
 
 * ``nbd://host[:port]/export`` and ``nbd+unix:///export?socket=PATH`` → NBD client
   (the NBD URI standard, doc/uri.md of the NBD project);
@@ -11,10 +14,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Protocol
 
 from shmblock.errors import UsageError
-from shmblock.paths import check_output
+from shmblock.paths import PART_SUFFIX, check_output
 from shmblock.targets.base import Target
 
 FORMATS = ("raw", "qcow2", "nbd")
@@ -29,6 +34,11 @@ def is_nbd_uri(target: str) -> bool:
     return target.split(":", 1)[0].lower() in {"nbd", "nbds", "nbd+unix", "nbds+unix"}
 
 
+def part_file(path: str) -> str:
+    """The partial file an output ``path`` is written to until it is published."""
+    return path + PART_SUFFIX
+
+
 @dataclass(frozen=True, slots=True)
 class TargetSpec:
     """Where a backup goes and in which format; cheap to build and to validate early."""
@@ -37,6 +47,21 @@ class TargetSpec:
     format: str
     backing_file: str | None = None
     backing_format: str | None = None
+
+    @property
+    def is_file(self) -> bool:
+        """A file target (raw, qcow2), written to :attr:`part` and renamed on commit."""
+        return self.format != "nbd"
+
+    @property
+    def file(self) -> str | None:
+        """The target's file (None for NBD: a server's export, written in place)."""
+        return self.target if self.is_file else None
+
+    @property
+    def part(self) -> str | None:
+        """The partial file a file target is written to until it commits (None for NBD)."""
+        return part_file(self.target) if self.is_file else None
 
     @classmethod
     def parse(
@@ -94,4 +119,39 @@ def open_target(spec: TargetSpec, size: int, cluster_size: int, timeout: float =
     return NbdTarget(spec.target, size, cluster_size, timeout=timeout)
 
 
-__all__ = ["FORMATS", "Target", "TargetSpec", "is_nbd_uri", "open_target"]
+class Reader(Protocol):
+    """Reads a finished backup through its own format (for verification)."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class RawFileReader:
+    """A raw image file, read with pread."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def open_reader(spec: TargetSpec, size: int, cluster_size: int, timeout: float = 30.0) -> Reader:
+    """An independent reader of a finished backup (not the target that wrote it)."""
+    if spec.format == "raw":
+        return RawFileReader(spec.target)
+    if spec.format == "qcow2":
+        from shmblock.targets.qcow2_format import Qcow2Reader
+
+        return Qcow2Reader(spec.target)
+    from shmblock.targets.nbd import NbdTarget
+
+    return NbdTarget(spec.target, size, cluster_size, timeout=timeout)
+
+
+__all__ = ["FORMATS", "RawFileReader", "Reader", "Target", "TargetSpec", "is_nbd_uri",
+           "open_reader", "open_target", "part_file"]
