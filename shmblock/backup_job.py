@@ -177,7 +177,6 @@ class BackupJob:
             cbw_clusters=t.final.get("cbw_clusters", 0),
             duration_s=max(t.ended - start, 0.0), freeze_s=self.freeze_s,
             verify_copy_s=self.verify_copy_s)
-        self.covered = snapshot.covered(self.device.device, self.sync, self.covered)
         if self.capture is not None:
             self.capture.join()
             if t.outcome is Outcome.COMPLETED:
@@ -253,6 +252,12 @@ class BackupJob:
             if self._ended:
                 return
             self._ended = True
+            # What the target covers, read now: a sync=none job covers what it saved,
+            # and the ``saved`` map is cleared by the device's next snapshot, which may
+            # be taken long before anyone calls wait().
+            dev = self.device.device
+            if not dev.closed and int(dev.ctl[L.CTL_JOB_SEQ]) == self.seq:
+                self.covered = snapshot.covered(dev, self.sync, self.covered)
             # The worker died without releasing the snapshot (SIGKILL): do it for it.
             snapshot.release_if_current(self.device.device, self.seq)
             if self.spec.part is not None and outcome is not Outcome.COMPLETED:

@@ -394,3 +394,28 @@ def test_long_text_is_cut_to_fit_a_writer_queue(kinds: tuple[type[protocol.Messa
         got.reason if isinstance(got, protocol.Shutdown) else ""
     assert cut.endswith("…") and text.startswith(cut[:-1])
     assert len(cut.encode()) > WRITER_QUEUE_BYTES - 64
+
+
+def test_sync_none_verifies_what_it_saved_even_after_the_next_snapshot(
+        tmp_path: Path) -> None:
+    """What a sync=none job covers is read when it ends, not at wait(): the next job's
+    snapshot clears the ``saved`` map, and verifying against that would check nothing
+    (or call a good backup bad)."""
+    size = 8 * MiB
+    with Engine() as engine:
+        dev = engine.create_device(size, max_writers=2)
+        fill(dev, np.random.default_rng(6).integers(0, 256, size, dtype=np.uint8))
+        job = engine.backup(dev, str(tmp_path / "none.raw"), sync="none", verify=True)
+        for c in range(0, 24, 3):  # overwrite a few clusters: the job saves their old data
+            dev.write(c * CLUSTER, b"\x5a" * CLUSTER)
+        job.complete()
+        assert job.tracker.wait(60.0), "the sync=none job did not end"
+        saved = int(np.count_nonzero(dev.device.saved))
+        assert saved == 8
+        second = engine.backup(dev, str(tmp_path / "full.raw"), sync="full")
+        second_result = second.wait(60.0)
+        result = job.wait(60.0)
+    assert second_result.outcome is Outcome.COMPLETED, second_result.error
+    assert result.outcome is Outcome.COMPLETED, result.error
+    assert result.verified is True, result.verify_error
+    assert job.covered is not None and int(job.covered.sum()) == saved
