@@ -359,8 +359,13 @@ class CopyRequests:
         cluster was not saved fails its write under break-guest-write."""
         requests = [*self.pending, *queued]
         self.pending = []
+        job = self.copier.job_seq
         for req in requests:
-            self._reply(req, ok, "" if ok else error, target_error and not ok)
+            if req.job != job:
+                # Left over from another job: this job's outcome says nothing about it.
+                self._reply(req, False, "the request is not for the running backup job")
+            else:
+                self._reply(req, ok, "" if ok else error, target_error and not ok)
 
     def _reply(self, req: protocol.CopyRequest, ok: bool, error: str,
                target_error: bool = False) -> None:

@@ -104,10 +104,13 @@ class JobError(ShmblockError):
 class StateError(JobError):
     """A job method was called in a state that does not allow it."""
 
-    def __init__(self, message: str, state: str, required: tuple[str, ...]) -> None:
+    def __init__(self, message: str, state: str, required: tuple[str, ...], *,
+                 job: str = "", verb: str = "") -> None:
         super().__init__(message)
         self.state = state
         self.required = required
+        self.job = job  # set by the job lifecycle (shmblock.job): which job refused
+        self.verb = verb  # ... and which command verb
 
 
 class JobCancelled(JobError):

@@ -110,13 +110,13 @@ class Stepper:
 class Rig:
     """A device with a full job on it, its snapshot, and the worker's copier."""
 
-    def __init__(self, device: Device, tmp_path: Path, chunk: int, zeros: bool) -> None:
+    def __init__(self, device: Device, target: Path, chunk: int, zeros: bool) -> None:
         self.device = device
         # Every cluster written before the job: with data, or with (allocated) zeros.
         if not zeros:
             device.data[:] = np.frombuffer(pattern(device.size, 7), np.uint8)
         device.allocated[:] = 1
-        self.target = RawTarget(str(tmp_path / "b.raw"), device.size, CS)
+        self.target = RawTarget(str(target), device.size, CS)
         self.claims = Claims(device.meta_name)
         self.copier = Copier(device, self.target, self.claims, chunk_bytes=chunk * CS)
         begin_job(device, "full", cbw_mode="stage", cbw_timeout=0.05)
@@ -167,7 +167,13 @@ def rigs(tmp_path: Path) -> Iterator[Callable[[int, bool], Rig]]:
     def make(chunk: int, zeros: bool) -> Rig:
         ctx = new_device(GEO)
         device = ctx.__enter__()
-        rig = Rig(device, tmp_path, chunk, zeros)
+        try:
+            # A target of its own: .part files are created exclusively, and the rigs of
+            # one test live side by side until it ends.
+            rig = Rig(device, tmp_path / f"b{len(made)}.raw", chunk, zeros)
+        except BaseException:
+            ctx.__exit__(None, None, None)
+            raise
         made.append((rig, ctx))
         return rig
 
