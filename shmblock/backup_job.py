@@ -62,6 +62,7 @@ class BackupJob:
     queue: Queue
     tracker: JobTracker
     options: BackupOptions | None = None  # None only for a job built by hand (tests)
+    bitmap: snapshot.BitmapUse | None = None  # the dirty bitmap the job consumes
     capture: SnapshotCapture | None = None
     freeze_s: float = 0.0  # writers frozen, without the verification copy
     verify_copy_s: float = 0.0  # the verification copy, taken inside the freeze
@@ -202,13 +203,13 @@ class BackupJob:
         capture = self.capture
         # Built before the freeze: a message that cannot be built (a bad speed) must
         # fail before the snapshot, not leave a snapshot that no worker copies.
-        start = protocol.JobStart(job=self.job, sync=self.sync, speed=self.speed,
-                                  token=self.token)
+        start = protocol.JobStart(job=self.job, sync=snapshot.wire_sync(self.sync),
+                                  speed=self.speed, token=self.token)
         try:
             t0 = time.monotonic()
             copy_s = 0.0
             with self.engine.freeze([self.device]):
-                self.seq = snapshot.take(dev, self.sync)
+                self.seq = snapshot.take(dev, self.sync, self.bitmap)
                 if capture is not None:
                     c0 = time.monotonic()
                     capture.capture()
@@ -227,7 +228,8 @@ class BackupJob:
             # clusters that nobody copies: undo the snapshot if it cannot be sent.
             self.queue.send(start, timeout=5.0)
         except BaseException:
-            snapshot.undo(dev)
+            with self._end_lock:
+                snapshot.undo(dev, self.bitmap)
             self.cancel()
             raise
         with contextlib.suppress(StateError):  # the worker may have failed already
@@ -237,7 +239,7 @@ class BackupJob:
             # been handled before the maps were set, and nobody would copy them now.
             with self._end_lock:
                 if snapshot.is_current(dev, self.seq):
-                    snapshot.undo(dev)
+                    snapshot.undo(dev, self.bitmap)
 
     def end(self, outcome: Outcome) -> None:
         """Make sure a job that ends with ``outcome`` leaves writers free and no partial file.
@@ -260,6 +262,13 @@ class BackupJob:
                 self.covered = snapshot.covered(dev, self.sync, self.covered)
             # The worker died without releasing the snapshot (SIGKILL): do it for it.
             snapshot.release_if_current(self.device.device, self.seq)
+            if self.bitmap is not None:
+                # The bitmap's fate, from the outcome and what the worker saved (the
+                # worker is done: its saved map is final).
+                snapshot.settle_bitmap(self.device.device, self.bitmap,
+                                       outcome is Outcome.COMPLETED, self.covered,
+                                       copied_known=self.spec.is_file)
+                self.device.release_bitmap(self.bitmap.name, self.job)
             if self.spec.part is not None and outcome is not Outcome.COMPLETED:
                 # Only if it is still the .part our worker created (not another job's).
                 self.engine.record.discard_part(self.spec.part)

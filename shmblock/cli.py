@@ -33,7 +33,7 @@ from shmblock.guest import WORKLOADS
 from shmblock.job import JobResult
 from shmblock.layout import CBW_MODES, ON_CBW_ERROR
 from shmblock.options import MAX_SPEED, BackupOptions
-from shmblock.snapshot import SYNC_MODES
+from shmblock.snapshot import BITMAP_SYNCS, SYNC_MODES
 from shmblock.stats import WriterStats
 from shmblock.targets import FORMATS, TargetSpec
 from shmblock.units import format_rate, format_size, parse_size
@@ -118,7 +118,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                     "nbd://host[:port]/export or nbd+unix:///export?socket=PATH")
     bk.add_argument("--format", choices=FORMATS,
                     help="target format (default: from the target name)")
-    bk.add_argument("--sync", choices=[m for m in SYNC_MODES if m != "incremental"],
+    bk.add_argument("--sync", choices=[m for m in SYNC_MODES if m not in BITMAP_SYNCS],
                     default="full")
     bk.add_argument("--speed", type=size_arg("speed", MAX_SPEED), default=0,
                     help="background copy limit in bytes per second, 0 = unlimited")

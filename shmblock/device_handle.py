@@ -19,9 +19,10 @@ import numpy.typing as npt
 from shmblock import layout as L
 from shmblock.copier import runs
 from shmblock.device import Device
-from shmblock.errors import UsageError
+from shmblock.errors import BitmapBusy, UsageError
 from shmblock.guest import GuestIO, WriteData
 from shmblock.names import NAME_RE
+from shmblock.snapshot import BitmapUse
 from shmblock.transport import BACKUP_RECEIVES, WRITER_REPLY_RECEIVES, Queue
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class DeviceHandle:
         self._io: GuestIO | None = None
         self._reply: Queue | None = None
         self._backup_queue: Queue | None = None
+        #: bitmap name → the id of the job that consumes it (busy until the job ends)
+        self.busy_bitmaps: dict[str, str] = {}
 
     @property
     def size(self) -> int:
@@ -158,8 +161,9 @@ class DeviceHandle:
             ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) | (1 << index)
 
     def remove_bitmap(self, name: str) -> None:
-        """Stop recording into bitmap ``name`` and forget it."""
+        """Stop recording into bitmap ``name`` and forget it (BitmapBusy while a job uses it)."""
         index = self._bitmap_index(name)
+        self.check_bitmap_free(name)
         with self.engine.freeze([self]):
             ctl = self.device.ctl
             ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) & ~(1 << index)
@@ -172,6 +176,28 @@ class DeviceHandle:
     def bitmap(self, name: str) -> npt.NDArray[np.bool_]:
         """A copy of bitmap ``name``: True for every cluster written since it was added."""
         return np.asarray(self.device.dirty[self._bitmap_index(name)] != 0, dtype=np.bool_)
+
+    def use_bitmap(self, name: str, mode: str, job: str) -> BitmapUse:
+        """Mark bitmap ``name`` busy for ``job`` (see :meth:`check_bitmap`)."""
+        index = self.check_bitmap(name)
+        self.busy_bitmaps[name] = job
+        return BitmapUse(name, index, mode)
+
+    def check_bitmap(self, name: str) -> int:
+        """The index of bitmap ``name``; UsageError if unknown, BitmapBusy if a job uses it."""
+        index = self._bitmap_index(name)
+        self.check_bitmap_free(name)
+        return index
+
+    def check_bitmap_free(self, name: str) -> None:
+        if (job := self.busy_bitmaps.get(name)) is not None:
+            raise BitmapBusy(f"bitmap {name!r} of device {self.name} is busy: job {job} "
+                             "uses it")
+
+    def release_bitmap(self, name: str, job: str) -> None:
+        """``job`` is over: its bitmap is free again."""
+        if self.busy_bitmaps.get(name) == job:
+            del self.busy_bitmaps[name]
 
     def _bitmap_index(self, name: str) -> int:
         try:

@@ -245,6 +245,7 @@ class Engine:
                backing_format: str | None = None, verify: bool = False,
                reference_image: str | None = None, chunk: int = DEFAULT_CHUNK,
                target_timeout: float = 30.0, job_id: str | None = None,
+               bitmap: str | None = None, bitmap_mode: str | None = None,
                on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
         """Create a backup job and take its snapshot now; returns once it is running.
 
@@ -255,7 +256,8 @@ class Engine:
             device, target, format=format, sync=sync, speed=speed, cbw_mode=cbw_mode,
             cbw_timeout=cbw_timeout, on_cbw_error=on_cbw_error, backing_file=backing_file,
             backing_format=backing_format, verify=verify, reference_image=reference_image,
-            chunk=chunk, target_timeout=target_timeout, job_id=job_id, on_event=on_event)
+            chunk=chunk, target_timeout=target_timeout, job_id=job_id, bitmap=bitmap,
+            bitmap_mode=bitmap_mode, on_event=on_event)
         job.start()
         return job
 
@@ -266,7 +268,8 @@ class Engine:
                       backing_file: str | None = None, backing_format: str | None = None,
                       verify: bool = False, reference_image: str | None = None,
                       chunk: int = DEFAULT_CHUNK, target_timeout: float = 30.0,
-                      job_id: str | None = None,
+                      job_id: str | None = None, bitmap: str | None = None,
+                      bitmap_mode: str | None = None,
                       on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
         """Prepare a backup job: start its worker, open the target; no snapshot yet.
 
@@ -275,7 +278,10 @@ class Engine:
         keyword arguments other than ``on_event`` are then ignored). The job stays
         ``created`` until :meth:`BackupJob.start` takes the snapshot, so the slow parts
         (process start, target connection, verification buffers) happen before the
-        instant that matters. Raises UsageError for bad arguments and JobError when the
+        instant that matters. ``bitmap``/``bitmap_mode``: the dirty bitmap the job
+        copies (``sync`` incremental or bitmap) or resets (full, top) and what it holds
+        afterwards (:mod:`shmblock.snapshot`); unknown (UsageError) or used by another
+        job (BitmapBusy) is refused here. Raises UsageError for bad arguments and JobError when the
         target cannot be opened or the worker does not start.
         """
         self._require_open()
@@ -283,11 +289,14 @@ class Engine:
             TargetSpec.parse(target, format, backing_file, backing_format), sync=sync,
             speed=speed, chunk=chunk, cbw_mode=cbw_mode, cbw_timeout=cbw_timeout,
             on_cbw_error=on_cbw_error, verify=verify, reference_image=reference_image,
-            target_timeout=target_timeout, job_id=job_id)
+            target_timeout=target_timeout, job_id=job_id, bitmap=bitmap,
+            bitmap_mode=bitmap_mode)
         return self._prepare(device, opts, on_event)
 
     def _prepare(self, device: DeviceHandle, opts: BackupOptions,
                  on_event: Callable[[JobEvent], None] | None) -> BackupJob:
+        if opts.bitmap is not None:  # unknown or busy: refused before anything starts
+            device.check_bitmap(opts.bitmap)
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
             raise JobError(f"device {device.name} already has a backup job")
         spec = opts.spec
@@ -320,10 +329,17 @@ class Engine:
                              part_file(opts.reference_image)) if p]
         for part in parts:  # recorded before they exist, for `cleanup`
             self.record.add_part(part)
-        proc = self.run.spawn("workers.backup", opts.worker(
-            device.device.meta_name, device.name, job_id).to_argv(), secret=token)
+        bitmap_use = None if opts.bitmap is None else \
+            device.use_bitmap(opts.bitmap, opts.bitmap_mode or "", job_id)
+        try:
+            proc = self.run.spawn("workers.backup", opts.worker(
+                device.device.meta_name, device.name, job_id).to_argv(), secret=token)
+        except BaseException:
+            if bitmap_use is not None:
+                device.release_bitmap(bitmap_use.name, job_id)
+            raise
         job = BackupJob(self, job_id, device, spec, opts.sync, proc, queue, tracker,
-                        options=opts, speed=opts.speed,
+                        options=opts, speed=opts.speed, bitmap=bitmap_use,
                         stuck_timeout=self.stuck_timeout if self.stuck_timeout is not None
                         else 2 * opts.target_timeout + STUCK_MARGIN, token=token)
         self.jobs[job_id] = job

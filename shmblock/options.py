@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from shmblock import layout as L
 from shmblock.errors import UsageError
 from shmblock.names import NAME_RE, RunNames
-from shmblock.snapshot import SYNC_MODES
+from shmblock.snapshot import BITMAP_MODES, BITMAP_SYNCS, SYNC_MODES
 from shmblock.targets import FORMATS, TargetSpec
 
 #: Largest speed a message can carry (a U63 field), in bytes per second.
@@ -66,14 +66,14 @@ class BackupOptions:
     reference_image: str | None = None
     target_timeout: float = 30.0
     job_id: str | None = None
+    bitmap: str | None = None
+    bitmap_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.sync not in SYNC_MODES:
             raise UsageError(
                 f"unknown sync mode {self.sync!r} (expected one of {', '.join(SYNC_MODES)})")
-        if self.sync == "incremental":
-            raise UsageError("sync=incremental needs dirty bitmaps, which this version "
-                             "does not manage yet")
+        self._check_bitmap()
         if self.cbw_mode not in L.CBW_MODES:
             raise UsageError(f"unknown cbw mode {self.cbw_mode!r} (expected stage or request)")
         if self.on_cbw_error not in L.ON_CBW_ERROR:
@@ -89,6 +89,34 @@ class BackupOptions:
             raise UsageError(f"background copy chunk {self.chunk} must be positive")
         if self.job_id is not None:
             check_job_id(self.job_id)
+
+    def _check_bitmap(self) -> None:
+        """QEMU's rules (qapi/block-core.json, BackupCommon): a bitmap for incremental
+        and bitmap, allowed with full and top; a mode exactly when there is a bitmap,
+        on-success for incremental (its default)."""
+        sync, bitmap, mode = self.sync, self.bitmap, self.bitmap_mode
+        if mode is not None and mode not in BITMAP_MODES:
+            raise UsageError(f"unknown bitmap mode {mode!r} (expected one of "
+                             f"{', '.join(BITMAP_MODES)})")
+        if bitmap is None:
+            if sync in BITMAP_SYNCS:
+                raise UsageError(f"sync={sync} needs a bitmap (the dirty bitmap whose "
+                                 "clusters it copies)")
+            if mode is not None:
+                raise UsageError(f"bitmap mode {mode} given without a bitmap")
+            return
+        if not NAME_RE.match(bitmap):
+            raise UsageError(f"bitmap name {bitmap!r} must be 1-32 of [A-Za-z0-9_.-]")
+        if sync == "none":
+            raise UsageError("sync=none cannot use a bitmap (it copies nothing by itself)")
+        if sync == "incremental":
+            if mode not in (None, "on-success"):
+                raise UsageError(f"sync=incremental is sync=bitmap with bitmap mode "
+                                 f"on-success; use sync=bitmap for bitmap mode {mode}")
+            object.__setattr__(self, "bitmap_mode", "on-success")  # QEMU's default
+        elif mode is None:
+            raise UsageError(f"sync={sync} with bitmap {bitmap!r} needs a bitmap mode "
+                             f"({', '.join(BITMAP_MODES)})")
 
     @property
     def wants_capture(self) -> bool:

@@ -19,12 +19,40 @@ Theory of operation. A backup job's snapshot lives in the device's maps (see
   what the mode marked for ``full``/``top``, what was saved for ``none``.
 
 Sync modes (QEMU's names): ``full`` covers every cluster, ``top`` the allocated ones,
-``none`` only what copy-before-write saves during the job (no background copy).
+``none`` only what copy-before-write saves during the job (no background copy),
+``incremental`` and ``bitmap`` the clusters set in a named dirty bitmap at the instant.
+
+Bitmaps (QEMU's ``docs/interop/bitmaps.rst`` and ``block/backup.c``). A job that names a
+bitmap (any mode but ``none``) consumes it at the instant: :func:`take` keeps a copy of
+its bits (the *frozen* bits, QEMU's parent) and clears it, so from then on it records
+the writes made during the job (QEMU's *successor*): those stay dirty whatever the
+outcome. At the end the supervisor decides the bitmap's fate (:func:`settle_bitmap`,
+QEMU's ``backup_cleanup_sync_bitmap``) from the outcome and the worker's ``saved`` map:
+
+================  ===========================  ===========================================
+bitmap mode       job completed                job failed or cancelled
+================  ===========================  ===========================================
+``on-success``    successor (cleared)          successor ∪ frozen (as before the job)
+``always``        successor (cleared)          successor ∪ (covered ∖ copied)
+``never``         successor ∪ frozen           successor ∪ frozen
+================  ===========================  ===========================================
+
+"Copied" is the ``saved`` map where it is trustworthy: a file target is written with
+``pwrite``, so ``saved`` is what reached it; an NBD target is pipelined, and before the
+final ``settle`` a cluster marked saved may still be refused by the server, so a job to
+NBD that did not complete counts nothing as copied (an over-approximation, never a
+lost bit: DESIGN.md invariant 8). Putting bits back is a store of 1 only, which is safe
+while writers run. A failed or cancelled job to a file removes its ``.part``: under
+``always`` the bits of clusters that reached it are cleared all the same (QEMU's
+meaning; its target file survives, ours does not), so ``always`` suits retries into a
+target that is kept, such as an NBD export.
 
 Supervisor, worker and tests all use these functions; nobody sets the maps by hand.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -32,11 +60,31 @@ import numpy.typing as npt
 from shmblock import layout as L
 from shmblock.device import Device
 
-#: Sync modes the engine knows (QEMU's names). ``incremental`` is refused by
-#: :class:`shmblock.options.BackupOptions` until dirty bitmaps are consumed by jobs.
-SYNC_MODES = ("full", "top", "none", "incremental")
+#: Sync modes the engine knows (QEMU's names).
+SYNC_MODES = ("full", "top", "none", "incremental", "bitmap")
+#: Sync modes that copy the clusters of a dirty bitmap.
+BITMAP_SYNCS = ("incremental", "bitmap")
+#: What a job does to its bitmap at the end (QEMU's BitmapSyncMode).
+BITMAP_MODES = ("on-success", "always", "never")
 
 BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass
+class BitmapUse:
+    """A dirty bitmap a job consumes: which, how, and its bits at the instant."""
+
+    name: str
+    index: int  # the device's dirty row
+    mode: str  # one of BITMAP_MODES
+    #: the bits at the instant, set by :func:`take`; None before it and once settled
+    frozen: BoolArray | None = None
+
+
+def wire_sync(sync: str) -> str:
+    """The sync word JobStart carries: the worker copies what ``needs_copy`` marks, so
+    for it ``bitmap`` is ``incremental`` (the protocol names the worker's four ways)."""
+    return "incremental" if sync == "bitmap" else sync
 
 
 def has_background_copy(sync: str) -> bool:
@@ -54,18 +102,27 @@ def configure(device: Device, cbw_mode: str, cbw_timeout: float, on_cbw_error: s
     ctl[L.CTL_DONE_BYTES] = 0
 
 
-def take(device: Device, sync: str) -> int:
+def take(device: Device, sync: str, bitmap: BitmapUse | None = None) -> int:
     """Set the maps for a job of ``sync`` mode; returns the job's number (CTL_JOB_SEQ).
 
     Only while no write is in flight (the supervisor's freeze; a one-threaded test).
+    ``bitmap`` (required for the bitmap syncs) is consumed: its bits are kept in
+    ``bitmap.frozen`` and its row cleared, to record the writes made during the job.
     """
     ctl = device.ctl
     device.slot_state[:] = L.SLOT_FREE
     device.saved[:] = 0
     if sync == "top":
         np.copyto(device.needs_copy, device.allocated)
+    elif sync in BITMAP_SYNCS:
+        assert bitmap is not None, f"sync={sync} needs a bitmap"
+        np.copyto(device.needs_copy, device.dirty[bitmap.index] != 0, casting="unsafe")
     else:
         device.needs_copy[:] = 1
+    if bitmap is not None:
+        row = device.dirty[bitmap.index]
+        bitmap.frozen = np.asarray(row != 0)
+        row[:] = 0
     ctl[L.CTL_TOTAL_BYTES] = 0 if not has_background_copy(sync) else \
         int(np.count_nonzero(device.needs_copy)) * device.cluster_size
     ctl[L.CTL_JOB_SEQ] += 1
@@ -121,6 +178,38 @@ def release_if_current(device: Device, seq: int) -> None:
         release(device, released_job=seq)
 
 
-def undo(device: Device) -> None:
-    """Take back a snapshot no worker will copy (its JobStart could not be sent)."""
+def undo(device: Device, bitmap: BitmapUse | None = None) -> None:
+    """Take back a snapshot no worker will copy (its JobStart could not be sent, or its
+    worker died while it was taken): the bitmap gets its frozen bits back."""
     release(device)
+    if bitmap is not None:
+        _put_back(device, bitmap, bitmap.frozen)
+
+
+def settle_bitmap(device: Device, bitmap: BitmapUse, completed: bool,
+                  covered: BoolArray | None, copied_known: bool) -> None:
+    """Decide the bitmap's fate at the end of its job (see the table above). Once.
+
+    ``covered``: what the snapshot marked at the instant (None: every cluster);
+    ``copied_known``: whether ``saved`` says what reached the target (see above).
+    Safe while writers run (stores of 1 only).
+    """
+    frozen = bitmap.frozen
+    if frozen is None:
+        return  # no snapshot was taken, or the bitmap was settled already
+    synced = (completed or bitmap.mode == "always") and bitmap.mode != "never"
+    if not synced:
+        _put_back(device, bitmap, frozen)
+    elif not completed:
+        # always, after a failure: what the job was to copy and did not copy.
+        missed = np.ones(device.clusters, dtype=np.bool_) if covered is None else covered.copy()
+        if copied_known:
+            missed &= device.saved == 0
+        _put_back(device, bitmap, missed)
+    bitmap.frozen = None
+
+
+def _put_back(device: Device, bitmap: BitmapUse, bits: BoolArray | None) -> None:
+    if bits is not None and not device.closed:
+        device.dirty[bitmap.index][bits] = 1
+    bitmap.frozen = None

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from shmblock import snapshot
 from shmblock.device import Device, Geometry
@@ -74,6 +77,25 @@ def begin_job(device: Device, sync: str = "full", cbw_mode: str = "stage",
 def end_job(device: Device) -> None:
     """What the backup worker does when a (failed) job ends."""
     snapshot.release(device)
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (like "2m") under ``tmp_path``: a target file system that fills
+    up. Skips the test when it cannot be mounted (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "shmblock-test",
+                           str(mount)], capture_output=True, text=True, timeout=30,
+                          check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True, timeout=30, check=False)
 
 
 def pattern(length: int, seed: int) -> bytes:

@@ -39,6 +39,7 @@ from shmblock.errors import CopyBeforeWriteError, PeerGone, UsageError
 from shmblock.job import Outcome
 from shmblock.names import list_records
 from shmblock.verify import SnapshotCapture
+from tests.helpers import small_tmpfs
 from tests.procs import (
     MiB,
     assert_same_image,
@@ -239,18 +240,8 @@ def test_retry_to_the_same_target_after_a_dead_worker(tmp_path: Path) -> None:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: a target file system that fills up (needs root to mount)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "shmblock-test", str(mount)],
-                          capture_output=True, text=True, timeout=30, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True, timeout=30, check=False)
 
 
 @pytest.mark.parametrize("cbw_mode", ["stage", "request"])
