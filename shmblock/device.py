@@ -29,7 +29,12 @@ so no process ever does a read-modify-write of shared bits and no lock is needed
 ``dirty[i][c]``
     Stores of 1 by every guest write while bitmap i is enabled (bit i of the
     ``CTL_BITMAP_MASK`` control word). Cleared only by the supervisor while writers are
-    frozen, so a concurrent store of 1 is never lost.
+    frozen, so a concurrent store of 1 is never lost. For a file-backed device these
+    rows are not in the shared-memory segment: they *are* the rows of the device
+    file's persistent bitmap store (:mod:`shmblock.bitmaps`, ``<file>.bitmaps/maps``,
+    mapped ``MAP_SHARED`` by every process), so they survive the death of every
+    process; :attr:`Device.bitmap_store` is this process's handle on it (the owner's
+    for the creator, a writer's for every process that attaches).
 ``slot_state[s]``, ``slot_cluster[s]``
     Staging slots are partitioned per writer: writer w owns slots
     ``[w*k, (w+1)*k)``. A slot is FREE → FULL only by its writer (after the data and
@@ -63,7 +68,8 @@ import numpy.typing as npt
 import posix_ipc
 
 from shmblock import layout as L
-from shmblock.errors import AttachError, DeviceError, NoSpaceError, UsageError
+from shmblock.bitmaps import PersistentBitmapFile
+from shmblock.errors import AttachError, BitmapError, DeviceError, NoSpaceError, UsageError
 from shmblock.stats import STATS_WORDS
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
@@ -139,6 +145,15 @@ def _map(fd: int, size: int, populate: bool) -> mmap.mmap:
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+def open_bitmap_store(image: str, cluster_size: int, run_id: str) -> PersistentBitmapFile:
+    """The owner's open of a device file's persistent bitmaps.
+
+    A seam for tests, which model the disk under it (a region map that keeps only what
+    was synced, another boot); the engine itself never passes anything else.
+    """
+    return PersistentBitmapFile.open(image, cluster_size=cluster_size, run_id=run_id)
+
+
 def _unlink_quietly(name: str) -> None:
     with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_shared_memory(name)
@@ -172,6 +187,7 @@ class Device:
         data_name: str,
         backing_file: str | None,
         owner: bool,
+        bitmap_store: PersistentBitmapFile | None = None,
     ) -> None:
         self.meta_name = meta_name
         self.data_name = data_name
@@ -179,6 +195,8 @@ class Device:
         self.run_id = run_id
         self.backing_file = backing_file
         self.owner = owner
+        #: the persistent dirty bitmaps of a file-backed device (None in shared memory)
+        self.bitmap_store = bitmap_store
         self._meta_map: mmap.mmap | None = meta_map
         self._data_map: mmap.mmap | None = data_map
         self._bind_views()
@@ -215,6 +233,7 @@ class Device:
             )
         made: list[str] = []
         maps: list[mmap.mmap] = []
+        store: PersistentBitmapFile | None = None
         try:
             meta_map = cls._create_segment(meta_name, lay.total_size, prefault=True)
             made.append(meta_name)
@@ -226,6 +245,13 @@ class Device:
                 data_map = cls._map_file(backing_file, geometry.size, create=True)
                 data_name = ""
             maps.append(data_map)
+            if backing_file:
+                # The device file's bitmaps: recovered here if the last run died (the
+                # rows are its dirty rows); BitmapBusy if a live run has the file.
+                try:
+                    store = open_bitmap_store(backing_file, geometry.cluster_size, run_id)
+                except BitmapError as exc:
+                    raise DeviceError(f"device file {backing_file!r}: {exc}") from exc
             L.HEADER_STRUCT.pack_into(
                 meta_map, 0, L.MAGIC, L.VERSION, L.HEADER_SIZE, geometry.size,
                 geometry.cluster_size, geometry.clusters, geometry.max_writers,
@@ -235,8 +261,11 @@ class Device:
                 os.path.abspath(backing_file).encode() if backing_file else b"",
             )
             device = cls(meta_name, geometry, run_id, meta_map, data_map, data_name,
-                         backing_file, owner=True)
+                         backing_file, owner=True, bitmap_store=store)
+            device.load_bitmap_directory()
         except BaseException:
+            if store is not None:
+                store.abandon()  # as found: the next open recovers it again
             for m in maps:
                 m.close()
             for name in made:
@@ -341,7 +370,14 @@ class Device:
                 if backing is None:
                     raise AttachError(f"{meta_name!r} is file-backed but names no file")
                 data_map = cls._map_file(backing, size, create=False)
+                try:
+                    store = PersistentBitmapFile.attach(backing)
+                except BitmapError as exc:
+                    data_map.close()
+                    raise AttachError(f"{meta_name!r}: the bitmaps of {backing!r}: "
+                                      f"{exc}") from exc
             else:
+                store = None
                 try:
                     dshm = posix_ipc.SharedMemory(data_name)
                 except posix_ipc.ExistentialError as exc:
@@ -359,7 +395,7 @@ class Device:
             meta_map.close()
             raise
         return cls(meta_name, geometry, found_run, meta_map, data_map, data_name, backing,
-                   owner=False)
+                   owner=False, bitmap_store=store)
 
     def _bind_views(self) -> None:
         assert self._meta_map is not None and self._data_map is not None
@@ -374,9 +410,13 @@ class Device:
         self.needs_copy = u8(lay.needs_copy_offset, n)
         self.allocated = u8(lay.allocated_offset, n)
         self.saved = u8(lay.saved_offset, n)
-        self.dirty = np.lib.stride_tricks.as_strided(
-            u8(lay.dirty_offset, L.MAX_BITMAPS * lay.map_bytes),
-            shape=(L.MAX_BITMAPS, n), strides=(lay.map_bytes, 1), writeable=True)
+        if self.bitmap_store is not None:
+            # No copy: guest writes store straight into the persistent rows.
+            self.dirty = self.bitmap_store.dirty
+        else:
+            self.dirty = np.lib.stride_tricks.as_strided(
+                u8(lay.dirty_offset, L.MAX_BITMAPS * lay.map_bytes),
+                shape=(L.MAX_BITMAPS, n), strides=(lay.map_bytes, 1), writeable=True)
         self.slot_state = u8(lay.slot_state_offset, lay.slots)
         self.slot_cluster = np.frombuffer(meta, dtype=np.uint64, count=lay.slots,
                                           offset=lay.slot_cluster_offset)
@@ -439,6 +479,18 @@ class Device:
         off = L.BITMAP_NAMES_OFFSET + index * L.BITMAP_NAME_BYTES
         self._meta_map[off : off + L.BITMAP_NAME_BYTES] = raw.ljust(L.BITMAP_NAME_BYTES, b"\0")
 
+    def load_bitmap_directory(self) -> None:
+        """Owner: mirror the persistent store's names and recording rows into the
+        header (names) and ``CTL_BITMAP_MASK``. After every change to the store; the
+        mask part only while writers are frozen or when it only gains bits."""
+        store = self.bitmap_store
+        if store is None:
+            return
+        rows = {i: name for name, i in store.rows().items()}
+        for i in range(L.MAX_BITMAPS):
+            self.set_bitmap_name(i, rows.get(i, ""))
+        self.ctl[L.CTL_BITMAP_MASK] = store.enabled_mask()
+
     # -- maintenance ----------------------------------------------------------------------
 
     def scan_allocated(self, chunk_clusters: int = 256) -> None:
@@ -466,16 +518,23 @@ class Device:
         del views
         meta, data = self._meta_map, self._data_map
         self._meta_map = self._data_map = None
-        for m in (data, meta):
-            if m is None:
-                continue
-            try:
-                m.close()
-            except BufferError as exc:
-                raise DeviceError(
-                    "cannot close the device: a numpy view or memoryview of it is still "
-                    "alive (drop it first)"
-                ) from exc
+        store, self.bitmap_store = self.bitmap_store, None
+        try:
+            for m in (data, meta):
+                if m is None:
+                    continue
+                try:
+                    m.close()
+                except BufferError as exc:
+                    raise DeviceError(
+                        "cannot close the device: a numpy view or memoryview of it is "
+                        "still alive (drop it first)"
+                    ) from exc
+        finally:
+            if store is not None:
+                # The owner stores the bitmaps cleanly (data, rows and checksums synced,
+                # marked clean); a writer's handle only unmaps.
+                store.close()
 
     def unlink(self) -> None:
         """Destroy the names (owner only). Mappings stay valid until :meth:`close`."""

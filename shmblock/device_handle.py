@@ -8,6 +8,7 @@ supervisor knows of one guest-writer process.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -17,12 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from shmblock import layout as L
+from shmblock.bitmaps import PersistentBitmapFile
+from shmblock.bitmaps.store import validate_granularity, validate_name
 from shmblock.copier import runs
 from shmblock.device import Device
-from shmblock.errors import BitmapBusy, UsageError
+from shmblock.errors import BitmapBusy, BitmapError, ShmblockError, UsageError
 from shmblock.guest import GuestIO, WriteData
-from shmblock.names import NAME_RE
-from shmblock.snapshot import BitmapUse
+from shmblock.snapshot import BitmapUse, granules
 from shmblock.transport import BACKUP_RECEIVES, WRITER_REPLY_RECEIVES, Queue
 
 if TYPE_CHECKING:
@@ -65,6 +67,21 @@ class WriterProcess:
         return f"exit code {code}" + (f": {self.error}" if self.error else "")
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceBitmapInfo:
+    """One dirty bitmap of a device, as :meth:`DeviceHandle.bitmap_info` lists it
+    (QEMU's ``BlockDirtyInfo``)."""
+
+    name: str
+    granularity: int  # bytes per bit
+    count: int  # dirty bytes (dirty granules × granularity, cut at the device end)
+    enabled: bool  # records guest writes (QEMU: recording)
+    busy: str | None  # the job that consumes it, if any
+    consistency: str  # "consistent" or "inconsistent"
+    reason: str  # why inconsistent ('' if consistent)
+    persistent: bool  # kept beside the device file across runs and crashes
+
+
 class DeviceHandle:
     """A device owned by an engine; guest reads and writes go through copy-before-write."""
 
@@ -79,6 +96,11 @@ class DeviceHandle:
         self._backup_queue: Queue | None = None
         #: bitmap name → the id of the job that consumes it (busy until the job ends)
         self.busy_bitmaps: dict[str, str] = {}
+        #: granularity of each bitmap of a device in shared memory (the store keeps
+        #: those of a file-backed device)
+        self._granularity: dict[str, int] = {}
+        #: bitmaps of a file-backed device added with persistent=False
+        self._transient: set[str] = set()
 
     @property
     def size(self) -> int:
@@ -138,18 +160,45 @@ class DeviceHandle:
         return int(chosen.size)
 
     # -- dirty bitmaps ------------------------------------------------------------------
+    #
+    # A file-backed device keeps its bitmaps in the device file's persistent store
+    # (shmblock.bitmaps): names, granularity, enabled state and consistency come from
+    # it, and its rows are the device's dirty rows. A device in shared memory keeps them
+    # in its header and rows, for the run only. Every change that touches a row or the
+    # set of recording rows is made while the writers are frozen, so no guest write is
+    # half-recorded and no store of 1 is lost.
 
-    def add_bitmap(self, name: str) -> None:
-        """Define a persistent dirty bitmap that records every guest write from now on.
+    @property
+    def bitmap_store(self) -> PersistentBitmapFile | None:
+        """The device file's persistent bitmaps (None for a device in shared memory)."""
+        return self.device.bitmap_store
 
-        The map is cleared and enabled while the writers are frozen, so no write is
-        half-recorded.
+    def add_bitmap(self, name: str, granularity: int | None = None,
+                   persistent: bool = True) -> None:
+        """Define an empty dirty bitmap that records every guest write from now on.
+
+        ``granularity``: bytes per bit, a power of two from the cluster size (the
+        default) to 2 GiB; a write marks the whole granule. ``persistent``: on a
+        file-backed device the bitmap is kept beside the file and survives restarts
+        and crashes; ``False`` removes it when the engine closes. A device in shared
+        memory has nowhere to keep it: its bitmaps last as long as the run.
         """
-        if not NAME_RE.match(name):
-            raise UsageError(f"bitmap name {name!r} must be 1-32 of [A-Za-z0-9_.-]")
-        names = self.device.bitmap_names()
-        if name in names:
+        validate_name(name)
+        g = self.cluster_size if granularity is None else granularity
+        validate_granularity(g, self.cluster_size)
+        if name in self.device.bitmap_names():
             raise UsageError(f"device {self.name} already has a bitmap named {name!r}")
+        store = self.bitmap_store
+        if store is not None:
+            with self.engine.freeze([self]):
+                try:
+                    store.add(name, g)
+                finally:
+                    self.device.load_bitmap_directory()
+            if not persistent:
+                self._transient.add(name)
+            return
+        names = self.device.bitmap_names()
         free = [i for i in range(L.MAX_BITMAPS) if i not in names.values()]
         if not free:
             raise UsageError(f"device {self.name} already has {L.MAX_BITMAPS} bitmaps")
@@ -157,36 +206,140 @@ class DeviceHandle:
         with self.engine.freeze([self]):
             self.device.dirty[index] = 0
             self.device.set_bitmap_name(index, name)
+            self._granularity[name] = g
             ctl = self.device.ctl
             ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) | (1 << index)
 
     def remove_bitmap(self, name: str) -> None:
-        """Stop recording into bitmap ``name`` and forget it (BitmapBusy while a job uses it)."""
+        """Stop recording into bitmap ``name`` and forget it (BitmapBusy while a job uses
+        it). The only operation an inconsistent bitmap allows."""
         index = self._bitmap_index(name)
         self.check_bitmap_free(name)
+        store = self.bitmap_store
         with self.engine.freeze([self]):
+            if store is not None:
+                try:
+                    store.remove(name)
+                finally:
+                    self.device.load_bitmap_directory()
+                self._transient.discard(name)
+                return
             ctl = self.device.ctl
             ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) & ~(1 << index)
             self.device.set_bitmap_name(index, "")
+            self._granularity.pop(name, None)
+
+    def clear_bitmap(self, name: str) -> None:
+        """Reset every bit of ``name`` (BitmapBusy while a job uses it)."""
+        index = self._bitmap_index(name)
+        self.check_bitmap_free(name)
+        store = self.bitmap_store
+        with self.engine.freeze([self]):
+            if store is not None:
+                store.clear(name)
+            else:
+                self.device.dirty[index] = 0
+
+    def enable_bitmap(self, name: str) -> None:
+        """Record guest writes into ``name`` again (a no-op if it records)."""
+        self._set_enabled(name, True)
+
+    def disable_bitmap(self, name: str) -> None:
+        """Stop recording into ``name``: its bits stay as they are until enabled."""
+        self._set_enabled(name, False)
+
+    def _set_enabled(self, name: str, enabled: bool) -> None:
+        index = self._bitmap_index(name)
+        store = self.bitmap_store
+        with self.engine.freeze([self]):
+            if store is not None:
+                try:
+                    (store.enable if enabled else store.disable)(name)
+                finally:
+                    self.device.load_bitmap_directory()
+                return
+            ctl = self.device.ctl
+            mask = int(ctl[L.CTL_BITMAP_MASK])
+            ctl[L.CTL_BITMAP_MASK] = mask | (1 << index) if enabled else mask & ~(1 << index)
+
+    def merge_bitmaps(self, target: str, sources: list[str]) -> None:
+        """OR every source bitmap into ``target`` (QEMU's block-dirty-bitmap-merge).
+
+        Sources are read by their granules, so ``target`` only gains bits. Refused if
+        ``target`` is busy or any name is unknown (or, persistent, inconsistent).
+        """
+        if isinstance(sources, str) or not sources:
+            raise UsageError("merge needs a list of at least one source bitmap")
+        index = self._bitmap_index(target)
+        for src in sources:
+            self._bitmap_index(src)
+        self.check_bitmap_free(target)
+        store = self.bitmap_store
+        with self.engine.freeze([self]):
+            if store is not None:
+                store.merge(target, sources)
+                return
+            row = self.device.dirty[index]
+            for src in sources:
+                row[self.bitmap(src)] = 1
+
+    def bitmap_info(self) -> list[DeviceBitmapInfo]:
+        """Every bitmap with its granularity, dirty count in bytes, state and users."""
+        store = self.bitmap_store
+        out = []
+        if store is not None:
+            for info in store.list():
+                out.append(DeviceBitmapInfo(
+                    name=info.name, granularity=info.granularity, count=info.count,
+                    enabled=info.enabled, busy=self.busy_bitmaps.get(info.name),
+                    consistency=info.status, reason=info.reason,
+                    persistent=info.name not in self._transient))
+            return out
+        mask = int(self.device.ctl[L.CTL_BITMAP_MASK])
+        for name, index in sorted(self.device.bitmap_names().items()):
+            g = self._granularity.get(name, self.cluster_size)
+            count = int(np.count_nonzero(self.bitmap(name))) * self.cluster_size
+            out.append(DeviceBitmapInfo(
+                name=name, granularity=g, count=count, enabled=bool(mask >> index & 1),
+                busy=self.busy_bitmaps.get(name), consistency="consistent", reason="",
+                persistent=False))
+        return out
 
     def bitmaps(self) -> list[str]:
         """Names of the device's dirty bitmaps."""
         return sorted(self.device.bitmap_names())
 
     def bitmap(self, name: str) -> npt.NDArray[np.bool_]:
-        """A copy of bitmap ``name``: True for every cluster written since it was added."""
-        return np.asarray(self.device.dirty[self._bitmap_index(name)] != 0, dtype=np.bool_)
+        """A copy of bitmap ``name``, per cluster: True for every cluster of every granule
+        written since it was added or last cleared (BitmapInconsistent if it cannot be
+        trusted)."""
+        index = self._bitmap_index(name)
+        store = self.bitmap_store
+        if store is not None:
+            return np.asarray(store.load(name) != 0)
+        return granules(self.device.dirty[index], self._granule(name))
 
     def use_bitmap(self, name: str, mode: str, job: str) -> BitmapUse:
         """Mark bitmap ``name`` busy for ``job`` (see :meth:`check_bitmap`)."""
         index = self.check_bitmap(name)
         self.busy_bitmaps[name] = job
-        return BitmapUse(name, index, mode)
+        store = self.bitmap_store
+        return BitmapUse(name, index, mode, granule=self._granule(name),
+                         store=store, job=job)
 
     def check_bitmap(self, name: str) -> int:
-        """The index of bitmap ``name``; UsageError if unknown, BitmapBusy if a job uses it."""
+        """The index of bitmap ``name`` if a job may consume it now: UsageError if
+        unknown, BitmapBusy if a job uses it, BitmapInconsistent (with the reason) if it
+        cannot be trusted, BitmapError if the store has no row left for its frozen copy."""
         index = self._bitmap_index(name)
         self.check_bitmap_free(name)
+        store = self.bitmap_store
+        if store is not None:
+            store.require_consistent(name)
+            if not store.free_rows():
+                raise BitmapError(
+                    f"device {self.name} has {L.MAX_BITMAPS} bitmaps: a backup from "
+                    f"bitmap {name!r} needs a free one for the bits it holds; remove one")
         return index
 
     def check_bitmap_free(self, name: str) -> None:
@@ -199,6 +352,12 @@ class DeviceHandle:
         if self.busy_bitmaps.get(name) == job:
             del self.busy_bitmaps[name]
 
+    def _granule(self, name: str) -> int:
+        store = self.bitmap_store
+        if store is not None:
+            return store.info(name).granularity // self.cluster_size
+        return self._granularity.get(name, self.cluster_size) // self.cluster_size
+
     def _bitmap_index(self, name: str) -> int:
         try:
             return self.device.bitmap_names()[name]
@@ -209,3 +368,9 @@ class DeviceHandle:
         if self._io is not None:
             self._io.close()
             self._io = None
+        store = self.bitmap_store
+        if store is not None and not self.device.closed:
+            for name in sorted(self._transient):  # non-persistent: gone with the run
+                with contextlib.suppress(ShmblockError):
+                    store.remove(name)
+            self._transient.clear()

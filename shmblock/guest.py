@@ -90,6 +90,12 @@ class GuestIO:
         self._nc = device.needs_copy
         self._alloc = device.allocated
         self._dirty = device.dirty
+        # A file-backed device's bitmaps are persistent: the region of a write must be
+        # durably marked in the store's write-intent map before the write's data can
+        # reach the disk (one byte lookup unless this is the region's first write of
+        # the epoch), so that a power loss cannot lose the write's dirty bit.
+        store = device.bitmap_store
+        self._note_write = None if store is None else store.note_write
         self._ctl = device.ctl
         self._slot_state = device.slot_state
         self._slot_cluster = device.slot_cluster
@@ -165,6 +171,8 @@ class GuestIO:
             if mask != self._mask_seen:
                 self._mask_seen = mask
                 self._dirty_rows = [i for i in range(L.MAX_BITMAPS) if mask >> i & 1]
+            if self._note_write is not None:
+                self._note_write(c0, c1)
             for i in self._dirty_rows:
                 self._dirty[i, c0:c1] = 1
         self._data[offset : offset + n] = buf
@@ -380,4 +388,5 @@ class GuestIO:
             self._backup_queue = None
         # Drop our views of the mapping so the device can be closed (else BufferError).
         del self._data, self._nc, self._alloc, self._dirty, self._ctl, self._row
+        self._note_write = None
         del self._slot_state, self._slot_cluster, self._staging

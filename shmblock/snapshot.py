@@ -47,6 +47,18 @@ while writers run. A failed or cancelled job to a file removes its ``.part``: un
 meaning; its target file survives, ours does not), so ``always`` suits retries into a
 target that is kept, such as an NBD export.
 
+Persistent bitmaps (a file-backed device, :mod:`shmblock.bitmaps`): the frozen bits are
+kept on disk too, as the store's *frozen copy* (:meth:`begin_backup
+<shmblock.bitmaps.PersistentBitmapFile.begin_backup>` at the instant, which also starts
+a new write-intent epoch) and :func:`settle_bitmap` ends it with the table's put-back
+(``end_backup``), then checkpoints the region map. A supervisor killed mid-job leaves the
+frozen copy, which the next open ORs back: the bits survive the crash.
+
+Granularity: a row holds one byte per cluster whatever the bitmap's granularity, and
+writers store only the clusters they write (their hot path does not change); a bitmap
+of coarser granularity is read by whole granules — a granule is dirty when any of its
+clusters is — when a job consumes it, when it is counted and when it is merged.
+
 Supervisor, worker and tests all use these functions; nobody sets the maps by hand.
 """
 
@@ -58,6 +70,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shmblock import layout as L
+from shmblock.bitmaps import PersistentBitmapFile
 from shmblock.device import Device
 
 #: Sync modes the engine knows (QEMU's names).
@@ -79,6 +92,37 @@ class BitmapUse:
     mode: str  # one of BITMAP_MODES
     #: the bits at the instant, set by :func:`take`; None before it and once settled
     frozen: BoolArray | None = None
+    granule: int = 1  # clusters per granule (granularity / cluster size)
+    #: the device file's persistent store when the bitmap is persistent, and the job
+    #: that holds it (the frozen copy on disk is named for it)
+    store: PersistentBitmapFile | None = None
+    job: str = ""
+
+
+def granules(row: npt.NDArray[np.uint8], granule: int) -> BoolArray:
+    """A per-cluster row read by whole granules of ``granule`` clusters: every cluster
+    of a granule with any dirty cluster is dirty."""
+    dirty = np.asarray(row != 0)
+    if granule == 1:
+        return dirty
+    n = dirty.size
+    padded = np.zeros(-(-n // granule) * granule, dtype=np.bool_)
+    padded[:n] = dirty
+    return np.repeat(padded.reshape(-1, granule).any(axis=1), granule)[:n]
+
+
+def _consume(device: Device, bitmap: BitmapUse) -> BoolArray:
+    """The bitmap's bits at the instant (by granule); its row is then empty."""
+    if bitmap.store is not None:
+        # The store keeps the bits as an on-disk frozen copy before clearing the row,
+        # and starts a new write-intent epoch (writers are frozen: take's contract).
+        frozen = np.asarray(bitmap.store.begin_backup(bitmap.name, bitmap.job) != 0)
+        bitmap.store.begin_epoch()
+        return frozen
+    row = device.dirty[bitmap.index]
+    frozen = granules(row, bitmap.granule)
+    row[:] = 0
+    return frozen
 
 
 def wire_sync(sync: str) -> str:
@@ -110,19 +154,19 @@ def take(device: Device, sync: str, bitmap: BitmapUse | None = None) -> int:
     ``bitmap.frozen`` and its row cleared, to record the writes made during the job.
     """
     ctl = device.ctl
+    # Consumed first: for a persistent bitmap this may fail (a full disk), and then
+    # nothing of the snapshot has been set yet.
+    if bitmap is not None:
+        bitmap.frozen = _consume(device, bitmap)
     device.slot_state[:] = L.SLOT_FREE
     device.saved[:] = 0
     if sync == "top":
         np.copyto(device.needs_copy, device.allocated)
     elif sync in BITMAP_SYNCS:
-        assert bitmap is not None, f"sync={sync} needs a bitmap"
-        np.copyto(device.needs_copy, device.dirty[bitmap.index] != 0, casting="unsafe")
+        assert bitmap is not None and bitmap.frozen is not None, f"sync={sync} needs a bitmap"
+        np.copyto(device.needs_copy, bitmap.frozen, casting="unsafe")
     else:
         device.needs_copy[:] = 1
-    if bitmap is not None:
-        row = device.dirty[bitmap.index]
-        bitmap.frozen = np.asarray(row != 0)
-        row[:] = 0
     ctl[L.CTL_TOTAL_BYTES] = 0 if not has_background_copy(sync) else \
         int(np.count_nonzero(device.needs_copy)) * device.cluster_size
     ctl[L.CTL_JOB_SEQ] += 1
@@ -206,10 +250,27 @@ def settle_bitmap(device: Device, bitmap: BitmapUse, completed: bool,
         if copied_known:
             missed &= device.saved == 0
         _put_back(device, bitmap, missed)
+    else:
+        _put_back(device, bitmap, None)
     bitmap.frozen = None
 
 
 def _put_back(device: Device, bitmap: BitmapUse, bits: BoolArray | None) -> None:
+    """OR ``bits`` (None: nothing) into the bitmap; a persistent one also ends its
+    frozen copy on disk and checkpoints the write-intent map."""
+    store = bitmap.store
+    if store is not None and bitmap.frozen is not None and not device.closed:
+        # The store puts back only frozen bits; what else the job missed (a full job
+        # under ``always``) is ORed into the recording row below, as for a row in
+        # shared memory (a store of 1, safe while writers run).
+        store.end_backup(bitmap.name, bitmap.job,
+                         False if bits is None else np.asarray(bits, dtype=np.uint8))
+        if bits is not None:
+            device.dirty[bitmap.index][bits & ~bitmap.frozen] = 1
+        bitmap.frozen = None
+        # Regions not written since the instant need their intent no more.
+        store.checkpoint()
+        return
     if bits is not None and not device.closed:
         device.dirty[bitmap.index][bits] = 1
     bitmap.frozen = None

@@ -714,6 +714,16 @@ class PersistentBitmapFile:
         return sorted(e.name for e in self._entries
                       if e.defined and not e.flags & D.F_FROZEN)
 
+    def rows(self) -> dict[str, int]:
+        """Each bitmap's row in :attr:`dirty` (frozen copies left out): for the device,
+        whose ``dirty`` rows these are, to find a bitmap by name."""
+        return {e.name: i for i, e in enumerate(self._entries)
+                if e.defined and not e.flags & D.F_FROZEN}
+
+    def free_rows(self) -> int:
+        """Rows no bitmap or frozen copy uses (a backup needs one for its frozen copy)."""
+        return sum(1 for e in self._entries if not e.defined)
+
     def info(self, name: str) -> BitmapInfo:
         return self._info(self._index(name), in_use_status=False)
 
