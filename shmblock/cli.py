@@ -4,6 +4,7 @@
     shmblock-run run [options]     writers + a backup taken mid-run, with a summary
     shmblock-run cleanup           remove what crashed runs left behind
     shmblock-run restore SRC DEST  write a backup into a device file and verify it
+    shmblock-run bitmap ACTION …   the persistent dirty bitmaps of a device file
     shmblock-run bench [--quick]   benchmarks beside QEMU and the machine's limits
 
 Exit codes: 0 success, 1 failed job or verification, 2 bad usage, 130 interrupted.
@@ -28,12 +29,12 @@ from typing import Any, NoReturn
 from shmblock import paths
 from shmblock.cleanup import cleanup
 from shmblock.engine import BackupJob, Engine
-from shmblock.errors import ShmblockError, StateError, UsageError
+from shmblock.errors import BitmapInconsistent, ShmblockError, StateError, UsageError
 from shmblock.guest import WORKLOADS
 from shmblock.job import JobResult
 from shmblock.layout import CBW_MODES, ON_CBW_ERROR
 from shmblock.options import MAX_SPEED, BackupOptions
-from shmblock.snapshot import BITMAP_SYNCS, SYNC_MODES
+from shmblock.snapshot import BITMAP_MODES, SYNC_MODES
 from shmblock.stats import WriterStats
 from shmblock.targets import FORMATS, TargetSpec
 from shmblock.units import format_rate, format_size, parse_size
@@ -87,8 +88,9 @@ def nonzero_float(text: str) -> float:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     dev = p.add_argument_group("device")
-    dev.add_argument("--size", type=size_arg("size"), default=parse_size("256M"),
-                     help="device size, like 256M or 1G (default 256M)")
+    dev.add_argument("--size", type=size_arg("size"), default=None,
+                     help="device size, like 256M or 1G (default: the size of an "
+                     "existing --device-file, else 256M)")
     dev.add_argument("--cluster-size", type=size_arg("cluster size"), default=64 * 1024,
                      help="cluster size, a power of two from 4K to 2M (default 64K)")
     dev.add_argument("--prefill", type=positive_float, default=0.0, metavar="FRACTION",
@@ -118,8 +120,21 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                     "nbd://host[:port]/export or nbd+unix:///export?socket=PATH")
     bk.add_argument("--format", choices=FORMATS,
                     help="target format (default: from the target name)")
-    bk.add_argument("--sync", choices=[m for m in SYNC_MODES if m not in BITMAP_SYNCS],
-                    default="full")
+    bk.add_argument("--sync", choices=SYNC_MODES, default="full",
+                    help="what the backup copies (default full); incremental and bitmap "
+                    "copy the clusters of --bitmap")
+    bk.add_argument("--bitmap", metavar="NAME",
+                    help="the dirty bitmap of --device-file the backup copies (sync "
+                    "incremental, bitmap) or resets (full, top); see `shmblock-run bitmap`")
+    bk.add_argument("--bitmap-mode", choices=BITMAP_MODES,
+                    help="what the bitmap holds afterwards: on-success (the default for "
+                    "incremental) clears it if the job completes, always clears what was "
+                    "copied, never leaves it")
+    bk.add_argument("--backing-file", metavar="PATH",
+                    help="qcow2 target only: the previous backup of the chain (an "
+                    "incremental reads through it)")
+    bk.add_argument("--backing-format", choices=("raw", "qcow2"),
+                    help="format of --backing-file (default: probed by readers)")
     bk.add_argument("--speed", type=size_arg("speed", MAX_SPEED), default=0,
                     help="background copy limit in bytes per second, 0 = unlimited")
     bk.add_argument("--cbw-mode", choices=CBW_MODES, default="stage",
@@ -163,6 +178,10 @@ def build_parser() -> ArgumentParser:
     rs.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="re-read both and compare them cluster by cluster (default on)")
     rs.add_argument("--json", action="store_true", help="print the result as JSON")
+    from shmblock.cli_bitmap import add_arguments as add_bitmap_arguments
+    add_bitmap_arguments(sub.add_parser(
+        "bitmap", help="add, remove, clear, enable, disable, merge or list the persistent "
+        "dirty bitmaps of a device file no run has open"), size_arg)
     from shmblock.bench.options import add_arguments as add_bench_arguments
     add_bench_arguments(sub.add_parser(
         "bench", help="benchmarks under contention, beside QEMU and the machine's limits"))
@@ -259,10 +278,38 @@ def backup_dict(result: JobResult) -> dict[str, Any]:
 
 def backup_options(args: argparse.Namespace) -> BackupOptions:
     """The run's backup options, validated before anything runs (UsageError: exit 2)."""
-    return BackupOptions(
-        TargetSpec.parse(args.target, args.format), sync=args.sync, speed=args.speed,
-        cbw_mode=args.cbw_mode, cbw_timeout=args.cbw_timeout, on_cbw_error=args.on_cbw_error,
-        verify=args.verify, reference_image=args.reference_image)
+    options = BackupOptions(
+        TargetSpec.parse(args.target, args.format, args.backing_file, args.backing_format),
+        sync=args.sync, speed=args.speed, cbw_mode=args.cbw_mode,
+        cbw_timeout=args.cbw_timeout, on_cbw_error=args.on_cbw_error, verify=args.verify,
+        reference_image=args.reference_image, bitmap=args.bitmap,
+        bitmap_mode=args.bitmap_mode)
+    check_run_bitmap(args)
+    return options
+
+
+def check_run_bitmap(args: argparse.Namespace) -> None:
+    """--bitmap names a usable bitmap of --device-file, checked before anything runs."""
+    if args.backing_format and not args.backing_file:
+        raise UsageError("--backing-format needs --backing-file")
+    if args.bitmap is None:
+        return
+    if not args.device_file:
+        raise UsageError("--bitmap needs --device-file: a device in shared memory starts "
+                         "with no bitmaps (add one with `shmblock-run bitmap add`)")
+    from shmblock.bitmaps import inspect, store_dir
+
+    found = {} if not (store_dir(args.device_file) / "maps").exists() else \
+        {b.name: b for b in inspect(args.device_file).bitmaps}
+    if args.bitmap not in found:
+        raise UsageError(f"device file {args.device_file!r} has no bitmap named "
+                         f"{args.bitmap!r} (add one with `shmblock-run bitmap add`)")
+    if found[args.bitmap].status == "inconsistent":
+        raise BitmapInconsistent(
+            f"bitmap {args.bitmap!r} of {args.device_file} is inconsistent "
+            f"({found[args.bitmap].reason}): an incremental backup from it could miss "
+            "writes; take a full backup and remove or re-add the bitmap",
+            args.bitmap, found[args.bitmap].reason)
 
 
 def check_output_paths(args: argparse.Namespace, spec: TargetSpec) -> None:
@@ -308,6 +355,13 @@ def check_run_options(args: argparse.Namespace) -> None:
         raise UsageError("--target is required")
     if args.prefill > 1:
         raise UsageError(f"--prefill {args.prefill:g}: expected a fraction from 0 to 1")
+    if args.size is None:
+        # An existing device file brings its size (an incremental regime reopens it).
+        existing = 0
+        if args.device_file:
+            with contextlib.suppress(OSError):
+                existing = os.stat(args.device_file).st_size
+        args.size = existing or parse_size("256M")
     if args.backup_at is None:
         args.backup_at = min(1.0, args.duration / 2)
     if args.backup_at > args.duration:
@@ -529,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cleanup(args)
         if args.command == "restore":
             return cmd_restore(args)
+        if args.command == "bitmap":
+            from shmblock.cli_bitmap import cmd_bitmap
+            return cmd_bitmap(args)
         if args.command == "bench":
             from shmblock.bench.runner import run as run_bench
             args.argv = sys.argv[1:] if argv is None else argv
