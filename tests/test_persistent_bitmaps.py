@@ -30,7 +30,9 @@ from shmblock.errors import (
     UsageError,
 )
 from shmblock.job import Outcome
+from tests import test_sync_bitmap as tsb
 from tests.procs import MiB, children, needs_qemu_img, run_cli
+from tests.test_sync_bitmap import small_fs  # noqa: F401  (a fixture the matrix uses)
 
 CLUSTER = 64 * 1024
 SIZE = 4 * MiB
@@ -452,3 +454,42 @@ def test_sigkill_of_every_process_loses_no_bit(tmp_path: Path) -> None:
     same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(disk),
                            str(inc)], capture_output=True, text=True, timeout=60, check=False)
     assert same.returncode == 0, same.stdout + same.stderr
+
+
+# -- every sync mode × bitmap mode × outcome, with a persistent bitmap --------------------------
+
+
+@pytest.mark.parametrize("outcome", tsb.OUTCOMES)
+@pytest.mark.parametrize(("sync", "mode"), tsb.JOBS)
+def test_persistent_bitmap_after_every_sync_mode_bitmap_mode_and_outcome(
+        tmp_path: Path, sync: str, mode: str | None, outcome: str,
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matrix of tests/test_sync_bitmap.py on a file-backed device: the bitmap's
+    fate goes through the store's frozen copy (begin_backup / end_backup) and must be
+    the same as in shared memory; and it is what a restart finds."""
+    disk = str(tmp_path / "dev.raw")
+
+    def prepare(engine: Engine) -> DeviceHandle:
+        dev = engine.create_device(tsb.SIZE, tsb.CLUSTER, backing_file=disk)
+        dev.fill(0.75, seed=1)
+        dev.add_bitmap("b0")
+        tsb.write_clusters(dev, tsb.DIRTY, seed=100)
+        return dev
+
+    monkeypatch.setattr(tsb, "prepare", prepare)
+    bits: list[np.ndarray] = []
+    original = DeviceHandle.close
+
+    def close_and_remember(self: DeviceHandle) -> None:
+        if self.bitmap_store is not None and "b0" in self.bitmaps():
+            bits.append(self.bitmap("b0"))
+        original(self)
+
+    monkeypatch.setattr(DeviceHandle, "close", close_and_remember)
+    tsb.test_sync_mode_bitmap_mode_outcome(tmp_path, sync, mode, outcome, request)
+    monkeypatch.setattr(DeviceHandle, "close", original)
+    (at_close,) = bits
+    with PersistentBitmapFile.open(disk) as store:
+        assert store.recovery.stop == "clean" and not store.recovery.restored
+        assert np.array_equal(store.load("b0") != 0, at_close)
+        assert store.free_rows() == 7, "the job's frozen copy is gone"
