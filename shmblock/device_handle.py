@@ -190,7 +190,7 @@ class DeviceHandle:
             raise UsageError(f"device {self.name} already has a bitmap named {name!r}")
         store = self.bitmap_store
         if store is not None:
-            with self.engine.freeze([self]):
+            with self.engine.freeze([self]), store.lock:
                 try:
                     store.add(name, g)
                 finally:
@@ -216,7 +216,7 @@ class DeviceHandle:
         index = self._bitmap_index(name)
         self.check_bitmap_free(name)
         store = self.bitmap_store
-        with self.engine.freeze([self]):
+        with self.engine.freeze([self]), self._store_lock():
             if store is not None:
                 try:
                     store.remove(name)
@@ -234,7 +234,7 @@ class DeviceHandle:
         index = self._bitmap_index(name)
         self.check_bitmap_free(name)
         store = self.bitmap_store
-        with self.engine.freeze([self]):
+        with self.engine.freeze([self]), self._store_lock():
             if store is not None:
                 store.clear(name)
             else:
@@ -251,7 +251,7 @@ class DeviceHandle:
     def _set_enabled(self, name: str, enabled: bool) -> None:
         index = self._bitmap_index(name)
         store = self.bitmap_store
-        with self.engine.freeze([self]):
+        with self.engine.freeze([self]), self._store_lock():
             if store is not None:
                 try:
                     (store.enable if enabled else store.disable)(name)
@@ -275,7 +275,7 @@ class DeviceHandle:
             self._bitmap_index(src)
         self.check_bitmap_free(target)
         store = self.bitmap_store
-        with self.engine.freeze([self]):
+        with self.engine.freeze([self]), self._store_lock():
             if store is not None:
                 store.merge(target, sources)
                 return
@@ -288,7 +288,9 @@ class DeviceHandle:
         store = self.bitmap_store
         out = []
         if store is not None:
-            for info in store.list():
+            with store.lock:
+                infos = store.list()
+            for info in infos:
                 out.append(DeviceBitmapInfo(
                     name=info.name, granularity=info.granularity, count=info.count,
                     enabled=info.enabled, busy=self.busy_bitmaps.get(info.name),
@@ -316,7 +318,8 @@ class DeviceHandle:
         index = self._bitmap_index(name)
         store = self.bitmap_store
         if store is not None:
-            return np.asarray(store.load(name) != 0)
+            with store.lock:
+                return np.asarray(store.load(name) != 0)
         return granules(self.device.dirty[index], self._granule(name))
 
     def use_bitmap(self, name: str, mode: str, job: str) -> BitmapUse:
@@ -351,6 +354,10 @@ class DeviceHandle:
         """``job`` is over: its bitmap is free again."""
         if self.busy_bitmaps.get(name) == job:
             del self.busy_bitmaps[name]
+
+    def _store_lock(self) -> contextlib.AbstractContextManager[object]:
+        store = self.bitmap_store
+        return contextlib.nullcontext() if store is None else store.lock
 
     def _granule(self, name: str) -> int:
         store = self.bitmap_store

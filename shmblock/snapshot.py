@@ -116,8 +116,9 @@ def _consume(device: Device, bitmap: BitmapUse) -> BoolArray:
     if bitmap.store is not None:
         # The store keeps the bits as an on-disk frozen copy before clearing the row,
         # and starts a new write-intent epoch (writers are frozen: take's contract).
-        frozen = np.asarray(bitmap.store.begin_backup(bitmap.name, bitmap.job) != 0)
-        bitmap.store.begin_epoch()
+        with bitmap.store.lock:
+            frozen = np.asarray(bitmap.store.begin_backup(bitmap.name, bitmap.job) != 0)
+            bitmap.store.begin_epoch()
         return frozen
     row = device.dirty[bitmap.index]
     frozen = granules(row, bitmap.granule)
@@ -263,13 +264,14 @@ def _put_back(device: Device, bitmap: BitmapUse, bits: BoolArray | None) -> None
         # The store puts back only frozen bits; what else the job missed (a full job
         # under ``always``) is ORed into the recording row below, as for a row in
         # shared memory (a store of 1, safe while writers run).
-        store.end_backup(bitmap.name, bitmap.job,
-                         False if bits is None else np.asarray(bits, dtype=np.uint8))
-        if bits is not None:
-            device.dirty[bitmap.index][bits & ~bitmap.frozen] = 1
-        bitmap.frozen = None
-        # Regions not written since the instant need their intent no more.
-        store.checkpoint()
+        with store.lock:
+            store.end_backup(bitmap.name, bitmap.job,
+                             False if bits is None else np.asarray(bits, dtype=np.uint8))
+            if bits is not None:
+                device.dirty[bitmap.index][bits & ~bitmap.frozen] = 1
+            bitmap.frozen = None
+            # Regions not written since the instant need their intent no more.
+            store.checkpoint()
         return
     if bits is not None and not device.closed:
         device.dirty[bitmap.index][bits] = 1

@@ -12,6 +12,7 @@ import mmap
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ class PersistentBitmapFile:
         self._intent = intent
         self._image_sync = image_sync
         self._busy: dict[str, str] = {}
+        #: Held by the engine around every change to the directory: a job's end (the
+        #: supervisor's pump thread) may meet an add or a clear from the API's thread.
+        self.lock = threading.RLock()
         self._map: mmap.mmap | None = mmap.mmap(fd, sup.shape.maps_file_size,
                                                flags=mmap.MAP_SHARED)
         self._bind_views()
