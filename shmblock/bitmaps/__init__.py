@@ -1,4 +1,4 @@
-"""Persistent dirty bitmaps that survive crashes (issue 8 §2; not yet wired into the engine).
+"""Persistent dirty bitmaps that survive crashes: every file-backed device keeps its bitmaps here.
 
 Theory of operation
 ===================
@@ -120,15 +120,18 @@ system, ~8 µs on tmpfs (docs/architecture.md has the measurement). With 64 MiB 
 device pays it at most 64 times per epoch. Smaller regions make recovery after a power
 loss more precise and the first-touch cost more frequent.
 
-Adoption by the engine (next step)
-----------------------------------
+How the engine uses it
+----------------------
 
-For a file-backed device, view ``PersistentBitmapFile.dirty`` as ``Device.dirty`` (same
-shape and row stride), derive ``CTL_BITMAP_MASK`` from ``enabled_mask()``, call
-``note_write`` in ``GuestIO._write`` before storing the dirty bytes, ``begin_backup`` and
-``begin_epoch`` in the snapshot freeze that consumes a bitmap, ``checkpoint`` after the
-thaw, ``end_backup`` when the job concludes (bitmap-mode ``never`` only calls ``load``
-and ``set_busy``), ``close`` at a clean stop.
+A file-backed device opens the store as its owner in ``Device.create`` (workers attach
+in ``Device.attach``) and views ``PersistentBitmapFile.dirty`` as ``Device.dirty`` (no
+copy); ``CTL_BITMAP_MASK`` follows ``enabled_mask()``; ``GuestIO._write`` calls
+``note_write`` before storing the dirty bytes; ``snapshot.take`` calls ``begin_backup``
+and ``begin_epoch`` in the freeze that consumes a bitmap, ``snapshot.settle_bitmap``
+``end_backup`` (with the bitmap mode's put-back) and ``checkpoint`` at the job's end;
+``Device.close`` closes the store cleanly. ``DeviceHandle`` is the management API, and
+``shmblock-run bitmap`` the offline one (docs/architecture.md, "Persistent dirty
+bitmaps").
 """
 
 from shmblock.bitmaps.persistence import FilePersistence, Persistence, VolatileDisk
