@@ -83,6 +83,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shmblock import paths
+from shmblock.bitmaps.store import mark_all_dirty
 from shmblock.copier import nonzero_clusters, runs
 from shmblock.errors import (
     NoSpaceError,
@@ -653,8 +654,14 @@ def restore(source: str, dest: str, *, format: str | None = None, overwrite: boo
         if verify:
             with open_source(links, timeout) as reader:
                 _compare(reader, _file_reader(fd, result.grain), result, progress)
+        # The device file's recording bitmaps cannot see this write: all dirty, before
+        # the new contents appear (and after, for a store a deleted file left behind).
+        existed = os.path.exists(dest)
+        mark_all_dirty(dest)
         paths.publish(fd, part, dest)
         published = True
+        if not existed:
+            mark_all_dirty(dest)
     except OSError as exc:
         raise RestoreError(f"restore into {dest!r} failed: {exc.strerror or exc}") from exc
     except TargetError as exc:

@@ -171,3 +171,18 @@ def test_full_then_two_incrementals_then_restore(disk: Path, tmp_path: Path,
     same = subprocess.run([QEMU_IMG, "compare", "ref2.raw", "restored.raw"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)
     assert same.returncode == 0, same.stdout
+
+
+def test_a_restore_into_a_device_file_marks_its_recording_bitmaps_all_dirty(
+        disk: Path, tmp_path: Path) -> None:
+    """A restore replaces the contents behind the write path: the next incremental from
+    the file's bitmaps must copy everything, never miss what the restore changed."""
+    backup = tmp_path / "backup.raw"
+    backup.write_bytes(os.urandom(64 * 1024) * 64)  # the device's size, 4 MiB
+    for args in (("add", disk, "rec"), ("add", disk, "past"), ("disable", disk, "past")):
+        assert run_cli("bitmap", *args).returncode == 0
+    proc = run_cli("restore", backup, disk, "--force")
+    assert proc.returncode == 0, proc.stderr
+    found = listed(disk)
+    assert found["rec"]["count"] == 4 * MiB, "the recording bitmap did not see the restore"
+    assert found["past"]["count"] == 0, "a disabled bitmap describes a past interval"

@@ -988,6 +988,27 @@ class PersistentBitmapFile:
             raise BitmapError(f"{self.path}: cannot sync the bitmaps: {exc.strerror}") from exc
 
 
+def mark_all_dirty(image: str | os.PathLike[str]) -> list[str]:
+    """Mark every cluster dirty in every recording bitmap of ``image``, if it has any.
+
+    For a writer that replaces the image's contents behind the write path (a restore
+    into a device file): the bitmaps cannot know what changed, so the next incremental
+    from them copies everything instead of missing a change. Bitmaps that do not record
+    keep their bits (they describe a past interval); inconsistent ones stay so. Returns
+    the names marked. BitmapBusy if a live run has the store open.
+    """
+    if not (store_dir(image) / "maps").exists() or not os.path.exists(image):
+        return []
+    marked = []
+    with PersistentBitmapFile.open(image, run_id="restore") as store:
+        ones = np.ones(store.shape.clusters, dtype=np.uint8)
+        for info in store.list():
+            if info.enabled and info.status == STATUS_CONSISTENT:
+                store.store(info.name, ones)
+                marked.append(info.name)
+    return marked
+
+
 @dataclass(frozen=True, slots=True)
 class StoreInfo:
     """What :func:`inspect` sees, without opening the store as its owner."""
