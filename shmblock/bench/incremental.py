@@ -198,10 +198,10 @@ def run_incremental(plan: Plan, out_dir: str, note: Note) -> dict[str, Any]:
                     # regime's first backup does); the last is the chain's base.
                     runs.append(timed_backup(engine, dev, target, fmt, sync="full",
                                              bitmap=BITMAP[fmt], bitmap_mode="on-success"))
-                    if i < plan.inc_repeats - 1:
-                        _unlink(target)
-                    elif fmt == "qcow2":
+                    if fmt == "qcow2" and i == plan.inc_repeats - 1:
                         chain.append(target)
+                    else:  # nothing reads it again: give its room in /dev/shm back
+                        _unlink(target)
                 full[fmt] = _summary(runs)
             res["full"] = full
             variants: list[dict[str, Any]] = []
