@@ -191,6 +191,7 @@ def test_quick_bench_marks_every_section_load(quick_run: QuickRun) -> None:
     assert {"incremental", "restore"} <= set(res["plan"]["sections"])
     for load in res["foreign_load"].values():
         assert load["under_load"] == under_load(load["cpu_cores"]), load
+        assert load["seconds"] > 0, load
 
 
 def test_quick_bench_incremental_section(quick_run: QuickRun) -> None:

@@ -304,6 +304,7 @@ def markdown(res: dict[str, Any]) -> str:
                    "ran (cores of " + str(m["cpu_count"]) + "; ⚠ more than "
                    f"{UNDER_LOAD_SHARE:.0%} of the CPUs: figures taken under load): " + ", ".join(
                        f"{k} {v['cpu_cores']:.2f}" + (" ⚠" if v.get("under_load") else "")
+                       + (f" ({v['seconds']:.0f} s)" if "seconds" in v else "")
                        for k, v in load.items()))
     out += ["", "## Headline", "", headline(res)]
     notes = list(res.get("notes", []))

@@ -170,9 +170,11 @@ def _sections(plan: Plan, res: dict[str, Any], target_dir: str, scaling_dir: str
     res["failures"] = []
     for section in plan.sections:
         meter = CpuMeter()
+        t0 = time.monotonic()
         _section(section, plan, res, target_dir, scaling_dir, rep)
         cores = meter.foreign_cores()
         res["foreign_load"][section] = {"cpu_cores": cores, "under_load": under_load(cores),
+                                        "seconds": time.monotonic() - t0,
                                         "loadavg_after": loadavg()}
 
 
