@@ -10,11 +10,14 @@ import argparse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from shmblock.errors import UsageError
 from shmblock.units import parse_size
 
 WORKLOAD_CHOICES = ("random", "first-touch", "zipf", "sequential", "mixed")
 TARGET_CHOICES = ("raw", "qcow2")
-SECTIONS = ("limits", "peers", "scenarios", "scaling")
+#: smallest device of the incremental and restore sections: 128 clusters of 64 KiB
+MIN_SECTION_SIZE = 8 << 20
+SECTIONS = ("limits", "peers", "scenarios", "scaling", "incremental", "restore")
 
 
 @dataclass
@@ -40,6 +43,11 @@ class Plan:
     sections: tuple[str, ...]
     target_dir: str | None  # None: a temporary directory in /dev/shm when it fits
     scaling_dir: str | None  # None: a temporary directory on the disk (/var/tmp)
+    inc_size: int = 4 << 30  # device of the incremental section
+    inc_dirty: float = 0.01  # share of its clusters written between two backups
+    inc_repeats: int = 3  # timed backups per kind (median kept)
+    restore_size: int = 1 << 30  # device whose three-link chain the restore section restores
+    restore_repeats: int = 3
     seed: int = 1
     notes: list[str] = field(default_factory=list)
 
@@ -99,6 +107,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling-sizes", type=_sizes, metavar="SIZE,SIZE,...",
                    help="device sizes of the scaling section (default 256M,1G,4G,16G; "
                    "quick 64M,128M)")
+    p.add_argument("--inc-size", type=_sizes, metavar="SIZE",
+                   help="device size of the incremental section (default 4G, quick 256M)")
+    p.add_argument("--restore-size", type=_sizes, metavar="SIZE",
+                   help="device size of the restore section's chain (default 1G, quick "
+                   "64M)")
     p.add_argument("--target-dir", metavar="DIR",
                    help="where backups, qemu-img outputs and the page-cache test write "
                    "(default: a temporary directory in /dev/shm)")
@@ -135,6 +148,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         sections=tuple(args.sections),
         target_dir=args.target_dir,
         scaling_dir=args.scaling_dir,
+        inc_size=parse_size("256M" if q else "4G"),
+        inc_repeats=1 if q else 3,
+        restore_size=parse_size("64M" if q else "1G"),
+        restore_repeats=1 if q else 3,
         seed=args.seed,
     )
     if args.size:
@@ -149,4 +166,14 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         plan.peer_size = args.peer_size[0]
     if args.scaling_sizes:
         plan.scaling_sizes = args.scaling_sizes
+    # getattr: a Namespace built by hand (tests, older callers) may lack the newer options.
+    if getattr(args, "inc_size", None):
+        plan.inc_size = args.inc_size[0]
+    if getattr(args, "restore_size", None):
+        plan.restore_size = args.restore_size[0]
+    for option, size in (("--inc-size", plan.inc_size), ("--restore-size", plan.restore_size)):
+        # 1 % of the clusters must be some clusters, and the chain's links need some too.
+        if size < MIN_SECTION_SIZE or size % (64 << 10):
+            raise UsageError(f"{option} {size}: must be a multiple of 64K and at least "
+                             f"{MIN_SECTION_SIZE >> 20}M")
     return plan

@@ -1,8 +1,11 @@
 """Turning a benchmark run into ratios, goals, JSON, Markdown and PNG plots.
 
 Ratios are computed only between numbers measured in the same run; a peer that was
-skipped has no ratio (``None``), never a made-up one. Each goal of issue 4 is one row:
-what was measured, the goal, and whether it was met.
+skipped has no ratio (``None``), never a made-up one. Each goal of issues 4 and 8 is one
+row: what was measured, the goal, whether it was met, and whether the section it comes
+from ran while other processes used more than a small share of the CPUs (``under_load``,
+shown as "⚠ under load": the figure says as much about the other load as about
+shmblock).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+
+from shmblock.bench.load import UNDER_LOAD_SHARE
 
 GB = 1e9
 MiB = 1 << 20
@@ -58,7 +63,19 @@ def ratios(res: dict[str, Any]) -> dict[str, float | None]:
         "qemu_img_raw_vs_page_cache_write": _ratio(
             _get(peers, "qemu_img_convert", "raw", "bytes_per_s"),
             _get(limits, "page_cache_write", "bytes_per_s")),
+        **_incremental_ratios(res),
+        # Time, not throughput: below 1 the restore is the faster.
+        "restore_time_vs_qemu_img_convert_writeback": _get(res, "restore", "ratio"),
     }
+
+
+def _incremental_ratios(res: dict[str, Any]) -> dict[str, float | None]:
+    """Each incremental's job time over the full backup's, same format, same run."""
+    out: dict[str, float | None] = {}
+    for v in _get(res, "incremental", "variants") or []:
+        for fmt in ("qcow2", "raw"):
+            out[f"incremental_{v['variant']}_{fmt}_time_vs_full"] = v[fmt]["ratio_job"]
+    return out
 
 
 def _data_rate(peers: dict[str, Any], fmt: str) -> float | None:
@@ -80,8 +97,24 @@ def _find(cells: list[dict[str, Any]], workload: str, writers: int,
     return None
 
 
+#: which section each goal's figures come from (by the goal's first words)
+GOAL_SECTIONS = (("idle full backup", "peers"), ("first-touch", "scenarios"),
+                 ("zipf", "scenarios"), ("freeze", "scaling"), ("engine memory", "scaling"),
+                 ("incremental", "incremental"))
+
+
 def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per goal of issue 4: measured, goal, met (True/False/None = not measured)."""
+    """One row per goal of issues 4 and 8: measured, goal, met (True/False/None = not
+    measured), under_load (None when the section did not run)."""
+    rows = _goal_rows(res)
+    load = res.get("foreign_load") or {}
+    for g in rows:
+        section = next(sec for start, sec in GOAL_SECTIONS if g["goal"].startswith(start))
+        g["under_load"] = (load.get(section) or {}).get("under_load")
+    return rows
+
+
+def _goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     r = res.get("ratios") or {}
     rows: list[dict[str, Any]] = []
 
@@ -153,6 +186,21 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{last['size'] // MiB} MiB (10 one-byte maps per cluster)")
     else:
         row("engine memory flat in device size", "not measured", None)
+    inc = res.get("incremental")
+    goal = "incremental of 1 % dirty ≤ 5 % of a full backup's time"
+    if inc and inc.get("variants"):
+        parts, worst = [], 0.0
+        for v in inc["variants"]:
+            for fmt in ("qcow2", "raw"):
+                r = v[fmt]["ratio_job"] or 0.0
+                worst = max(worst, r)
+                parts.append(f"{v['variant']} → {fmt} {r:.1%} ({v[fmt]['job_s'] * 1e3:.0f} ms "
+                             f"of {inc['full'][fmt]['job_s'] * 1e3:.0f} ms)")
+        row(goal, f"worst {worst:.1%}", worst <= inc["goal_ratio"],
+            f"{inc['size'] / 2**30:g} GiB device, {inc['dirty_share']:.0%} dirty, job "
+            "time; " + ", ".join(parts))
+    else:
+        row(goal, "not measured", None)
     return rows
 
 
@@ -175,8 +223,9 @@ def _x(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
 
-def _status(met: bool | None) -> str:
-    return {True: "met", False: "**short**", None: "not measured"}[met]
+def _status(met: bool | None, under_load: bool | None = None) -> str:
+    text = {True: "met", False: "**short**", None: "not measured"}[met]
+    return text + (" ⚠ under load" if under_load else "")
 
 
 def headline(res: dict[str, Any]) -> str:
@@ -187,8 +236,17 @@ def headline(res: dict[str, Any]) -> str:
              f"{res['started']}.", "",
              "| goal | measured | status | detail |", "|---|---|---|---|"]
     for g in res.get("goals", []):
-        lines.append(f"| {g['goal']} | {g['measured']} | {_status(g['met'])} | "
-                     f"{g['detail']} |")
+        lines.append(f"| {g['goal']} | {g['measured']} | "
+                     f"{_status(g['met'], g.get('under_load'))} | {g['detail']} |")
+    rs = res.get("restore") or {}
+    if rs.get("ratio") is not None:
+        q = rs["qemu_img_convert"]
+        lines += ["", f"Restore of a three-link qcow2 chain of {rs['size'] / 2**30:g} GiB to "
+                  f"raw in {rs['directory_fs']}, both fsynced: `restore()` "
+                  f"{rs['restore']['wall_s']:.3f} s, `qemu-img convert -t writeback` "
+                  f"{q['wall_s']:.3f} s: {rs['ratio']:.2f}× its time"
+                  + (" ⚠ under load" if rs["restore"]["under_load"] or q["under_load"]
+                     else "") + "."]
     peers = res.get("peers") or {}
     lim = res.get("limits") or {}
     size = _get(peers, "content", "size")
@@ -243,8 +301,11 @@ def markdown(res: dict[str, Any]) -> str:
     load = res.get("foreign_load") or {}
     if load:
         out.append("* CPU used by other processes on this shared machine while each section "
-                   "ran (cores of " + str(m["cpu_count"]) + "): " + ", ".join(
-                       f"{k} {v['cpu_cores']:.2f}" for k, v in load.items()))
+                   "ran (cores of " + str(m["cpu_count"]) + "; ⚠ more than "
+                   f"{UNDER_LOAD_SHARE:.0%} of the CPUs: figures taken under load): " + ", ".join(
+                       f"{k} {v['cpu_cores']:.2f}" + (" ⚠" if v.get("under_load") else "")
+                       + (f" ({v['seconds']:.0f} s)" if "seconds" in v else "")
+                       for k, v in load.items()))
     out += ["", "## Headline", "", headline(res)]
     notes = list(res.get("notes", []))
     notes += (res.get("peers") or {}).get("notes", [])
@@ -348,9 +409,85 @@ def markdown(res: dict[str, Any]) -> str:
                            f"{f['samples']} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | "
                            f"{f['max_ms']:.2f} | {real} |")
         out += ["", "![scaling](scaling.png)", ""]
+    out += _incremental_markdown(res) + _restore_markdown(res)
+    notes += (res.get("incremental") or {}).get("notes", [])
+    notes += (res.get("restore") or {}).get("notes", [])
+    notes += [f"FAILED: {f}" for f in res.get("failures", [])]
     if notes:
         out += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
     return "\n".join(out)
+
+
+def _load(d: dict[str, Any]) -> str:
+    """A figure's other load: the cores others used, flagged when under load."""
+    return f"{d['foreign_cores']:.2f}" + (" ⚠" if d["under_load"] else "")
+
+
+def _ok(v: bool | None) -> str:
+    return {True: "ok", False: "**FAILED**", None: "not checked"}[v]
+
+
+def _incremental_markdown(res: dict[str, Any]) -> list[str]:
+    inc = res.get("incremental")
+    if not inc or not inc.get("variants"):
+        return []
+    out = ["## Incremental backups", "",
+           f"Idle {inc['size'] / 2**30:g} GiB device (half random, half zero); bitmaps "
+           f"added before the full backups; {inc['dirty_share']:.0%} of the clusters written "
+           "as a guest before each incremental (`sync=incremental`), to qcow2 with the "
+           "previous link as backing file and to raw (dirty clusters at their offsets). "
+           f"Median of {inc['repeats']}; job time is snapshot → conclusion, end to end adds "
+           "the worker's start and the target's opening. Others' CPU: cores other "
+           "processes used meanwhile (worst run; ⚠ under load).", "",
+           "| backup | format | job ms | end to end ms | job time ÷ full | end to end ÷ "
+           "full | bytes written | file bytes | others' CPU |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for fmt in ("qcow2", "raw"):
+        f = inc["full"][fmt]
+        out.append(f"| full | {fmt} | {f['job_s'] * 1e3:.1f} | {f['end_to_end_s'] * 1e3:.1f} | "
+                   f"1 | 1 | {f['bytes_written']:,.0f} | {f['file_bytes']:,.0f} | "
+                   f"{_load(f)} |")
+    for v in inc["variants"]:
+        for fmt in ("qcow2", "raw"):
+            s = v[fmt]
+            out.append(f"| {v['variant']}, {v['dirty_bytes'] / MiB:.1f} MiB dirty | {fmt} | "
+                       f"{s['job_s'] * 1e3:.1f} | {s['end_to_end_s'] * 1e3:.1f} | "
+                       f"{s['ratio_job']:.1%} | {s['ratio_end_to_end']:.1%} | "
+                       f"{s['bytes_written']:,.0f} | {s['file_bytes']:,.0f} | {_load(s)} |")
+    ver = inc["verification"]
+    out += ["", f"Verification (one more round, untimed): the {ver.get('links', 0)}-link "
+            f"qcow2 chain against the snapshot's reference image: "
+            f"{_ok(ver['compare_ok'])} (`qemu-img compare`); `qemu-img check` of every "
+            f"link: {_ok(ver['check_ok'])}; the raw incremental against the snapshot's "
+            f"digests: {_ok(ver['raw_incremental_verified'])}.", ""]
+    return out
+
+
+def _restore_markdown(res: dict[str, Any]) -> list[str]:
+    rs = res.get("restore")
+    if not rs or "restore" not in rs:
+        return []
+    r, q = rs["restore"], rs.get("qemu_img_convert")
+    out = ["## Restore of a three-link chain", "",
+           f"Chain of a {rs['size'] / 2**30:g} GiB device made by the engine: {rs['chain']}; "
+           f"restored to a new raw file in {rs['directory_fs']}, median of {rs['repeats']}, "
+           "alternating which copier goes first, `os.sync()` before each. Both make the data "
+           "durable before they stop the clock.", "",
+           "| copier | wall s | others' CPU | how |", "|---|---|---|---|",
+           f"| `restore(top, dest, verify=False)` | {r['wall_s']:.3f} (copy and fsync "
+           f"{r['copy_s']:.3f}) | {_load(r)} | {r['how']} |"]
+    if q:
+        out.append(f"| `{q['command']}` | {q['wall_s']:.3f} | {_load(q)} | {q['how']} |")
+    ratio = rs.get("ratio")
+    vr = rs["verified_restore"]
+    out += ["", f"Restore time ÷ qemu-img convert time: "
+            f"{'—' if ratio is None else f'{ratio:.2f}×'} (below 1: the restore is faster).",
+            "", f"A verified restore took {vr['wall_s']:.3f} s (copy {vr['copy_s']:.3f} s, "
+            f"verification {vr['verify_s']:.3f} s): verified {_ok(vr['verified'])}, against "
+            f"the reference image (`qemu-img compare`) {_ok(vr['compare_ok'])}; the chain "
+            f"against it {_ok(rs['chain_check']['compare_ok'])}, `qemu-img check` of every "
+            f"link {_ok(rs['chain_check']['check_ok'])}.", ""]
+    return out
 
 
 # -- plots ---------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
 """``shmblock-run bench``: run the sections of a plan and write the results.
 
-Sections, in order: machine limits, the QEMU comparison, the scenario matrix, scaling.
+Sections, in order: machine limits, the QEMU comparison, the scenario matrix, scaling,
+incremental backups against full ones, restore of a chain against ``qemu-img convert``.
+Each records the CPU other processes used while it ran, and is marked *under load* when
+they used more than a small share (:mod:`shmblock.bench.load`). A section whose backup
+fails or does not verify leaves a line in ``failures`` and makes the exit code 1.
 Progress is a rich bar on a terminal (stderr) and nothing otherwise. Everything a
 section creates lives in temporary directories removed at the end, and every engine is
 closed by its ``with`` block, so an interrupted run leaves nothing behind.
@@ -22,43 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shmblock.bench import machine, report
+from shmblock.bench.load import CpuMeter, loadavg, under_load
 from shmblock.bench.options import Plan, plan_from_args
 from shmblock.device import SHM_DIR, shm_free_bytes
+from shmblock.errors import ShmblockError
 
 EXIT_OK, EXIT_FAILED = 0, 1
-
-
-def _loadavg() -> str:
-    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-    return "unknown"
-
-
-class CpuMeter:
-    """How much CPU other processes used while a section ran (the machine is shared).
-
-    Machine-wide busy time from /proc/stat, less this process's own time and that of
-    every child it has reaped (engines reap their workers when they close, so at the
-    end of a section the children's time is all in ``os.times()``).
-    """
-
-    def __init__(self) -> None:
-        self.hz = os.sysconf("SC_CLK_TCK")
-        self.start = self._read()
-
-    def _read(self) -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal
-        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / self.hz
-        t = os.times()
-        ours = t.user + t.system + t.children_user + t.children_system
-        return busy, ours, time.monotonic()
-
-    def foreign_cores(self) -> float:
-        busy0, ours0, t0 = self.start
-        busy1, ours1, t1 = self._read()
-        return max(busy1 - busy0 - (ours1 - ours0), 0.0) / max(t1 - t0, 1e-9)
 
 
 def _git_commit() -> str | None:
@@ -116,7 +89,11 @@ def _pick_target_dir(plan: Plan) -> tuple[str, str]:
     if plan.target_dir:
         return tempfile.mkdtemp(prefix="shmblock-bench-", dir=plan.target_dir), plan.target_dir
     # Device + its backup + a qemu-img output at a time, with room to spare.
-    need = 3 * max(plan.scenario_size, plan.peer_size, plan.limits_size) + (512 << 20)
+    sizes = [plan.scenario_size, plan.peer_size, plan.limits_size]
+    if "incremental" in plan.sections:
+        # Device, two full backups (half of it is data), a reference image, a spare.
+        sizes.append(plan.inc_size)
+    need = 3 * max(sizes) + (512 << 20)
     if shm_free_bytes() >= need:
         return tempfile.mkdtemp(prefix="shmblock-bench-", dir=SHM_DIR), f"{SHM_DIR} (tmpfs)"
     return tempfile.mkdtemp(prefix="shmblock-bench-", dir="/var/tmp"), "/var/tmp"
@@ -130,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     groups = len(plan.workloads) * len(plan.writers)
     total = (("limits" in plan.sections) + ("peers" in plan.sections)
              + groups * ("scenarios" in plan.sections)
-             + len(plan.scaling_sizes) * ("scaling" in plan.sections))
+             + len(plan.scaling_sizes) * ("scaling" in plan.sections)
+             + ("incremental" in plan.sections) + ("restore" in plan.sections))
     reporter = Reporter(total, sys.stderr.isatty() and not args.json)
     started = time.monotonic()
     res: dict[str, Any] = {
@@ -138,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         "command": shlex.join(["shmblock-run", *getattr(args, "argv", [])]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
-        "load_start": _loadavg(),
+        "load_start": loadavg(),
         "plan": plan.to_json(),
         "notes": [],
     }
@@ -153,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(target_dir, ignore_errors=True)
         shutil.rmtree(scaling_dir, ignore_errors=True)
-    res["load_end"] = _loadavg()
+    res["load_end"] = loadavg()
     res["duration_s"] = time.monotonic() - started
     if "scaling" in res:
         res["scaling"]["target_kind"] = (
@@ -181,17 +159,23 @@ def run(args: argparse.Namespace) -> int:
     for c in failed:
         print(f"shmblock-run bench: backup in {c['workload']} × {c['writers']} → {c['target']} "
               f"{c['backup_outcome']}: {c['backup_error']}", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    for problem in res["failures"]:
+        print(f"shmblock-run bench: {problem}", file=sys.stderr)
+    return EXIT_FAILED if failed or res["failures"] else EXIT_OK
 
 
 def _sections(plan: Plan, res: dict[str, Any], target_dir: str, scaling_dir: str,
               rep: Reporter) -> None:
     res["foreign_load"] = {}
+    res["failures"] = []
     for section in plan.sections:
         meter = CpuMeter()
+        t0 = time.monotonic()
         _section(section, plan, res, target_dir, scaling_dir, rep)
-        res["foreign_load"][section] = {"cpu_cores": meter.foreign_cores(),
-                                        "loadavg_after": _loadavg()}
+        cores = meter.foreign_cores()
+        res["foreign_load"][section] = {"cpu_cores": cores, "under_load": under_load(cores),
+                                        "seconds": time.monotonic() - t0,
+                                        "loadavg_after": loadavg()}
 
 
 def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
@@ -217,3 +201,32 @@ def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
         from shmblock.bench.scaling import run_scaling
 
         res["scaling"] = run_scaling(plan, scaling_dir, note, rep.step)
+    if section == "incremental":
+        from shmblock.bench.incremental import BenchFailure, run_incremental
+
+        try:
+            res["incremental"] = run_incremental(plan, target_dir, note)
+        except (BenchFailure, ShmblockError, OSError) as exc:
+            # No figures rather than figures of a failed job; the other sections still run.
+            res["failures"].append(f"incremental section: {exc}")
+        else:
+            if not res["incremental"]["verification"]["ok"]:
+                res["failures"].append("incremental section: the chain did not verify: "
+                                       f"{res['incremental']['verification']}")
+        rep.step()
+    if section == "restore":
+        from shmblock.bench.incremental import BenchFailure
+        from shmblock.bench.restore import run_restore
+
+        # On a disk file system: fsync on tmpfs is free, and durability is half the work.
+        where = plan.scaling_dir or "/var/tmp"
+        try:
+            res["restore"] = run_restore(plan, scaling_dir, f"{where} "
+                                         f"({machine.fs_type(where)})", note)
+        except (BenchFailure, ShmblockError, OSError) as exc:
+            res["failures"].append(f"restore section: {exc}")
+        else:
+            if not res["restore"]["verified_restore"]["ok"]:
+                res["failures"].append("restore section: the restore did not verify: "
+                                       f"{res['restore']['verified_restore']}")
+        rep.step()
