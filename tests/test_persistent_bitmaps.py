@@ -252,7 +252,7 @@ def test_a_supervisor_killed_mid_backup_leaves_every_bit(tmp_path: Path) -> None
         proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
-    cleaned = run_cli("cleanup")
+        cleaned = run_cli("cleanup")  # whatever happened: the dead run's segments go
     assert cleaned.returncode == 0, cleaned.stderr
     with Engine() as engine:
         dev = engine.create_device(SIZE, CLUSTER, backing_file=str(disk))
@@ -431,8 +431,8 @@ def test_sigkill_of_every_process_loses_no_bit(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # our child leads its own group
         proc.communicate(timeout=30)
+        cleaned = run_cli("cleanup")  # whatever happened: the dead run's segments go
     assert proc.returncode == -signal.SIGKILL
-    cleaned = run_cli("cleanup")
     assert cleaned.returncode == 0, cleaned.stderr
     assert not (tmp_path / "inflight.raw.part").exists()
     with Engine() as engine:
