@@ -224,8 +224,8 @@ def test_a_busy_bitmap_or_a_grouped_bitmap_action_is_refused(tmp_path: Path) -> 
         with pytest.raises(UsageError, match="does not support completion-mode = grouped"):
             engine.transaction([Backup(devs[0], str(tmp_path / "a.raw")),
                                 BitmapAdd(devs[1], "b1")], completion_mode="grouped")
-        with pytest.raises(UsageError, match="action 1 .*action 0 of this transaction "
-                                             "changes it"):
+        with pytest.raises(UsageError, match=r"action 1 .*action 0 of this transaction "
+                                             r"changes it"):
             engine.transaction([BitmapClear(devs[0], "b0"),
                                 Backup(devs[0], str(tmp_path / "a.raw"),
                                        sync="incremental", bitmap="b0")])
@@ -357,8 +357,9 @@ def test_every_backup_set_of_a_transaction_shows_a_state_that_existed(tmp_path: 
         try:
             sets = []
             for round_ in range(6):
-                wait_until(lambda: generation(a.read(0, 4096), 0) > 50 * (round_ + 1), 20.0,
-                           what="the generation writers running")
+                least = 50 * (round_ + 1)
+                wait_until(lambda: generation(a.read(0, 4096), 0) > least,  # noqa: B023
+                           20.0, what="the generation writers running")
                 ta, tb, tc = (tmp_path / f"{n}{round_}.raw" for n in "abc")
                 txn = engine.transaction([Backup(a, str(ta)), Backup(b, str(tb)),
                                           Backup(c, str(tc))], completion_mode="grouped")
