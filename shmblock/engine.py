@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 import protocol
 from shmblock import layout as L
-from shmblock import transaction
+from shmblock import transaction as transactions
 from shmblock.backup_job import STOP_TIMEOUT, STUCK_MARGIN, BackupJob
 from shmblock.device import DEFAULT_CLUSTER_SIZE, DEFAULT_MAX_WRITERS, Device, Geometry
 from shmblock.device_handle import DeviceHandle, WriterProcess
@@ -363,8 +363,8 @@ class Engine:
 
     # -- transactions -----------------------------------------------------------------------
 
-    def transaction(self, actions: Sequence[transaction.Action],
-                    completion_mode: str = "individual") -> transaction.Transaction:
+    def transaction(self, actions: Sequence[transactions.Action],
+                    completion_mode: str = "individual") -> transactions.Transaction:
         """Run ``actions`` (backups, bitmap actions) at one instant across their devices.
 
         QEMU's ``transaction``: every action is validated and every worker started
@@ -377,8 +377,17 @@ class Engine:
         copy in parallel; ``wait()`` returns their results). See
         :mod:`shmblock.transaction`.
         """
+        txn = self.create_transaction(actions, completion_mode)
+        txn.start()
+        return txn
+
+    def create_transaction(self, actions: Sequence[transactions.Action],
+                           completion_mode: str = "individual") -> transactions.Transaction:
+        """Validate ``actions`` and start their workers; the instant is taken by
+        :meth:`Transaction.start <shmblock.transaction.Transaction.start>` (as
+        :meth:`create_backup` and :meth:`BackupJob.start` split a backup)."""
         self._require_open()
-        return transaction.run(self, actions, completion_mode)
+        return transactions.prepare(self, actions, completion_mode)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ import numpy as np
 import protocol
 from shmblock import layout as L
 from shmblock.backup_job import STOP_TIMEOUT, BackupJob
-from shmblock.errors import JobError, ShmblockError, UsageError
+from shmblock.errors import JobError, ShmblockError, StateError, UsageError
 from shmblock.job import JobEvent, JobResult, JobState, Outcome
 from shmblock.names import NAME_RE
 from shmblock.options import DEFAULT_CHUNK, BackupOptions
@@ -170,7 +170,10 @@ class Transaction:
     """The jobs of one transaction, and for a grouped one, the group's fate."""
 
     completion_mode: str
+    engine: Engine | None = None
+    actions: list[Action] = field(default_factory=list)
     jobs: list[BackupJob] = field(default_factory=list)
+    started: bool = False
     #: grouped: the first job's outcome other than completed, and its job id
     failed: tuple[str, Outcome] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -180,6 +183,19 @@ class Transaction:
     @property
     def grouped(self) -> bool:
         return self.completion_mode == "grouped"
+
+    def start(self) -> None:
+        """Phase 3: the instant (one freeze of every device involved). Once.
+
+        Raises JobError when a job ended before the instant or the instant cannot be
+        taken (every action rolled back, the jobs stopped), PeerGone when a writer does
+        not freeze.
+        """
+        if self.started or self.engine is None:
+            raise StateError("a transaction is started once, after it is prepared",
+                             "started" if self.started else "unprepared", ("prepared",))
+        self.started = True
+        _take_instant(self.engine, self.actions, self)
 
     def wait(self, timeout: float | None = None) -> list[JobResult]:
         """Wait for every job (:meth:`BackupJob.wait`); their results, in action order."""
@@ -217,12 +233,12 @@ class Transaction:
                         j.cancel()
 
 
-def run(engine: Engine, actions: Sequence[Action], completion_mode: str) -> Transaction:
-    """Validate, prepare and take the transaction's instant (see the module docstring).
+def prepare(engine: Engine, actions: Sequence[Action], completion_mode: str) -> Transaction:
+    """Phases 1 and 2: validate every action, start every worker; no instant yet.
 
     Raises UsageError (a bad action, naming it) or BitmapBusy before anything starts,
-    JobError when a worker cannot start or the instant cannot be taken (nothing started,
-    nothing changed), PeerGone when a writer does not freeze.
+    JobError when a worker cannot start (the others are stopped: nothing started,
+    nothing changed). :meth:`Transaction.start` takes the instant.
     """
     if completion_mode not in COMPLETION_MODES:
         raise UsageError(f"unknown completion mode {completion_mode!r} (expected one of "
@@ -230,7 +246,7 @@ def run(engine: Engine, actions: Sequence[Action], completion_mode: str) -> Tran
     if not actions:
         raise UsageError("a transaction needs at least one action")
     options = _validate(engine, actions, completion_mode)
-    txn = Transaction(completion_mode)
+    txn = Transaction(completion_mode, engine=engine, actions=list(actions))
     backups = [(a, options[i]) for i, a in enumerate(actions) if isinstance(a, Backup)]
     try:
         for action, opts in backups:
@@ -242,7 +258,6 @@ def run(engine: Engine, actions: Sequence[Action], completion_mode: str) -> Tran
         for job in txn.jobs:
             job.defer_bitmap = True
             job.on_end = txn._job_ended
-    _take_instant(engine, actions, txn)
     return txn
 
 
