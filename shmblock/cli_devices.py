@@ -67,17 +67,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def wanted(args: argparse.Namespace) -> bool:
-    """Whether the run is a several-device one (any of its options, or --target twice)."""
+    """Whether the run is a transaction: any option of this group was given."""
     return bool(args.device_specs or args.devices is not None or args.target_dir
-                or args.completion_mode or len(args.target or []) > 1)
+                or args.completion_mode)
 
 
 def single_target(args: argparse.Namespace) -> None:
-    """The one-device run: ``args.target`` (a list, the option repeats) becomes one."""
-    targets = args.target or []
-    if len(targets) > 1:  # pragma: no cover - wanted() routes this to several devices
-        raise UsageError("--target is given more than once: name a --device for each")
-    args.target = targets[0] if targets else None
+    """The one-device run: ``args.target`` (a list, the option repeats) becomes one.
+
+    The last one wins, as for any option given twice (and as before ``--target`` could
+    repeat): a script that overrides a default ``--target`` keeps working.
+    """
+    args.target = args.target[-1] if args.target else None
 
 
 @dataclass(frozen=True)

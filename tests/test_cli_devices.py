@@ -75,7 +75,8 @@ def test_a_grouped_run_whose_target_fills_up_fails_as_a_group(tmp_path: Path) ->
 @pytest.mark.parametrize(("args", "words"), [
     (["--devices", "3", "--target", "a.raw", "--target", "b.raw"],
      ["3 device(s) but 2 --target", "--target-dir"]),
-    (["--target", "a.raw", "--target", "b.raw"], ["1 device(s) but 2 --target"]),
+    (["--completion-mode", "grouped", "--target", "a.raw", "--target", "b.raw"],
+     ["1 device(s) but 2 --target"]),
     (["--device", "a", "--device", "a", "--target", "x", "--target", "y"],
      ["--device a is given twice"]),
     (["--device", "a:8X", "--target", "x.raw"], ["--device 'a:8X'", "invalid size"]),
