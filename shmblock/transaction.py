@@ -270,6 +270,9 @@ def _validate(engine: Engine, actions: Sequence[Action],
     outputs: list[tuple[str, str]] = []
     seen_devices: dict[str, int] = {}
     for i, action in enumerate(actions):
+        if type(action) not in _KIND:
+            raise UsageError(f"action {i} is a {type(action).__name__}, not a transaction "
+                             f"action ({', '.join(k.__name__ for k in _KIND)})")
         what = describe(i, action)
         if engine.devices.get(action.device.name) is not action.device:
             raise UsageError(f"{what}: the device is not one of this engine's")

@@ -233,6 +233,8 @@ def test_a_busy_bitmap_or_a_grouped_bitmap_action_is_refused(tmp_path: Path) -> 
             engine.transaction([BitmapAdd(devs[0], "b1")], completion_mode="some")
         with pytest.raises(UsageError, match="at least one action"):
             engine.transaction([])
+        with pytest.raises(UsageError, match="action 0 is a str, not a transaction action"):
+            engine.transaction(["backup"])  # type: ignore[list-item]
         assert [j.job for j in engine.jobs.values()] == [running.job]
         running.cancel()
         running.wait(30.0)
