@@ -96,8 +96,9 @@ def test_grouped_transaction_with_a_failing_target_leaves_every_bitmap_as_it_was
     with Engine() as engine:
         devs = three_devices(engine)
         before = [d.bitmap("b0") for d in devs]
-        # d0 completes at once, d1 fills its file system, d2 is still copying then.
-        txn = engine.transaction(incrementals(devs, targets, [0, 0, SLOW]),
+        # d0 completes at once, d1 fills its file system after 0.8 s (8 clusters at
+        # SLOW; until then every bitmap stays consumed), d2 is still copying then.
+        txn = engine.transaction(incrementals(devs, targets, [0, SLOW, SLOW]),
                                  completion_mode="grouped")
         assert [j.device for j in txn.jobs] == devs
         assert all(d.bitmap("b0").sum() == 0 for d in devs), "one instant consumes all"
