@@ -3,8 +3,8 @@
 Theory of operation (QEMU's ``qapi/transaction.json``: prepare every action, then commit
 all or abort all). :meth:`Engine.transaction <shmblock.engine.Engine.transaction>` runs
 a list of actions — backups (:class:`Backup`) and dirty-bitmap actions
-(:class:`BitmapAdd`, :class:`BitmapClear`, :class:`BitmapMerge`, :class:`BitmapRemove`)
-— in three phases:
+(:class:`BitmapAdd`, :class:`BitmapClear`, :class:`BitmapMerge`, :class:`BitmapRemove`,
+:class:`BitmapEnable`, :class:`BitmapDisable`) — in three phases:
 
 1. **Validate** (nothing started, nothing changed): every backup's options; no device
    named twice by backups (a device has one job at a time), no two outputs colliding;
@@ -41,8 +41,13 @@ keeps a target too); its bitmap says the clusters are still to be backed up, so 
 next incremental copies them again (never a lost bit).
 
 As QEMU does (``action_check_completion_mode`` in ``blockdev.c``), bitmap actions are
-refused in a grouped transaction: a bitmap add, clear, merge or remove cannot be undone
-once writers have run, so "every bitmap as it was" could not be kept.
+refused in a grouped transaction: no bitmap action can be undone exactly once writers
+have run, so "every bitmap as it was" could not be kept.
+
+The bitmap actions set the device's maps directly (name, row, the recording bit of
+``CTL_BITMAP_MASK``), inside the freeze; when :class:`DeviceHandle
+<shmblock.device_handle.DeviceHandle>` grows its in-freeze bitmap verbs (and their
+persistence), :func:`_apply_bitmap` should call those instead.
 """
 
 from __future__ import annotations
@@ -150,11 +155,29 @@ class BitmapRemove:
     name: str
 
 
-BitmapAction = BitmapAdd | BitmapClear | BitmapMerge | BitmapRemove
+@dataclass(frozen=True)
+class BitmapEnable:
+    """Start recording guest writes into bitmap ``name`` again, from the instant."""
+
+    device: DeviceHandle
+    name: str
+
+
+@dataclass(frozen=True)
+class BitmapDisable:
+    """Stop recording guest writes into bitmap ``name`` from the instant (its bits stay)."""
+
+    device: DeviceHandle
+    name: str
+
+
+BitmapAction = BitmapAdd | BitmapClear | BitmapMerge | BitmapRemove | BitmapEnable | \
+    BitmapDisable
 Action = Backup | BitmapAction
 
 _KIND = {Backup: "backup", BitmapAdd: "bitmap-add", BitmapClear: "bitmap-clear",
-         BitmapMerge: "bitmap-merge", BitmapRemove: "bitmap-remove"}
+         BitmapMerge: "bitmap-merge", BitmapRemove: "bitmap-remove",
+         BitmapEnable: "bitmap-enable", BitmapDisable: "bitmap-disable"}
 
 
 def describe(index: int, action: Action) -> str:
@@ -453,6 +476,17 @@ def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
             row[:] = before
         return undo_merge
     index = device.bitmap_names()[action.name]
+    if isinstance(action, BitmapEnable | BitmapDisable):
+        # The recording switch is the bitmap's bit of CTL_BITMAP_MASK, read by every
+        # guest write (Device, "dirty"); its bits are not touched.
+        mask_was = int(ctl[L.CTL_BITMAP_MASK])
+        bit = 1 << index
+        ctl[L.CTL_BITMAP_MASK] = mask_was | bit if isinstance(action, BitmapEnable) \
+            else mask_was & ~bit
+
+        def undo_switch() -> None:
+            ctl[L.CTL_BITMAP_MASK] = mask_was
+        return undo_switch
     row = device.dirty[index]
     before = row.copy()
     if isinstance(action, BitmapClear):

@@ -19,11 +19,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shmblock import layout as L
 from shmblock.device_handle import DeviceHandle
 from shmblock.engine import Engine
 from shmblock.errors import BitmapBusy, CopyBeforeWriteError, JobError, UsageError
 from shmblock.job import Outcome
-from shmblock.transaction import Backup, BitmapAdd, BitmapClear, BitmapMerge, BitmapRemove
+from shmblock.transaction import (
+    Backup,
+    BitmapAdd,
+    BitmapClear,
+    BitmapDisable,
+    BitmapEnable,
+    BitmapMerge,
+    BitmapRemove,
+)
 from tests.helpers import small_tmpfs
 from tests.procs import MiB, wait_until
 
@@ -289,6 +298,30 @@ def test_bitmap_actions_apply_at_the_instant_of_the_backups(tmp_path: Path) -> N
         assert np.array_equal(a.bitmap("old"), mask([9]))
 
 
+def recording(dev: DeviceHandle, name: str) -> bool:
+    index = dev.device.bitmap_names()[name]
+    return bool(int(dev.device.ctl[L.CTL_BITMAP_MASK]) >> index & 1)
+
+
+def test_bitmaps_disabled_and_enabled_at_the_instant(tmp_path: Path) -> None:
+    with Engine() as engine:
+        a = engine.create_device(SIZE, CLUSTER, name="a")
+        a.add_bitmap("x")
+        a.add_bitmap("y")
+        write_clusters(a, [1], seed=1)
+        txn = engine.transaction([BitmapDisable(a, "x"), Backup(a, str(tmp_path / "a.raw"))])
+        assert not recording(a, "x") and recording(a, "y")
+        write_clusters(a, [2], seed=2)
+        assert np.array_equal(a.bitmap("x"), mask([1])), "a disabled bitmap keeps its bits"
+        assert np.array_equal(a.bitmap("y"), mask([1, 2]))
+        txn.wait(30.0)
+        engine.transaction([BitmapEnable(a, "x")])
+        write_clusters(a, [3], seed=3)
+        assert np.array_equal(a.bitmap("x"), mask([1, 3]))
+        with pytest.raises(UsageError, match=r"action 0 \(bitmap-enable on a\): .*'z'"):
+            engine.transaction([BitmapEnable(a, "z")])
+
+
 def test_an_instant_that_cannot_be_taken_rolls_every_action_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from shmblock import snapshot
@@ -308,10 +341,12 @@ def test_an_instant_that_cannot_be_taken_rolls_every_action_back(
             patch.setattr(snapshot, "take", take)
             engine.transaction([
                 BitmapAdd(devs[0], "new"), BitmapClear(devs[1], "b0"),
+                BitmapDisable(devs[1], "b0"),
                 Backup(devs[0], str(tmp_path / "d0.raw"), sync="incremental", bitmap="b0"),
                 BitmapMerge(devs[2], "b0", ("b0",)),
                 Backup(devs[2], str(tmp_path / "d2.raw"))])
         assert len(calls) == 2
+        assert all(recording(d, "b0") for d in devs), "the disable is rolled back"
         for job in engine.jobs.values():
             job.wait(30.0)
         assert_nothing_started(engine, devs, before, tmp_path)
