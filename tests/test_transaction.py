@@ -148,6 +148,29 @@ def test_grouped_transaction_with_a_failing_target_leaves_every_bitmap_as_it_was
             assert not d.busy_bitmaps
 
 
+def test_a_failed_group_settles_every_bitmap_by_its_mode_as_a_failure(
+        tmp_path: Path, small_fs: Path) -> None:
+    with Engine() as engine:
+        devs = three_devices(engine)
+        before = [d.bitmap("b0") for d in devs]
+        txn = engine.transaction([
+            # always: QEMU clears what reached the target even when the group fails
+            Backup(devs[0], str(tmp_path / "d0.raw"), sync="full", bitmap="b0",
+                   bitmap_mode="always", chunk=CLUSTER),
+            Backup(devs[1], str(small_fs / "d1.raw"), sync="bitmap", bitmap="b0",
+                   bitmap_mode="on-success", speed=SLOW, chunk=CLUSTER),
+            Backup(devs[2], str(tmp_path / "d2.raw"), sync="full", bitmap="b0",
+                   bitmap_mode="never", speed=SLOW, chunk=CLUSTER)],
+            completion_mode="grouped")
+        results = txn.wait(60.0)
+        assert results[0].outcome is Outcome.COMPLETED, results[0].error
+        assert [r.outcome for r in results[1:]] == [Outcome.FAILED, Outcome.CANCELLED]
+        assert devs[0].bitmap("b0").sum() == 0, "always: every cluster reached the target"
+        assert np.array_equal(devs[1].bitmap("b0"), before[1])
+        assert np.array_equal(devs[2].bitmap("b0"), before[2])
+        assert (tmp_path / "d0.raw").exists(), "a completed job keeps its target"
+
+
 def test_individual_transaction_lets_the_good_jobs_complete(
         tmp_path: Path, small_fs: Path) -> None:
     targets = [tmp_path / "d0.raw", small_fs / "d1.raw", tmp_path / "d2.raw"]
