@@ -244,6 +244,15 @@ def print_summary(s: DevicesSummary, out: Any) -> None:
         elif b["verified"] is False:
             line += f", verification FAILED: {b['verify_error']}"
         w(line + "\n")
+    for d in s.devices:
+        rows = [ws for ws in s.writer_stats if ws["device"] == d["name"]]
+        if rows:
+            bad = [f"writer {ws['writer']}: {ws['status']}" for ws in rows
+                   if ws["status"] != "ok"]
+            w(f"{d['name']:>8} writers: {len(rows)}, "
+              f"{sum(ws['ops_per_s'] for ws in rows):,.0f} ops/s, "
+              f"{sum(ws['cbw_saves'] for ws in rows)} copy-before-write saves"
+              + (f"; {'; '.join(bad)}" if bad else "") + "\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
