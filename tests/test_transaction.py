@@ -187,6 +187,20 @@ def test_individual_transaction_lets_the_good_jobs_complete(
     assert targets[0].exists() and targets[2].exists() and not targets[1].exists()
 
 
+def test_the_jobs_of_a_transaction_copy_in_parallel(tmp_path: Path) -> None:
+    targets = [tmp_path / f"d{i}.raw" for i in range(3)]
+    with Engine() as engine:
+        devs = three_devices(engine)
+        # 17 clusters at ten a second: 1.7 s each, 5.1 s one after the other.
+        txn = engine.transaction(incrementals(devs, targets, [SLOW] * 3))
+        results = txn.wait(60.0)
+        assert all(r.outcome is Outcome.COMPLETED for r in results)
+        starts = [j.tracker.running_since for j in txn.jobs]
+        ends = [j.tracker.ended for j in txn.jobs]
+        assert max(starts) < min(ends), "some job ended before another started"
+        assert max(ends) - min(starts) < 0.8 * sum(r.duration_s for r in results)
+
+
 def test_a_user_cancel_cancels_a_grouped_transaction(tmp_path: Path) -> None:
     targets = [tmp_path / f"d{i}.raw" for i in range(3)]
     with Engine() as engine:
