@@ -296,9 +296,11 @@ def _validate(engine: Engine, actions: Sequence[Action],
         if type(action) not in _KIND:
             raise UsageError(f"action {i} is a {type(action).__name__}, not a transaction "
                              f"action ({', '.join(k.__name__ for k in _KIND)})")
+        name = getattr(action.device, "name", None)
+        if not isinstance(name, str) or engine.devices.get(name) is not action.device:
+            raise UsageError(f"action {i} ({_KIND[type(action)]}): its device is not one "
+                             "of this engine's")
         what = describe(i, action)
-        if engine.devices.get(action.device.name) is not action.device:
-            raise UsageError(f"{what}: the device is not one of this engine's")
         dev = action.device.name
         if not isinstance(action, Backup):
             if completion_mode != "individual":

@@ -282,6 +282,12 @@ def test_a_busy_bitmap_or_a_grouped_bitmap_action_is_refused(tmp_path: Path) -> 
             engine.transaction([])
         with pytest.raises(UsageError, match="action 0 is a str, not a transaction action"):
             engine.transaction(["backup"])  # type: ignore[list-item]
+        with pytest.raises(UsageError, match=r"action 0 \(bitmap-add\): its device is not"):
+            engine.transaction([BitmapAdd("d0", "b1")])  # type: ignore[arg-type]
+        with Engine() as other:
+            stranger = other.create_device(SIZE, CLUSTER, name="d0")
+            with pytest.raises(UsageError, match="its device is not one of this engine's"):
+                engine.transaction([Backup(stranger, str(tmp_path / "s.raw"))])
         assert [j.job for j in engine.jobs.values()] == [running.job]
         running.cancel()
         running.wait(30.0)
