@@ -197,7 +197,7 @@ class Transaction:
     actions: list[Action] = field(default_factory=list)
     jobs: list[BackupJob] = field(default_factory=list)
     started: bool = False
-    #: grouped: the first job's outcome other than completed, and its job id
+    #: grouped: the first job that ended other than completed, and how (id, outcome)
     failed: tuple[str, Outcome] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ended: set[str] = field(default_factory=set)
