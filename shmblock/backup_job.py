@@ -14,6 +14,7 @@ import contextlib
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,13 @@ class BackupJob:
     covered: npt.NDArray[np.bool_] | None = None
     seq: int = 0  # the device's CTL_JOB_SEQ of this job's snapshot (0: never started)
     token: str = field(default="", repr=False)  # the secret shared with its worker
+    #: Set by a grouped transaction (:mod:`shmblock.transaction`): :meth:`end` leaves the
+    #: bitmap busy and unsettled, the transaction settles it (:meth:`settle_bitmap`) once
+    #: every job of the group has concluded. Moves onto the lifecycle's JobTxn later.
+    defer_bitmap: bool = False
+    #: Called once at the end of :meth:`end` (before the job is concluded) with the
+    #: outcome: how a grouped transaction learns that one of its jobs ended.
+    on_end: Callable[[BackupJob, Outcome], None] | None = None
     _final_lock: threading.Lock = field(default_factory=threading.Lock)
     _end_lock: threading.Lock = field(default_factory=threading.Lock)
     _ended: bool = False
@@ -196,42 +204,73 @@ class BackupJob:
 
     def _take_snapshot(self) -> None:
         """Freeze the writers, set the maps for the sync mode, thaw, start copying."""
-        assert self.options is not None, "a job built by hand has no snapshot to take"
-        dev = self.device.device
-        opts = self.options
-        snapshot.configure(dev, opts.cbw_mode, opts.cbw_timeout, opts.on_cbw_error)
-        capture = self.capture
-        # Built before the freeze: a message that cannot be built (a bad speed) must
-        # fail before the snapshot, not leave a snapshot that no worker copies.
-        start = protocol.JobStart(job=self.job, sync=snapshot.wire_sync(self.sync),
-                                  speed=self.speed, token=self.token)
+        start = self.snapshot_before_freeze()
         try:
             t0 = time.monotonic()
-            copy_s = 0.0
             with self.engine.freeze([self.device]):
-                self.seq = snapshot.take(dev, self.sync, self.bitmap)
-                if capture is not None:
-                    c0 = time.monotonic()
-                    capture.capture()
-                    copy_s = time.monotonic() - c0
-                self.covered = snapshot.marked(dev)
-                # What the writers feel, reported apart from the verification copy
-                # (which grows with the device and is only there when asked for).
-                self.verify_copy_s = copy_s
-                self.freeze_s = time.monotonic() - t0 - copy_s
-            # Digests first, JobStart after: an exception in between (Ctrl-C raises
-            # wherever shmblock-run's main thread is) must not leave a job running
-            # whose snapshot nobody digests.
-            if capture is not None:
-                capture.finish_async()
-            # A worker that never gets JobStart would leave the writers saving
-            # clusters that nobody copies: undo the snapshot if it cannot be sent.
-            self.queue.send(start, timeout=5.0)
+                self.snapshot_in_freeze(t0)
+            self.snapshot_after_freeze(start)
         except BaseException:
-            with self._end_lock:
-                snapshot.undo(dev, self.bitmap)
-            self.cancel()
+            self.snapshot_abort()
             raise
+        self.snapshot_started()
+
+    # The snapshot in parts, so that a transaction (:mod:`shmblock.transaction`) takes the
+    # snapshots of several jobs inside one freeze: before (no writer stopped), inside
+    # (every writer of every device quiesced), after (thawed), and abort for any
+    # exception between the first and the last.
+
+    def snapshot_before_freeze(self) -> protocol.JobStart:
+        """Store the copy-before-write policy; build the JobStart (nothing set yet)."""
+        assert self.options is not None, "a job built by hand has no snapshot to take"
+        opts = self.options
+        snapshot.configure(self.device.device, opts.cbw_mode, opts.cbw_timeout,
+                           opts.on_cbw_error)
+        # Built before the freeze: a message that cannot be built (a bad speed) must
+        # fail before the snapshot, not leave a snapshot that no worker copies.
+        return protocol.JobStart(job=self.job, sync=snapshot.wire_sync(self.sync),
+                                 speed=self.speed, token=self.token)
+
+    def snapshot_in_freeze(self, t0: float) -> None:
+        """Set the maps (and copy for verification): only while the device is frozen.
+
+        ``t0`` is when the freeze was asked for, for :attr:`freeze_s`.
+        """
+        dev = self.device.device
+        capture = self.capture
+        copy_s = 0.0
+        self.seq = snapshot.take(dev, self.sync, self.bitmap)
+        if capture is not None:
+            c0 = time.monotonic()
+            capture.capture()
+            copy_s = time.monotonic() - c0
+        self.covered = snapshot.marked(dev)
+        # What the writers feel, reported apart from the verification copy
+        # (which grows with the device and is only there when asked for).
+        self.verify_copy_s = copy_s
+        self.freeze_s = time.monotonic() - t0 - copy_s
+
+    def snapshot_after_freeze(self, start: protocol.JobStart) -> None:
+        """Thawed: start digesting the capture, then tell the worker to copy."""
+        # Digests first, JobStart after: an exception in between (Ctrl-C raises
+        # wherever shmblock-run's main thread is) must not leave a job running
+        # whose snapshot nobody digests.
+        if self.capture is not None:
+            self.capture.finish_async()
+        # A worker that never gets JobStart would leave the writers saving
+        # clusters that nobody copies: undo the snapshot if it cannot be sent.
+        self.queue.send(start, timeout=5.0)
+
+    def snapshot_abort(self) -> None:
+        """Take back a snapshot whose JobStart was not sent (the bitmap gets its bits
+        back), and cancel the worker."""
+        with self._end_lock:
+            snapshot.undo(self.device.device, self.bitmap)
+        self.cancel()
+
+    def snapshot_started(self) -> None:
+        """The JobStart is sent: the job runs (unless its worker ended meanwhile)."""
+        dev = self.device.device
         with contextlib.suppress(StateError):  # the worker may have failed already
             self.tracker.apply("start", "running")
         if self.tracker.concluded:
@@ -262,13 +301,27 @@ class BackupJob:
                 self.covered = snapshot.covered(dev, self.sync, self.covered)
             # The worker died without releasing the snapshot (SIGKILL): do it for it.
             snapshot.release_if_current(self.device.device, self.seq)
-            if self.bitmap is not None:
-                # The bitmap's fate, from the outcome and what the worker saved (the
-                # worker is done: its saved map is final).
-                snapshot.settle_bitmap(self.device.device, self.bitmap,
-                                       outcome is Outcome.COMPLETED, self.covered,
-                                       copied_known=self.spec.is_file)
-                self.device.release_bitmap(self.bitmap.name, self.job)
+            if self.bitmap is not None and not self.defer_bitmap:
+                self.settle_bitmap(outcome is Outcome.COMPLETED)
             if self.spec.part is not None and outcome is not Outcome.COMPLETED:
                 # Only if it is still the .part our worker created (not another job's).
                 self.engine.record.discard_part(self.spec.part)
+            if self.on_end is not None:
+                self.on_end(self, outcome)
+
+    def settle_bitmap(self, completed: bool) -> None:
+        """Decide the bitmap's fate (:func:`snapshot.settle_bitmap`) and free it. Once.
+
+        ``completed``: whether to settle as a success; a grouped transaction passes the
+        group's outcome, not the job's. Only after :meth:`end` (the worker is done: its
+        ``saved`` map is final), or for a job whose snapshot was never taken.
+        """
+        if self.bitmap is None:
+            return
+        # The worker's saved map belongs to this job only while no newer job has
+        # taken a snapshot of the device; after that nothing counts as copied.
+        dev = self.device.device
+        own = not dev.closed and int(dev.ctl[L.CTL_JOB_SEQ]) == self.seq
+        snapshot.settle_bitmap(dev, self.bitmap, completed, self.covered,
+                               copied_known=self.spec.is_file and own)
+        self.device.release_bitmap(self.bitmap.name, self.job)

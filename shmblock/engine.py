@@ -37,10 +37,11 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import protocol
 from shmblock import layout as L
+from shmblock import transaction as transactions
 from shmblock.backup_job import STOP_TIMEOUT, STUCK_MARGIN, BackupJob
 from shmblock.device import DEFAULT_CLUSTER_SIZE, DEFAULT_MAX_WRITERS, Device, Geometry
 from shmblock.device_handle import DeviceHandle, WriterProcess
@@ -359,6 +360,34 @@ class Engine:
             job.capture = SnapshotCapture(device.device, opts.reference_image,
                                           on_part_created=self.record.part_created)
         return job
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def transaction(self, actions: Sequence[transactions.Action],
+                    completion_mode: str = "individual") -> transactions.Transaction:
+        """Run ``actions`` (backups, bitmap actions) at one instant across their devices.
+
+        QEMU's ``transaction``: every action is validated and every worker started
+        before one freeze of every writer of every device involved; then each job's
+        maps and each bitmap action, in order; one thaw. All or nothing: an invalid
+        action (UsageError, BitmapBusy) or a worker that cannot start (JobError) leaves
+        nothing started and nothing changed. ``completion_mode`` ``grouped``: a job that
+        fails or is cancelled cancels the others, and every bitmap is left as it was
+        before. Returns the :class:`~shmblock.transaction.Transaction` (its ``jobs``
+        copy in parallel; ``wait()`` returns their results). See
+        :mod:`shmblock.transaction`.
+        """
+        txn = self.create_transaction(actions, completion_mode)
+        txn.start()
+        return txn
+
+    def create_transaction(self, actions: Sequence[transactions.Action],
+                           completion_mode: str = "individual") -> transactions.Transaction:
+        """Validate ``actions`` and start their workers; the instant is taken by
+        :meth:`Transaction.start <shmblock.transaction.Transaction.start>` (as
+        :meth:`create_backup` and :meth:`BackupJob.start` split a backup)."""
+        self._require_open()
+        return transactions.prepare(self, actions, completion_mode)
 
     # -- lifecycle --------------------------------------------------------------------------
 
