@@ -130,7 +130,9 @@ class BackupLoop:
 
     def __init__(self, device: Device, claims: Claims, inbox: Inbox, outbox: Outbox,
                  answer: Answer, open_target: Callable[[], Target], job: str, token: str,
-                 chunk: int, parent_alive: Callable[[], bool] = lambda: True) -> None:
+                 chunk: int, parent_alive: Callable[[], bool] = lambda: True, *,
+                 publish: bool = True, on_target_error: str = "report",
+                 on_source_error: str = "report") -> None:
         self.device = device
         self.claims = claims
         self.inbox = inbox
@@ -141,6 +143,15 @@ class BackupLoop:
         self.token = token  # the job's secret: the supervisor wants it on Job* messages
         self.chunk = chunk
         self.parent_alive = parent_alive
+        #: commit (publish) the target at the end; False: only seal it and leave the
+        #: ``.part`` for the supervisor, which publishes it when the job is finalized
+        self.publish = publish
+        self.on_target_error = parse_on_error(on_target_error)
+        self.on_source_error = parse_on_error(on_source_error)
+        #: a background chunk failed under ``stop``/``ignore``: copy it again when
+        #: allowed (``ignore``: after RETRY_EVERY; ``stop``: after Resume)
+        self.retry_at = 0.0
+        self.io_errors = 0
         #: the job ended because the target failed (answers say so: target_error)
         self.target_failed = False
         self.target: Target | None = None
@@ -316,7 +327,10 @@ class BackupLoop:
             if self.device.ctl[L.CTL_BROKEN]:
                 raise JobEnded(protocol.JobFailed(job=self.job,
                                                   error="the snapshot is broken"))
-            self.target.commit()
+            if self.publish:
+                self.target.commit()
+            else:
+                self.target.seal()
         ctl = self.device.ctl
         ctl[L.CTL_DONE_BYTES] = copier.clusters_saved * copier.cs
         raise JobEnded(protocol.JobCompleted(
