@@ -246,6 +246,8 @@ class Engine:
                reference_image: str | None = None, chunk: int = DEFAULT_CHUNK,
                target_timeout: float = 30.0, job_id: str | None = None,
                bitmap: str | None = None, bitmap_mode: str | None = None,
+               auto_finalize: bool = True, auto_dismiss: bool = False,
+               on_source_error: str = "report", on_target_error: str = "report",
                on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
         """Create a backup job and take its snapshot now; returns once it is running.
 
@@ -257,7 +259,9 @@ class Engine:
             cbw_timeout=cbw_timeout, on_cbw_error=on_cbw_error, backing_file=backing_file,
             backing_format=backing_format, verify=verify, reference_image=reference_image,
             chunk=chunk, target_timeout=target_timeout, job_id=job_id, bitmap=bitmap,
-            bitmap_mode=bitmap_mode, on_event=on_event)
+            bitmap_mode=bitmap_mode, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+            on_source_error=on_source_error, on_target_error=on_target_error,
+            on_event=on_event)
         job.start()
         return job
 
@@ -270,6 +274,8 @@ class Engine:
                       chunk: int = DEFAULT_CHUNK, target_timeout: float = 30.0,
                       job_id: str | None = None, bitmap: str | None = None,
                       bitmap_mode: str | None = None,
+                      auto_finalize: bool = True, auto_dismiss: bool = False,
+                      on_source_error: str = "report", on_target_error: str = "report",
                       on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
         """Prepare a backup job: start its worker, open the target; no snapshot yet.
 
@@ -290,7 +296,8 @@ class Engine:
             speed=speed, chunk=chunk, cbw_mode=cbw_mode, cbw_timeout=cbw_timeout,
             on_cbw_error=on_cbw_error, verify=verify, reference_image=reference_image,
             target_timeout=target_timeout, job_id=job_id, bitmap=bitmap,
-            bitmap_mode=bitmap_mode)
+            bitmap_mode=bitmap_mode, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+            on_source_error=on_source_error, on_target_error=on_target_error)
         return self._prepare(device, opts, on_event)
 
     def _prepare(self, device: DeviceHandle, opts: BackupOptions,
@@ -321,7 +328,10 @@ class Engine:
         if on_event is None and self._on_event is not None:
             engine_hook = self._on_event
             on_event = lambda event: engine_hook(job_id, event)  # noqa: E731
-        tracker = JobTracker(job_id, on_event)
+        # QEMU's lifecycle with a status event for every change; auto-dismiss as asked
+        # (off by default: see shmblock.backup_job).
+        tracker = JobTracker(job_id, on_event, auto_finalize=opts.auto_finalize,
+                             auto_dismiss=opts.auto_dismiss, status_events=True)
         token = secrets.token_hex(16)
         self.pump.job_tokens[job_id] = token  # before the spawn: the worker may fail at once
         queue = device.backup_queue()
@@ -355,6 +365,7 @@ class Engine:
             with contextlib.suppress(OSError):
                 st = os.lstat(spec.part)
                 self.record.part_created(spec.part, (st.st_dev, st.st_ino))
+                job.part_identity = (st.st_dev, st.st_ino)  # what commit may publish
         if opts.wants_capture:
             job.capture = SnapshotCapture(device.device, opts.reference_image,
                                           on_part_created=self.record.part_created)
@@ -376,7 +387,9 @@ class Engine:
         try:
             for job in self.jobs.values():
                 if not job.tracker.concluded:
-                    job.cancel()
+                    # Running, or pending a finalize nobody will give now: both abort.
+                    with contextlib.suppress(StateError):  # aborting, or just concluded
+                        job.cancel()
             for job in self.jobs.values():
                 with contextlib.suppress(JobError):
                     job.wait(STOP_TIMEOUT)

@@ -894,8 +894,13 @@ class JobTracker:
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until concluded; False on timeout."""
+        return self.wait_for(lambda: self.concluded, timeout)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``predicate()`` (checked under the lock at every change); False on
+        timeout."""
         with self._lock:
-            return self._lock.wait_for(lambda: self.concluded, timeout)
+            return self._lock.wait_for(predicate, timeout)
 
     # -- QEMU's verbs and work reports (for the engine to adopt) ----------------------------
 
