@@ -305,7 +305,9 @@ class BackupLoop:
         try:
             saved = copier.copy_next_chunk()
         except TargetError as exc:
-            self.chunk_failed(exc, now)
+            if not self.chunk_failed(exc, now):
+                raise  # report: the job fails (re-raised here, not from a helper's frame,
+                # so no reference cycle keeps the copier's numpy views alive)
             return
         if saved and self.speed:
             self.next_allowed = max(self.next_allowed, now) + saved * copier.cs / self.speed
@@ -313,10 +315,10 @@ class BackupLoop:
             # A writer holds a claim in this chunk: serve it, then retry.
             self.service_inbox(0.0001)
 
-    def chunk_failed(self, exc: TargetError, now: float) -> None:
+    def chunk_failed(self, exc: TargetError, now: float) -> bool:
         """A background chunk failed to reach the target: apply ``on-target-error``.
 
-        ``report`` fails the job (re-raises). ``stop`` (and ``enospc`` for ENOSPC)
+        False for ``report``: the caller re-raises, the job fails. ``stop`` (and ``enospc`` for ENOSPC)
         pauses the loop as a Pause would, and ``ignore`` waits :data:`RETRY_EVERY`;
         either way the chunk is copied again later (the copier clears a cluster's mark
         and moves its cursor only after the write succeeded). The supervisor hears of
@@ -328,7 +330,7 @@ class BackupLoop:
         error = errno_of(exc)
         decision = decide_error(self.on_target_error, error)
         if decision.fail_job:
-            raise exc
+            return False
         self.io_errors += 1
         self.outbox.send(protocol.JobError(
             job=self.job, operation="write", action=decision.action.value, errno=error,
@@ -337,6 +339,7 @@ class BackupLoop:
             self.paused = True  # until the supervisor's Resume
         else:
             self.retry_at = now + RETRY_EVERY
+        return True
 
     def run(self) -> None:
         """Loop until the job ends (raises JobEnded, TargetError, ShmblockError)."""

@@ -736,14 +736,17 @@ class JobLifecycle:
         txn = self.txn
         if not txn.aborting:
             txn.aborting = True
-            for other in list(txn.jobs):
-                if other is self or other.state in (_E, _N):
-                    continue
+            others = [o for o in txn.jobs if o is not self and o.state not in (_E, _N)]
+            # Every job is marked cancelled before any cancel hook runs: a hook may end
+            # its job's work at once, which finalizes the group from inside the hook,
+            # and a job not yet marked would then commit (found by the Hypothesis model).
+            for other in others:
                 other._cancel_async()
                 if not other.started:
                     other._ret = Outcome.CANCELLED
                     other._to(JobState.ABORTING)
-                elif not other.work_over:
+            for other in others:
+                if other.started and not other.work_over:
                     other._call("cancel", other.hooks.on_cancel)
         if all(j.work_over for j in txn.jobs):
             for j in list(txn.jobs):
