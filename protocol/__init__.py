@@ -51,6 +51,7 @@ from .messages import (
     Frozen,
     JobCancelled,
     JobCompleted,
+    JobError,
     JobFailed,
     JobProgress,
     JobStart,
@@ -63,7 +64,6 @@ from .messages import (
     Staged,
     Thaw,
     WriterDone,
-    JobError,
     short_error,
 )
 
@@ -79,6 +79,7 @@ __all__ = [
     "Frozen",
     "JobCancelled",
     "JobCompleted",
+    "JobError",
     "JobFailed",
     "JobProgress",
     "JobStart",
@@ -94,7 +95,6 @@ __all__ = [
     "Staged",
     "Thaw",
     "WriterDone",
-    "JobError",
     "decode",
     "encode",
     "max_encoded_size",

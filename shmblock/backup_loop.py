@@ -318,8 +318,9 @@ class BackupLoop:
     def chunk_failed(self, exc: TargetError, now: float) -> bool:
         """A background chunk failed to reach the target: apply ``on-target-error``.
 
-        False for ``report``: the caller re-raises, the job fails. ``stop`` (and ``enospc`` for ENOSPC)
-        pauses the loop as a Pause would, and ``ignore`` waits :data:`RETRY_EVERY`;
+        False for ``report``: the caller re-raises, the job fails. ``stop`` (and
+        ``enospc`` for ENOSPC) pauses the loop as a Pause would, and ``ignore`` waits
+        :data:`RETRY_EVERY`;
         either way the chunk is copied again later (the copier clears a cluster's mark
         and moves its cursor only after the write succeeded). The supervisor hears of
         it through ``JobError`` (QEMU's ``BLOCK_JOB_ERROR``), sent with a timeout, not

@@ -49,6 +49,11 @@ def dirty_mask(clusters: list[int]) -> np.ndarray:
     return m
 
 
+def state_of(job: BackupJob) -> JobState:
+    """The job's state, read afresh (so mypy does not narrow it across verbs)."""
+    return job.state
+
+
 def statuses(job: BackupJob) -> list[str]:
     return [e.data["status"] for e in job.events if e.kind == "status"]
 
@@ -86,13 +91,13 @@ def test_manual_finalize_waits_in_pending_then_commits(tmp_path: Path) -> None:
         engine.stuck_timeout = 0.5
         job.stuck_timeout = 0.5
         time.sleep(1.0)
-        assert job.state is JobState.PENDING
+        assert state_of(job) is JobState.PENDING
         for verb, call in [("pause", job.pause), ("resume", job.resume),
                            ("set-speed", lambda: job.set_speed(1)),
                            ("dismiss", job.dismiss)]:
             refused(call, job, "pending", verb)
         job.finalize()
-        assert job.state is JobState.CONCLUDED
+        assert state_of(job) is JobState.CONCLUDED
         result = job.wait(30.0)
         refused(job.finalize, job, "concluded", "finalize")
     assert result.outcome is Outcome.COMPLETED, result.error
@@ -147,7 +152,7 @@ def test_auto_dismiss_goes_to_null_and_keeps_the_result(tmp_path: Path) -> None:
         dev = engine.create_device(SIZE, CLUSTER)
         job = engine.backup(dev, str(tmp_path / "b.raw"), auto_dismiss=True, verify=True)
         result = job.wait(30.0)
-        assert job.state is JobState.NULL
+        assert state_of(job) is JobState.NULL
         assert job.wait(1.0) is result
         for verb, call in [("dismiss", job.dismiss), ("finalize", job.finalize),
                            ("cancel", job.cancel), ("pause", job.pause)]:
@@ -161,13 +166,13 @@ def test_manual_dismiss(tmp_path: Path) -> None:
         dev = engine.create_device(SIZE, CLUSTER)
         job = engine.backup(dev, str(tmp_path / "b.raw"))
         result = job.wait(30.0)
-        assert job.state is JobState.CONCLUDED
+        assert state_of(job) is JobState.CONCLUDED
         for verb, call in [("pause", job.pause), ("resume", job.resume),
                            ("cancel", job.cancel), ("set-speed", lambda: job.set_speed(0)),
                            ("finalize", job.finalize)]:
             refused(call, job, "concluded", verb)
         job.dismiss()
-        assert job.state is JobState.NULL
+        assert state_of(job) is JobState.NULL
         refused(job.dismiss, job, "null", "dismiss")
         assert job.wait(1.0) is result
 
@@ -180,20 +185,20 @@ def test_verbs_in_created_running_paused(tmp_path: Path) -> None:
     with Engine() as engine:
         dev = engine.create_device(SIZE, CLUSTER)
         job = engine.create_backup(dev, str(target), speed=SLOW, verify=True)
-        assert job.state is JobState.CREATED
+        assert state_of(job) is JobState.CREATED
         refused(job.finalize, job, "created", "finalize")
         refused(job.dismiss, job, "created", "dismiss")
         refused(job.resume, job, "created", "resume")  # not paused
         job.pause()  # QEMU: takes effect when the job starts
         refused(job.pause, job, "created", "pause")
         job.start()
-        assert job.state is JobState.PAUSED
+        assert state_of(job) is JobState.PAUSED
         done = job.progress[0]
         refused(job.pause, job, "paused", "pause")
         refused(job.finalize, job, "paused", "finalize")
         job.set_speed(SLOW)
         job.resume()
-        assert job.state is JobState.RUNNING
+        assert state_of(job) is JobState.RUNNING
         wait_until(lambda: job.progress[0] > done, 20.0, what="copying after resume")
         refused(job.resume, job, "running", "resume")
         refused(job.dismiss, job, "running", "dismiss")
@@ -214,7 +219,7 @@ def test_cancel_a_created_job_concludes_at_once(tmp_path: Path) -> None:
         dev = engine.create_device(SIZE, CLUSTER)
         job = engine.create_backup(dev, str(tmp_path / "b.raw"))
         job.cancel()
-        assert job.state is JobState.CONCLUDED
+        assert state_of(job) is JobState.CONCLUDED
         refused(job.start, job, "concluded", "start")
         result = job.wait(30.0)
         assert job.proc.wait(10.0) is not None
@@ -299,7 +304,7 @@ def test_ignore_retries_until_there_is_room(tmp_path: Path) -> None:
                             chunk=4 * CLUSTER)
         wait_until(lambda: any(e.kind == "error" for e in job.events), 30.0,
                    what="an error event")
-        assert job.state is JobState.RUNNING, "ignore never pauses"
+        assert state_of(job) is JobState.RUNNING, "ignore never pauses"
         filler.unlink()
         result = job.wait(60.0)
     assert result.outcome is Outcome.COMPLETED, result.error
