@@ -110,11 +110,13 @@ The end of a job (``job_completed`` and friends in QEMU's ``job.c``)::
 Error policies (``on-source-error`` / ``on-target-error``, QEMU's ``BlockdevOnError``)
 are decided by the pure function :func:`decide_error`; see its docstring.
 
-What the engine uses today (``shmblock/engine.py``): :class:`JobTracker` with the legacy
-calls ``apply`` (the :data:`VERBS` subset start/pause/resume), ``transition``,
-``conclude`` (now the ``work_ended`` path, ending ``concluded``), ``progress``, ``note``,
-``wait``. Not yet: ``command`` (the QEMU verbs), manual finalize/dismiss, transactions,
-hooks, error policies, ``status`` events.
+What the engine uses (``shmblock/backup_job.py``): every ``BackupJob`` drives a
+:class:`JobTracker` through QEMU's verbs (:meth:`JobTracker.command`), with its
+``prepare``/``commit``/``abort``/``clean`` methods as :class:`JobHooks`, the job's
+``auto_finalize``/``auto_dismiss``, ``status`` events, and :meth:`JobTracker.io_error`
+for the worker's ``JobError``. The legacy calls (``apply`` with :data:`VERBS`,
+``transition``) remain for tests that drive a tracker by hand. Transactions
+(:class:`JobTxn`) are plugged in by ``shmblock/transaction.py``.
 """
 
 from __future__ import annotations
