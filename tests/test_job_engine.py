@@ -311,3 +311,15 @@ def test_ignore_retries_until_there_is_room(tmp_path: Path) -> None:
     assert result.verified is True, result.verify_error
     actions = {e.data["action"] for e in job.events if e.kind == "error"}
     assert actions == {"ignore"}
+
+
+def test_closing_the_engine_aborts_a_job_left_pending(tmp_path: Path) -> None:
+    target = tmp_path / "b.raw"
+    with Engine() as engine:
+        dev = engine.create_device(SIZE, CLUSTER)
+        job = engine.backup(dev, str(target), auto_finalize=False)
+        assert job.wait_work(30.0) is JobState.PENDING
+        assert os.path.exists(str(target) + ".part")
+    assert state_of(job) is JobState.CONCLUDED
+    assert job.tracker.outcome is Outcome.CANCELLED
+    assert not target.exists() and not os.path.exists(str(target) + ".part")
