@@ -273,6 +273,9 @@ def test_stop_pauses_on_enospc_and_resume_retries(tmp_path: Path, policy: str) -
         assert errors[0].data["errno"] == 28
         assert job.lifecycle.io_status is IoStatus.NOSPACE
         assert job.proc.poll() is None, "a stopped job's worker waits"
+        job.stuck_timeout = 1.5  # a stopped worker still beats: it is not stuck
+        time.sleep(2.5)
+        assert state_of(job) is JobState.PAUSED and job.proc.poll() is None
         filler.unlink()
         job.resume()
         result = job.wait(60.0)
