@@ -11,6 +11,7 @@ failed chunk.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,10 +21,10 @@ import pytest
 from shmblock.backup_job import BackupJob
 from shmblock.device_handle import DeviceHandle
 from shmblock.engine import Engine
-from shmblock.errors import StateError, UsageError
+from shmblock.errors import StateError, TargetError, UsageError
 from shmblock.job import IoStatus, JobState, Outcome
 from shmblock.options import BackupOptions
-from shmblock.targets import TargetSpec
+from shmblock.targets import TargetSpec, open_reader, open_target
 from tests.helpers import small_tmpfs
 from tests.procs import MiB, wait_until
 
@@ -326,3 +327,30 @@ def test_closing_the_engine_aborts_a_job_left_pending(tmp_path: Path) -> None:
     assert state_of(job) is JobState.CONCLUDED
     assert job.tracker.outcome is Outcome.CANCELLED
     assert not target.exists() and not os.path.exists(str(target) + ".part")
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_seal_leaves_a_complete_part_that_commit_publishes(tmp_path: Path,
+                                                           fmt: str) -> None:
+    """What the worker does at the end (seal) and the supervisor later (rename): the
+    sealed .part is already the finished image; no write is accepted after seal."""
+    path = tmp_path / f"b.{fmt}"
+    data = np.random.default_rng(3).integers(1, 256, CLUSTER, dtype=np.uint8)
+    with open_target(TargetSpec.parse(str(path)), SIZE, CLUSTER) as target:
+        target.write(CLUSTER, data.tobytes())
+        target.seal()
+        assert not path.exists() and Path(str(path) + ".part").exists()
+        if fmt == "qcow2":
+            with pytest.raises(TargetError):
+                target.write(0, data.tobytes())
+            check = subprocess.run(["qemu-img", "check", str(path) + ".part"],
+                                   capture_output=True, text=True, check=False)
+            assert check.returncode == 0, check.stdout + check.stderr
+        target.commit()
+    assert path.exists() and not Path(str(path) + ".part").exists()
+    reader = open_reader(TargetSpec.parse(str(path)), SIZE, CLUSTER)
+    try:
+        assert reader.read(CLUSTER, CLUSTER) == data.tobytes()
+        assert reader.read(0, CLUSTER) == bytes(CLUSTER)
+    finally:
+        reader.close()
