@@ -354,3 +354,26 @@ def test_seal_leaves_a_complete_part_that_commit_publishes(tmp_path: Path,
         assert reader.read(0, CLUSTER) == bytes(CLUSTER)
     finally:
         reader.close()
+
+
+def test_a_part_replaced_in_pending_fails_prepare_and_aborts(tmp_path: Path) -> None:
+    """prepare() checks that the .part is still the file our worker created: a file put
+    in its place is never published, and the bitmap gets its bits back."""
+    target = tmp_path / "b.raw"
+    part = Path(str(target) + ".part")
+    with Engine() as engine:
+        dev = prepare(engine)
+        job = engine.backup(dev, str(target), sync="incremental", bitmap="b0",
+                            auto_finalize=False)
+        assert job.wait_work(30.0) is JobState.PENDING
+        other = tmp_path / "other"
+        other.write_bytes(b"not the backup")  # a new inode while the .part still exists
+        other.rename(part)
+        job.finalize()
+        result = job.wait(30.0)
+        after = dev.bitmap("b0") != 0
+    assert result.outcome is Outcome.FAILED
+    assert "not the file this job's worker created" in result.error, result.error
+    assert not target.exists()
+    assert part.read_bytes() == b"not the backup", "someone else's file is left alone"
+    assert np.array_equal(after, dirty_mask(DIRTY))
