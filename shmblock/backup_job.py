@@ -345,16 +345,20 @@ class BackupJob:
             # whose snapshot nobody digests.
             if capture is not None:
                 capture.finish_async()
+            # Started before JobStart is sent: the worker's first report (a JobError
+            # for a chunk that failed at once, its JobCompleted) must find the job
+            # running, not created.
+            with contextlib.suppress(StateError):  # the worker may have failed already
+                self.tracker.command("start")
             # A worker that never gets JobStart would leave the writers saving
             # clusters that nobody copies: undo the snapshot if it cannot be sent.
             self.queue.send(start, timeout=5.0)
         except BaseException:
             with self._end_lock:
                 snapshot.undo(dev, self.bitmap)
-            self.cancel()
+            with contextlib.suppress(StateError):  # concluded already (its worker died)
+                self.cancel()
             raise
-        with contextlib.suppress(StateError):  # the worker may have failed already
-            self.tracker.command("start")
         if self.tracker.concluded:
             # The worker ended (died) while the snapshot was taken; its end may have
             # been handled before the maps were set, and nobody would copy them now.

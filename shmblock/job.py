@@ -883,7 +883,9 @@ class JobTracker:
     def progress(self, done: int, total: int) -> None:
         with self._lock:
             self.done, self.total = done, total
-            self._emit("progress", done=done, total=total)
+            # QEMU's names too (query-jobs: current-progress/total-progress; block
+            # jobs: offset/len), so its users find them.
+            self._emit("progress", done=done, total=total, offset=done, length=total)
 
     def conclude(self, outcome: Outcome, error: str = "", **final: int) -> bool:
         """The work ended with ``outcome``; once (a worker's late report is ignored).
