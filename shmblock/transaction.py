@@ -30,15 +30,13 @@ that fails or is cancelled cancels the others, and every job's bitmap is settled
 its job had failed — on-success and never bitmaps get their bits at the instant back, on
 top of the writes made during the jobs, so they are exactly as before the transaction;
 ``always`` bitmaps keep QEMU's meaning (cleared where the job's target got the cluster).
-Only when every job completed are the bitmaps settled as a success. Until K1's job
-lifecycle (``job.py``'s ``JobTxn`` with prepare/commit/abort) is wired into
-:class:`~shmblock.backup_job.BackupJob`, the grouping lives here: each job of a grouped
-transaction is built with ``defer_bitmap`` (its :meth:`~BackupJob.end` leaves the bitmap
-busy and unsettled) and an ``on_end`` hook; the job that ends last settles every bitmap
-of the group, before it is concluded, so whoever sees every job concluded sees every
-bitmap settled. A job that completed before another failed keeps its target file (QEMU
-keeps a target too); its bitmap says the clusters are still to be backed up, so the
-next incremental copies them again (never a lost bit).
+Only when every job completed are the bitmaps settled as a success. The grouping is the
+job lifecycle's (:class:`shmblock.job.JobTxn`): the jobs of a grouped transaction share
+one ``JobTxn`` (and one lock), so no job reaches ``pending`` until every job's work has
+ended well — no target is published, no bitmap settled before — and the first failure
+or cancel aborts the whole group: the jobs still working are told to cancel, and once
+every job's work has ended each runs its abort hook (``.part`` discarded, bitmap bits
+put back by its mode). With ``auto_finalize=False`` one ``finalize`` finalizes the group.
 
 As QEMU does (``action_check_completion_mode`` in ``blockdev.c``), bitmap actions are
 refused in a grouped transaction: no bitmap action can be undone exactly once writers
@@ -65,7 +63,7 @@ import protocol
 from shmblock import layout as L
 from shmblock.backup_job import STOP_TIMEOUT, BackupJob
 from shmblock.errors import JobError, ShmblockError, StateError, UsageError
-from shmblock.job import JobEvent, JobResult, JobState, Outcome
+from shmblock.job import JobEvent, JobResult, JobState, JobTxn, Outcome
 from shmblock.names import NAME_RE
 from shmblock.options import DEFAULT_CHUNK, BackupOptions
 from shmblock.paths import check_distinct, with_parts
@@ -197,11 +195,6 @@ class Transaction:
     actions: list[Action] = field(default_factory=list)
     jobs: list[BackupJob] = field(default_factory=list)
     started: bool = False
-    #: grouped: the first job that ended other than completed, and how (id, outcome)
-    failed: tuple[str, Outcome] | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _ended: set[str] = field(default_factory=set)
-    settled: bool = False
 
     @property
     def grouped(self) -> bool:
@@ -236,24 +229,16 @@ class Transaction:
         """Every job concluded completed (a grouped transaction: its bitmaps synced)."""
         return all(j.tracker.outcome is Outcome.COMPLETED for j in self.jobs)
 
-    def _job_ended(self, job: BackupJob, outcome: Outcome) -> None:
-        """A grouped job's :meth:`BackupJob.end` (from the pump, before it concludes)."""
-        with self._lock:
-            self._ended.add(job.job)
-            cancel_others = outcome is not Outcome.COMPLETED and self.failed is None
-            if cancel_others:
-                self.failed = (job.job, outcome)
-            last = len(self._ended) == len(self.jobs)
-            if last and not self.settled:
-                self.settled = True
-                # QEMU's txn commit (all completed) or abort (any did not).
-                for j in self.jobs:
-                    j.settle_bitmap(self.failed is None)
-        if cancel_others:
-            for j in self.jobs:
-                if j is not job and j.job not in self._ended:
-                    with contextlib.suppress(ShmblockError):
-                        j.cancel()
+    @property
+    def failed(self) -> tuple[str, Outcome] | None:
+        """The job that failed (else the first cancelled), and how; None if none did.
+
+        In a grouped transaction the others of a failed group conclude cancelled."""
+        for wanted in (Outcome.FAILED, Outcome.CANCELLED):
+            for job in self.jobs:
+                if job.tracker.outcome is wanted:
+                    return job.job, wanted
+        return None
 
 
 def prepare(engine: Engine, actions: Sequence[Action], completion_mode: str) -> Transaction:
@@ -271,16 +256,15 @@ def prepare(engine: Engine, actions: Sequence[Action], completion_mode: str) -> 
     options = _validate(engine, actions, completion_mode)
     txn = Transaction(completion_mode, engine=engine, actions=list(actions))
     backups = [(a, options[i]) for i, a in enumerate(actions) if isinstance(a, Backup)]
+    # Grouped: one JobTxn, one lock for every job's lifecycle (shmblock.job).
+    group = (JobTxn(), threading.Condition()) if txn.grouped else None
     try:
         for action, opts in backups:
-            txn.jobs.append(engine.create_backup(action.device, opts, on_event=action.on_event))
+            txn.jobs.append(engine.create_backup(action.device, opts, on_event=action.on_event,
+                                                 group=group))
     except BaseException:
         _stop_created(txn.jobs)
         raise
-    if txn.grouped:
-        for job in txn.jobs:
-            job.defer_bitmap = True
-            job.on_end = txn._job_ended
     return txn
 
 
@@ -441,13 +425,14 @@ def _take_instant(engine: Engine, actions: Sequence[Action], txn: Transaction) -
         for job in txn.jobs[sent:]:
             job.snapshot_abort()
         for job in txn.jobs[:sent]:
-            job.cancel()
+            with contextlib.suppress(ShmblockError):  # it may have concluded already
+                job.cancel()
         for job in txn.jobs:
             with contextlib.suppress(ShmblockError):
                 job.wait(STOP_TIMEOUT)
         raise
     for job in txn.jobs:
-        job.snapshot_started()
+        job.snapshot_check()
 
 
 def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
