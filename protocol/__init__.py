@@ -19,6 +19,7 @@ Who sends what, to whom (codes are the wire type codes; see ``protocol.messages`
     supervisor → worker     JobStart(8) Pause(13) Resume(14) Cancel(15) SetSpeed(16)
                             Complete(17)
     worker → supervisor     JobProgress(9) JobCompleted(10) JobFailed(11) JobCancelled(12)
+                            JobError(20)
     supervisor → any        Shutdown(18)
 
 The Job* messages and Frozen carry the sender's ``token``, a secret the supervisor gave
@@ -50,6 +51,7 @@ from .messages import (
     Frozen,
     JobCancelled,
     JobCompleted,
+    JobError,
     JobFailed,
     JobProgress,
     JobStart,
@@ -77,6 +79,7 @@ __all__ = [
     "Frozen",
     "JobCancelled",
     "JobCompleted",
+    "JobError",
     "JobFailed",
     "JobProgress",
     "JobStart",

@@ -529,6 +529,24 @@ class WriterDone(_MessageBase):
         _check_ok_means_no_error(self)
 
 
+@_message
+@dataclass(frozen=True, slots=True)
+class JobError(_MessageBase):
+    """worker → supervisor: a background chunk failed and the job's error policy did
+    not fail the job (QEMU's ``BLOCK_JOB_ERROR``): ``action`` ``stop`` (the worker
+    paused itself; the chunk is copied again on Resume) or ``ignore`` (copied again at
+    once). ``operation`` read (``on-source-error``) or write (``on-target-error``);
+    ``errno`` positive."""
+
+    code: ClassVar[int] = 20
+    job: JobId
+    operation: Annotated[str, OneOf("read", "write")]
+    action: Annotated[str, OneOf("stop", "ignore")]
+    errno: Annotated[int, IntRange(1, 4095)]
+    error: ErrorText
+    token: JobToken = ""
+
+
 Message: TypeAlias = (
     Freeze
     | Frozen
@@ -549,6 +567,7 @@ Message: TypeAlias = (
     | Complete
     | Shutdown
     | WriterDone
+    | JobError
 )
 """Any protocol message; ``match`` on it and mypy checks the cases are exhaustive."""
 
@@ -572,4 +591,5 @@ ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     Complete,
     Shutdown,
     WriterDone,
+    JobError,
 )

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hmac
 import logging
 import os
@@ -56,6 +57,7 @@ from shmblock.claims import Claims
 from shmblock.copier import Answer, Copier, CopyRequests
 from shmblock.device import Device
 from shmblock.errors import JobError, ShmblockError, TargetError, Terminated
+from shmblock.job import decide_error, parse_on_error
 from shmblock.targets.base import Target
 
 log = logging.getLogger("shmblock.backup")
@@ -65,6 +67,8 @@ PROGRESS_EVERY = 0.1
 START_TIMEOUT = 60.0
 #: How often the heartbeat thread beats while the job loop is busy committing.
 HEARTBEAT_EVERY = 0.5
+#: How long ``on-target-error=ignore`` waits before copying a failed chunk again.
+RETRY_EVERY = 0.1
 #: How often the loop checks that its supervisor is still alive.
 PARENT_CHECK_EVERY = 0.5
 
@@ -112,6 +116,18 @@ def heartbeat(ctl: npt.NDArray[np.uint64], every: float = HEARTBEAT_EVERY) -> It
         thread.join()
 
 
+def errno_of(exc: BaseException) -> int:
+    """The errno behind a target error (its cause's), EIO when it names none."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno:
+            return int(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return errno.EIO
+
+
 class JobEnded(Exception):
     """Carries the final message of the job out of the loop."""
 
@@ -130,7 +146,9 @@ class BackupLoop:
 
     def __init__(self, device: Device, claims: Claims, inbox: Inbox, outbox: Outbox,
                  answer: Answer, open_target: Callable[[], Target], job: str, token: str,
-                 chunk: int, parent_alive: Callable[[], bool] = lambda: True) -> None:
+                 chunk: int, parent_alive: Callable[[], bool] = lambda: True, *,
+                 publish: bool = True, on_target_error: str = "report",
+                 on_source_error: str = "report") -> None:
         self.device = device
         self.claims = claims
         self.inbox = inbox
@@ -141,6 +159,15 @@ class BackupLoop:
         self.token = token  # the job's secret: the supervisor wants it on Job* messages
         self.chunk = chunk
         self.parent_alive = parent_alive
+        #: commit (publish) the target at the end; False: only seal it and leave the
+        #: ``.part`` for the supervisor, which publishes it when the job is finalized
+        self.publish = publish
+        self.on_target_error = parse_on_error(on_target_error)
+        self.on_source_error = parse_on_error(on_source_error)
+        #: a background chunk failed under ``stop``/``ignore``: copy it again when
+        #: allowed (``ignore``: after RETRY_EVERY; ``stop``: after Resume)
+        self.retry_at = 0.0
+        self.io_errors = 0
         #: the job ended because the target failed (answers say so: target_error)
         self.target_failed = False
         self.target: Target | None = None
@@ -272,12 +299,48 @@ class BackupLoop:
         if self.speed and now < self.next_allowed:
             self.service_inbox(min(self.next_allowed - now, IDLE_WAIT * 4))
             return
-        saved = copier.copy_next_chunk()
+        if now < self.retry_at:  # on-target-error=ignore: space the retries
+            self.service_inbox(min(self.retry_at - now, IDLE_WAIT * 4))
+            return
+        try:
+            saved = copier.copy_next_chunk()
+        except TargetError as exc:
+            if not self.chunk_failed(exc, now):
+                raise  # report: the job fails (re-raised here, not from a helper's frame,
+                # so no reference cycle keeps the copier's numpy views alive)
+            return
         if saved and self.speed:
             self.next_allowed = max(self.next_allowed, now) + saved * copier.cs / self.speed
         if saved == 0 and not copier.background_done:
             # A writer holds a claim in this chunk: serve it, then retry.
             self.service_inbox(0.0001)
+
+    def chunk_failed(self, exc: TargetError, now: float) -> bool:
+        """A background chunk failed to reach the target: apply ``on-target-error``.
+
+        False for ``report``: the caller re-raises, the job fails. ``stop`` (and
+        ``enospc`` for ENOSPC) pauses the loop as a Pause would, and ``ignore`` waits
+        :data:`RETRY_EVERY`;
+        either way the chunk is copied again later (the copier clears a cluster's mark
+        and moves its cursor only after the write succeeded). The supervisor hears of
+        it through ``JobError`` (QEMU's ``BLOCK_JOB_ERROR``), sent with a timeout, not
+        dropped: for ``stop`` its job status must become ``paused``. The source is
+        shared memory, which cannot fail a read, so ``on-source-error`` is accepted
+        and never applies.
+        """
+        error = errno_of(exc)
+        decision = decide_error(self.on_target_error, error)
+        if decision.fail_job:
+            return False
+        self.io_errors += 1
+        self.outbox.send(protocol.JobError(
+            job=self.job, operation="write", action=decision.action.value, errno=error,
+            error=protocol.short_error(str(exc)), token=self.token), timeout=5.0)
+        if decision.pause_job:
+            self.paused = True  # until the supervisor's Resume
+        else:
+            self.retry_at = now + RETRY_EVERY
+        return True
 
     def run(self) -> None:
         """Loop until the job ends (raises JobEnded, TargetError, ShmblockError)."""
@@ -316,7 +379,10 @@ class BackupLoop:
             if self.device.ctl[L.CTL_BROKEN]:
                 raise JobEnded(protocol.JobFailed(job=self.job,
                                                   error="the snapshot is broken"))
-            self.target.commit()
+            if self.publish:
+                self.target.commit()
+            else:
+                self.target.seal()
         ctl = self.device.ctl
         ctl[L.CTL_DONE_BYTES] = copier.clusters_saved * copier.cs
         raise JobEnded(protocol.JobCompleted(

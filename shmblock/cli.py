@@ -115,9 +115,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                     help="seconds after the writers start to take the snapshot, at most "
                     "--duration (default 1, or half of a shorter --duration); the backup "
                     "worker and the target are made ready before the writers start")
-    bk.add_argument("--target", required=True,
+    bk.add_argument("--target", action="append",
                     help="backup destination (required): a file, "
-                    "nbd://host[:port]/export or nbd+unix:///export?socket=PATH")
+                    "nbd://host[:port]/export or nbd+unix:///export?socket=PATH; with "
+                    "several devices, once per device in their order")
     bk.add_argument("--format", choices=FORMATS,
                     help="target format (default: from the target name)")
     bk.add_argument("--sync", choices=SYNC_MODES, default="full",
@@ -158,6 +159,8 @@ def build_parser() -> ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=ArgumentParser)
     run = sub.add_parser("run", help="run writers and take a backup mid-run")
     add_run_options(run)
+    from shmblock.cli_devices import add_arguments as add_device_arguments
+    add_device_arguments(run)
     demo = sub.add_parser("demo", help="the demonstration run (the default)")
     demo.add_argument("--json", metavar="PATH")
     cl = sub.add_parser("cleanup", help="remove shared memory, queues and partial files "
@@ -486,6 +489,10 @@ def write_json(path: str, summary: RunSummary) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from shmblock import cli_devices
+    if cli_devices.wanted(args):  # several devices: one transaction of backups
+        return cli_devices.cmd_run(args)
+    cli_devices.single_target(args)
     interactive = sys.stderr.isatty() and not args.quiet
     with progress_display(interactive) as bar:
         summary = execute(args, bar)

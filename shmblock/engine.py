@@ -36,18 +36,20 @@ import itertools
 import os
 import secrets
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import protocol
 from shmblock import layout as L
+from shmblock import transaction as transactions
 from shmblock.backup_job import STOP_TIMEOUT, STUCK_MARGIN, BackupJob
 from shmblock.device import DEFAULT_CLUSTER_SIZE, DEFAULT_MAX_WRITERS, Device, Geometry
 from shmblock.device_handle import DeviceHandle, WriterProcess
 from shmblock.errors import JobError, PeerGone, ShmblockError, StateError, UsageError
 from shmblock.freeze import FREEZE_TIMEOUT, freeze
 from shmblock.guest import WORKLOADS
-from shmblock.job import JobEvent, JobTracker, Outcome
+from shmblock.job import JobEvent, JobTracker, JobTxn, Outcome
 from shmblock.names import NAME_RE, RunNames, RunRecord
 from shmblock.options import DEFAULT_CHUNK, MAX_SPEED, BackupOptions, check_job_id, check_speed
 from shmblock.paths import check_backup_paths
@@ -246,6 +248,8 @@ class Engine:
                reference_image: str | None = None, chunk: int = DEFAULT_CHUNK,
                target_timeout: float = 30.0, job_id: str | None = None,
                bitmap: str | None = None, bitmap_mode: str | None = None,
+               auto_finalize: bool = True, auto_dismiss: bool = False,
+               on_source_error: str = "report", on_target_error: str = "report",
                on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
         """Create a backup job and take its snapshot now; returns once it is running.
 
@@ -257,7 +261,9 @@ class Engine:
             cbw_timeout=cbw_timeout, on_cbw_error=on_cbw_error, backing_file=backing_file,
             backing_format=backing_format, verify=verify, reference_image=reference_image,
             chunk=chunk, target_timeout=target_timeout, job_id=job_id, bitmap=bitmap,
-            bitmap_mode=bitmap_mode, on_event=on_event)
+            bitmap_mode=bitmap_mode, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+            on_source_error=on_source_error, on_target_error=on_target_error,
+            on_event=on_event)
         job.start()
         return job
 
@@ -270,7 +276,10 @@ class Engine:
                       chunk: int = DEFAULT_CHUNK, target_timeout: float = 30.0,
                       job_id: str | None = None, bitmap: str | None = None,
                       bitmap_mode: str | None = None,
-                      on_event: Callable[[JobEvent], None] | None = None) -> BackupJob:
+                      auto_finalize: bool = True, auto_dismiss: bool = False,
+                      on_source_error: str = "report", on_target_error: str = "report",
+                      on_event: Callable[[JobEvent], None] | None = None,
+                      group: tuple[JobTxn, threading.Condition] | None = None) -> BackupJob:
         """Prepare a backup job: start its worker, open the target; no snapshot yet.
 
         ``target`` is a target string (the keyword arguments are the options, validated
@@ -281,8 +290,10 @@ class Engine:
         instant that matters. ``bitmap``/``bitmap_mode``: the dirty bitmap the job
         copies (``sync`` incremental or bitmap) or resets (full, top) and what it holds
         afterwards (:mod:`shmblock.snapshot`); unknown (UsageError) or used by another
-        job (BitmapBusy) is refused here. Raises UsageError for bad arguments and JobError when the
-        target cannot be opened or the worker does not start.
+        job (BitmapBusy) is refused here. ``group`` is for :mod:`shmblock.transaction`:
+        the ``JobTxn`` and lock shared by the jobs of a grouped transaction. Raises
+        UsageError for bad arguments and JobError when the target cannot be opened or
+        the worker does not start.
         """
         self._require_open()
         opts = target if isinstance(target, BackupOptions) else BackupOptions(
@@ -290,11 +301,13 @@ class Engine:
             speed=speed, chunk=chunk, cbw_mode=cbw_mode, cbw_timeout=cbw_timeout,
             on_cbw_error=on_cbw_error, verify=verify, reference_image=reference_image,
             target_timeout=target_timeout, job_id=job_id, bitmap=bitmap,
-            bitmap_mode=bitmap_mode)
-        return self._prepare(device, opts, on_event)
+            bitmap_mode=bitmap_mode, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+            on_source_error=on_source_error, on_target_error=on_target_error)
+        return self._prepare(device, opts, on_event, group)
 
     def _prepare(self, device: DeviceHandle, opts: BackupOptions,
-                 on_event: Callable[[JobEvent], None] | None) -> BackupJob:
+                 on_event: Callable[[JobEvent], None] | None,
+                 group: tuple[JobTxn, threading.Condition] | None = None) -> BackupJob:
         if opts.bitmap is not None:  # unknown or busy: refused before anything starts
             device.check_bitmap(opts.bitmap)
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
@@ -321,7 +334,14 @@ class Engine:
         if on_event is None and self._on_event is not None:
             engine_hook = self._on_event
             on_event = lambda event: engine_hook(job_id, event)  # noqa: E731
-        tracker = JobTracker(job_id, on_event)
+        # QEMU's lifecycle with a status event for every change; auto-dismiss as asked
+        # (off by default: see shmblock.backup_job).
+        # ``group``: a grouped transaction's JobTxn and the lock its jobs share
+        # (shmblock.transaction); the job then completes with the group.
+        tracker = JobTracker(job_id, on_event, auto_finalize=opts.auto_finalize,
+                             auto_dismiss=opts.auto_dismiss, status_events=True,
+                             txn=group[0] if group else None,
+                             lock=group[1] if group else None)
         token = secrets.token_hex(16)
         self.pump.job_tokens[job_id] = token  # before the spawn: the worker may fail at once
         queue = device.backup_queue()
@@ -355,10 +375,39 @@ class Engine:
             with contextlib.suppress(OSError):
                 st = os.lstat(spec.part)
                 self.record.part_created(spec.part, (st.st_dev, st.st_ino))
+                job.part_identity = (st.st_dev, st.st_ino)  # what commit may publish
         if opts.wants_capture:
             job.capture = SnapshotCapture(device.device, opts.reference_image,
                                           on_part_created=self.record.part_created)
         return job
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def transaction(self, actions: Sequence[transactions.Action],
+                    completion_mode: str = "individual") -> transactions.Transaction:
+        """Run ``actions`` (backups, bitmap actions) at one instant across their devices.
+
+        QEMU's ``transaction``: every action is validated and every worker started
+        before one freeze of every writer of every device involved; then each job's
+        maps and each bitmap action, in order; one thaw. All or nothing: an invalid
+        action (UsageError, BitmapBusy) or a worker that cannot start (JobError) leaves
+        nothing started and nothing changed. ``completion_mode`` ``grouped``: a job that
+        fails or is cancelled cancels the others, and every bitmap is left as it was
+        before. Returns the :class:`~shmblock.transaction.Transaction` (its ``jobs``
+        copy in parallel; ``wait()`` returns their results). See
+        :mod:`shmblock.transaction`.
+        """
+        txn = self.create_transaction(actions, completion_mode)
+        txn.start()
+        return txn
+
+    def create_transaction(self, actions: Sequence[transactions.Action],
+                           completion_mode: str = "individual") -> transactions.Transaction:
+        """Validate ``actions`` and start their workers; the instant is taken by
+        :meth:`Transaction.start <shmblock.transaction.Transaction.start>` (as
+        :meth:`create_backup` and :meth:`BackupJob.start` split a backup)."""
+        self._require_open()
+        return transactions.prepare(self, actions, completion_mode)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -376,7 +425,9 @@ class Engine:
         try:
             for job in self.jobs.values():
                 if not job.tracker.concluded:
-                    job.cancel()
+                    # Running, or pending a finalize nobody will give now: both abort.
+                    with contextlib.suppress(StateError):  # aborting, or just concluded
+                        job.cancel()
             for job in self.jobs.values():
                 with contextlib.suppress(JobError):
                     job.wait(STOP_TIMEOUT)

@@ -110,11 +110,13 @@ The end of a job (``job_completed`` and friends in QEMU's ``job.c``)::
 Error policies (``on-source-error`` / ``on-target-error``, QEMU's ``BlockdevOnError``)
 are decided by the pure function :func:`decide_error`; see its docstring.
 
-What the engine uses today (``shmblock/engine.py``): :class:`JobTracker` with the legacy
-calls ``apply`` (the :data:`VERBS` subset start/pause/resume), ``transition``,
-``conclude`` (now the ``work_ended`` path, ending ``concluded``), ``progress``, ``note``,
-``wait``. Not yet: ``command`` (the QEMU verbs), manual finalize/dismiss, transactions,
-hooks, error policies, ``status`` events.
+What the engine uses (``shmblock/backup_job.py``): every ``BackupJob`` drives a
+:class:`JobTracker` through QEMU's verbs (:meth:`JobTracker.command`), with its
+``prepare``/``commit``/``abort``/``clean`` methods as :class:`JobHooks`, the job's
+``auto_finalize``/``auto_dismiss``, ``status`` events, and :meth:`JobTracker.io_error`
+for the worker's ``JobError``. The legacy calls (``apply`` with :data:`VERBS`,
+``transition``) remain for tests that drive a tracker by hand. Transactions
+(:class:`JobTxn`) are plugged in by ``shmblock/transaction.py``.
 """
 
 from __future__ import annotations
@@ -736,14 +738,17 @@ class JobLifecycle:
         txn = self.txn
         if not txn.aborting:
             txn.aborting = True
-            for other in list(txn.jobs):
-                if other is self or other.state in (_E, _N):
-                    continue
+            others = [o for o in txn.jobs if o is not self and o.state not in (_E, _N)]
+            # Every job is marked cancelled before any cancel hook runs: a hook may end
+            # its job's work at once, which finalizes the group from inside the hook,
+            # and a job not yet marked would then commit (found by the Hypothesis model).
+            for other in others:
                 other._cancel_async()
                 if not other.started:
                     other._ret = Outcome.CANCELLED
                     other._to(JobState.ABORTING)
-                elif not other.work_over:
+            for other in others:
+                if other.started and not other.work_over:
                     other._call("cancel", other.hooks.on_cancel)
         if all(j.work_over for j in txn.jobs):
             for j in list(txn.jobs):
@@ -878,7 +883,9 @@ class JobTracker:
     def progress(self, done: int, total: int) -> None:
         with self._lock:
             self.done, self.total = done, total
-            self._emit("progress", done=done, total=total)
+            # QEMU's names too (query-jobs: current-progress/total-progress; block
+            # jobs: offset/len), so its users find them.
+            self._emit("progress", done=done, total=total, offset=done, length=total)
 
     def conclude(self, outcome: Outcome, error: str = "", **final: int) -> bool:
         """The work ended with ``outcome``; once (a worker's late report is ignored).
@@ -894,8 +901,13 @@ class JobTracker:
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until concluded; False on timeout."""
+        return self.wait_for(lambda: self.concluded, timeout)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``predicate()`` (checked under the lock at every change); False on
+        timeout."""
         with self._lock:
-            return self._lock.wait_for(lambda: self.concluded, timeout)
+            return self._lock.wait_for(predicate, timeout)
 
     # -- QEMU's verbs and work reports (for the engine to adopt) ----------------------------
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from shmblock import layout as L
 from shmblock.errors import UsageError
+from shmblock.job import OnError, parse_on_error
 from shmblock.names import NAME_RE, RunNames
 from shmblock.snapshot import BITMAP_MODES, BITMAP_SYNCS, SYNC_MODES
 from shmblock.targets import FORMATS, TargetSpec
@@ -68,6 +69,13 @@ class BackupOptions:
     job_id: str | None = None
     bitmap: str | None = None
     bitmap_mode: str | None = None
+    #: QEMU's job options (qapi/job.json); see :mod:`shmblock.backup_job` for the choice
+    #: of defaults (auto-dismiss off: the handle is the caller's, and keeps its result).
+    auto_finalize: bool = True
+    auto_dismiss: bool = False
+    #: QEMU's ``BlockdevOnError`` for background copying: report, ignore, stop, enospc.
+    on_source_error: str = "report"
+    on_target_error: str = "report"
 
     def __post_init__(self) -> None:
         if self.sync not in SYNC_MODES:
@@ -89,6 +97,21 @@ class BackupOptions:
             raise UsageError(f"background copy chunk {self.chunk} must be positive")
         if self.job_id is not None:
             check_job_id(self.job_id)
+        for name in ("auto_finalize", "auto_dismiss"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name.replace('_', '-')} must be true or false, got "
+                                 f"{getattr(self, name)!r:.40}")
+        for name in ("on_source_error", "on_target_error"):
+            try:
+                policy = parse_on_error(getattr(self, name))
+            except UsageError as exc:
+                raise UsageError(f"{name.replace('_', '-')}: {exc}") from None
+            object.__setattr__(self, name, policy.value)  # an OnError given: its name
+        if self.on_target_error != "report" and not self.spec.is_file:
+            # An NBD target acknowledges writes late (pipelined): the write that failed
+            # may belong to a chunk already marked copied, which no retry would find.
+            raise UsageError(f"on-target-error={self.on_target_error} needs a file target "
+                             "(raw or qcow2); an NBD target only supports report")
 
     def _check_bitmap(self) -> None:
         """QEMU's rules (qapi/block-core.json, BackupCommon): a bitmap for incremental
@@ -125,7 +148,8 @@ class BackupOptions:
 
     def worker(self, meta: str, device: str, job_id: str) -> WorkerOptions:
         """What the backup worker of this job is started with."""
-        return WorkerOptions(meta, device, job_id, self.spec, self.chunk, self.target_timeout)
+        return WorkerOptions(meta, device, job_id, self.spec, self.chunk, self.target_timeout,
+                             self.on_source_error, self.on_target_error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +166,15 @@ class WorkerOptions:
     spec: TargetSpec
     chunk: int = DEFAULT_CHUNK
     target_timeout: float = 30.0
+    on_source_error: str = "report"
+    on_target_error: str = "report"
 
     def to_argv(self) -> list[str]:
         args = ["--meta", self.meta, "--device", self.device, "--job", self.job,
                 "--target", self.spec.target, "--format", self.spec.format,
-                "--chunk", str(self.chunk), "--target-timeout", repr(self.target_timeout)]
+                "--chunk", str(self.chunk), "--target-timeout", repr(self.target_timeout),
+                "--on-source-error", self.on_source_error,
+                "--on-target-error", self.on_target_error]
         if self.spec.backing_file:
             args += ["--backing-file", self.spec.backing_file]
         if self.spec.backing_format:
@@ -172,7 +200,11 @@ class WorkerOptions:
         p.add_argument("--backing-format")
         p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
         p.add_argument("--target-timeout", type=float, default=30.0)
+        policies = [policy.value for policy in OnError]
+        p.add_argument("--on-source-error", default="report", choices=policies)
+        p.add_argument("--on-target-error", default="report", choices=policies)
         a = p.parse_args(argv)
         spec = TargetSpec(a.target, a.format, a.backing_file, a.backing_format)
         return RunNames(a.run, a.prefix), cls(a.meta, a.device, a.job, spec, a.chunk,
-                                              a.target_timeout)
+                                              a.target_timeout, a.on_source_error,
+                                              a.on_target_error)

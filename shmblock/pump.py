@@ -121,9 +121,13 @@ class Pump:
         return self.error or "the supervisor's message pump is not running"
 
     def fail_jobs(self, reason: str) -> None:
-        """Fail every job not concluded yet: kill its worker, free the device."""
+        """Fail every job whose work goes on: kill its worker, free the device.
+
+        A job whose work has ended (``pending``, waiting for ``finalize``) needs no
+        pump; it is left to its caller (or to :meth:`Engine.close`, which aborts it).
+        """
         for job in list(self.jobs.values()):
-            if job.tracker.concluded:
+            if job.tracker.lifecycle.work_over:
                 continue
             if job.proc.poll() is None:
                 job.proc.kill()
@@ -173,7 +177,7 @@ class Pump:
             if not known:
                 self.reject(msg, f"this run has no writer {msg.writer}")
         elif isinstance(msg, protocol.JobProgress | protocol.JobCompleted | protocol.JobFailed
-                        | protocol.JobCancelled):
+                        | protocol.JobCancelled | protocol.JobError):
             self._job_report(msg)
         else:
             self.reject(msg, "not a message the supervisor receives")
@@ -198,7 +202,7 @@ class Pump:
                              "(no such writer, or not its token)")
 
     def _job_report(self, msg: protocol.JobProgress | protocol.JobCompleted
-                    | protocol.JobFailed | protocol.JobCancelled) -> None:
+                    | protocol.JobFailed | protocol.JobCancelled | protocol.JobError) -> None:
         # Any process of this user can write to the supervisor queue; only the job's
         # own worker knows its token (handed over on its stdin at spawn).
         token = self.job_tokens.get(msg.job)
@@ -216,23 +220,35 @@ class Pump:
                 self.pending_failures[msg.job] = msg.error
             return
         t = job.tracker
+        # The work's end releases the device (job.end) before the lifecycle hears of it:
+        # with auto-finalize the lifecycle then runs the job's hooks (publish or discard
+        # the target, settle the bitmap) in this thread, before the job concludes.
+        over = t.lifecycle.work_over
         if isinstance(msg, protocol.JobProgress):
             t.progress(msg.done, msg.total)
+        elif isinstance(msg, protocol.JobError):
+            if over or t.state is JobState.CREATED:
+                self.reject(msg, f"job {msg.job!r} has no I/O that can fail now")
+                return
+            policy = job.options.on_target_error if job.options else "report"
+            if msg.operation == "read" and job.options:
+                policy = job.options.on_source_error
+            t.io_error(policy, msg.errno, msg.operation, msg.error)
         elif isinstance(msg, protocol.JobCompleted):
             total = t.total or int(job.device.device.ctl[L.CTL_TOTAL_BYTES])
             t.progress(total, total)
-            if not t.concluded:
+            if not over:
                 job.end(Outcome.COMPLETED)
             t.conclude(Outcome.COMPLETED, bytes_written=msg.bytes_written,
                        clusters_copied=msg.clusters_copied, cbw_clusters=msg.cbw_clusters)
         elif isinstance(msg, protocol.JobFailed):
             if t.state is JobState.CREATED:
                 self.pending_failures[msg.job] = msg.error
-            if not t.concluded:
+            if not over:
                 job.end(Outcome.FAILED)
             t.conclude(Outcome.FAILED, msg.error)
         else:
-            if not t.concluded:
+            if not over:
                 job.end(Outcome.CANCELLED)
             t.conclude(Outcome.CANCELLED)
 
@@ -251,14 +267,16 @@ class Pump:
         now_ns = time.monotonic_ns()
         for job in list(self.jobs.values()):
             t = job.tracker
-            if t.concluded:
+            if t.lifecycle.work_over:
+                # Its worker reported the end and exits (pending: nothing runs any more,
+                # so there is no heartbeat to watch), or it was killed already.
                 continue
             code = job.proc.poll()
             if code is not None:
                 # Give a final message already in the queue a chance to arrive first.
                 for msg in self.sup.drain():
                     self.guarded(self.dispatch, msg)
-                if not t.concluded:
+                if not t.lifecycle.work_over:
                     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                     job.end(Outcome.FAILED)
                     t.conclude(Outcome.FAILED, f"the backup worker died ({how})")

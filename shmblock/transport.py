@@ -47,7 +47,7 @@ TEXT_FIELDS = ("error", "reason")
 # What each endpoint receives; its queue is sized to the largest of these.
 SUPERVISOR_RECEIVES: tuple[type[Message], ...] = (
     protocol.Frozen, protocol.Ready, protocol.JobProgress, protocol.JobCompleted,
-    protocol.JobFailed, protocol.JobCancelled, protocol.WriterDone,
+    protocol.JobFailed, protocol.JobCancelled, protocol.WriterDone, protocol.JobError,
 )
 BACKUP_RECEIVES: tuple[type[Message], ...] = (
     protocol.CopyRequest, protocol.Staged, protocol.JobStart, protocol.Pause,

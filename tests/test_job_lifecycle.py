@@ -817,3 +817,20 @@ def test_trackers_of_one_transaction_share_a_lock_and_wake_each_other() -> None:
     waiter.join(10.0)
     assert woke == [True]
     assert (a.outcome, b.outcome) == (Outcome.CANCELLED, Outcome.FAILED)
+
+
+def test_a_cancel_hook_that_ends_work_at_once_does_not_let_a_waiting_job_commit() -> None:
+    """Found by the model: j2 waits (work done), j0 runs, j1 is cancelled before it
+    started. The group aborts; j0's cancel hook ends its work at once, which finalizes
+    the group from inside the hook — j2 must already be marked cancelled by then."""
+    log: list[str] = []
+    rec = Recorder(log)
+    rec.cancel_ends_work = True
+    txn = JobTxn()
+    jobs = [JobLifecycle(f"j{i}", txn=txn, hooks=rec.hooks()) for i in range(3)]
+    jobs[2].start()
+    jobs[2].work_ended(Outcome.COMPLETED)
+    jobs[0].start()
+    jobs[1].cancel()
+    assert [j.outcome for j in jobs] == [Outcome.CANCELLED] * 3
+    assert not any(e.startswith("commit") for e in log), log

@@ -31,6 +31,7 @@ from protocol import (
     Frozen,
     JobCancelled,
     JobCompleted,
+    JobError,
     JobFailed,
     JobProgress,
     JobStart,
@@ -114,6 +115,9 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Complete: st.builds(Complete, jobs, tokens),
     Shutdown: st.builds(Shutdown, texts, tokens),
     WriterDone: st.builds(_writer_done, writers, outcomes()),
+    JobError: st.builds(JobError, jobs, st.sampled_from(["read", "write"]),
+                        st.sampled_from(["stop", "ignore"]), st.integers(1, 4095), texts,
+                        tokens),
 }
 messages: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
 
@@ -143,6 +147,7 @@ MAXIMAL: list[Message] = [
     Complete(LONGEST_JOB, LONGEST_TOKEN),
     Shutdown(LONGEST_TEXT, LONGEST_TOKEN),
     WriterDone(4095, False, LONGEST_TEXT),
+    JobError(LONGEST_JOB, "write", "ignore", 4095, LONGEST_TEXT, LONGEST_TOKEN),
 ]
 
 
@@ -159,7 +164,7 @@ def test_type_codes_are_the_table() -> None:
         1: "Freeze", 2: "Frozen", 3: "Thaw", 4: "CopyRequest", 5: "CopyDone", 6: "Staged",
         7: "Ready", 8: "JobStart", 9: "JobProgress", 10: "JobCompleted", 11: "JobFailed",
         12: "JobCancelled", 13: "Pause", 14: "Resume", 15: "Cancel", 16: "SetSpeed",
-        17: "Complete", 18: "Shutdown", 19: "WriterDone",
+        17: "Complete", 18: "Shutdown", 19: "WriterDone", 20: "JobError",
     }  # fmt: skip
     assert {code: cls.__name__ for code, cls in MESSAGE_TYPES.items()} == expected
     assert all(cls.code == code for code, cls in MESSAGE_TYPES.items())
@@ -180,6 +185,7 @@ def test_field_names_and_order() -> None:
                                    "token")
     assert names(JobFailed) == ("job", "error", "token")
     assert names(WriterDone) == ("writer", "ok", "error")
+    assert names(JobError) == ("job", "operation", "action", "errno", "error", "token")
 
 
 def test_errors_are_a_tree_of_value_errors() -> None:
@@ -221,7 +227,8 @@ def describe(msg: Message) -> str:
             return f"clusters {msg.cluster}+{msg.count}"
         case Ready():
             return msg.role
-        case JobStart() | JobProgress() | JobCompleted() | JobFailed() | JobCancelled():
+        case JobStart() | JobProgress() | JobCompleted() | JobFailed() | JobCancelled() \
+                | JobError():
             return msg.job
         case Pause() | Resume() | Cancel() | SetSpeed() | Complete():
             return msg.job
@@ -276,6 +283,8 @@ GOLDEN: list[tuple[Message, str]] = [
     (JobProgress("b.1", U63_MAX, 300), "960109a3622e31cf7fffffffffffffffcd012ca0"),
     (JobCancelled("j", "0a"), "94010ca16aa23061"),
     (WriterDone(1, True, ""), "95011301c3a0"),
+    (JobError("j", "write", "stop", 28, "No space", ""),
+     "980114a16aa57772697465a473746f701ca84e6f207370616365a0"),
     (Shutdown("bye"), "940112a3627965a0"),
 ]
 

@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             device, claims, inbox, sup, replies.answer,
             lambda: open_target(opts.spec, device.size, device.cluster_size,
                                 timeout=opts.target_timeout),
-            opts.job, token, opts.chunk, lambda: parent_alive(parent))
+            opts.job, token, opts.chunk, lambda: parent_alive(parent),
+            # The supervisor publishes the .part when it finalizes the job (job.py's
+            # pending status); the worker only seals it.
+            publish=False, on_target_error=opts.on_target_error,
+            on_source_error=opts.on_source_error)
         stack.callback(loop.close)
         final = loop.execute(lambda: sup.send(loop.ready_message(), timeout=5.0))
         try:

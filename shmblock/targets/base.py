@@ -89,6 +89,16 @@ class Target(abc.ABC):
     def commit(self) -> None:
         """Flush everything and publish the target as a finished backup."""
 
+    def seal(self) -> None:
+        """Make the finished backup complete and durable without publishing it.
+
+        Files: everything ``commit`` does but the rename, so the ``.part`` is a finished
+        image that the supervisor publishes when the job is finalized (or discards when
+        it is aborted). A target with nothing to publish (NBD) commits here. No write
+        may follow.
+        """
+        self.commit()
+
     @abc.abstractmethod
     def abort(self) -> None:
         """The job did not finish: leave nothing that looks like a finished backup."""

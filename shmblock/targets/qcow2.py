@@ -131,6 +131,7 @@ class Qcow2Target(Target):
         self.backing_format = backing_format
         self._fd: int | None = None
         self._committed = False
+        self._sealed = False  # metadata written (seal): no more data writes
         self._closed = False
         self._reader: Qcow2Reader | None = None
         self._backing: ImageReader | None = None
@@ -197,8 +198,11 @@ class Qcow2Target(Target):
     # -- I/O helpers -----------------------------------------------------------------------
 
     def _writable_fd(self) -> int:
-        if self._committed:
+        if self._committed or self._sealed:
             raise TargetError(f"qcow2 target {self.path!r} is already committed")
+        return self._require_open_fd()
+
+    def _require_open_fd(self) -> int:
         if self._fd is None:
             raise TargetIOError(f"qcow2 target {self.path!r} is closed")
         return self._fd
@@ -288,6 +292,16 @@ class Qcow2Target(Target):
         entries[:] = np.where(host != 0, host | _COPIED | _ZERO, _ZERO)
 
     def commit(self) -> None:
+        if not self._sealed:
+            self.seal()
+        publish_part(self._require_open_fd(), self.part_path, self.path, self.kind)
+        self._committed = True
+        self._close_fd()
+
+    def seal(self) -> None:
+        """Write the metadata and the final header and make them durable: the ``.part``
+        is a complete image, not yet published (the supervisor renames it when the
+        job is finalized, :mod:`shmblock.backup_job`)."""
         fd = self._writable_fd()
         cs = self.cluster_size
         tables = self._entries.reshape(self._l1_size, self._l2_size)
@@ -331,9 +345,7 @@ class Qcow2Target(Target):
                 f"cannot flush qcow2 target {self.part_path!r}: {exc.strerror}"
             ) from exc
         self._pwrite(fd, memoryview(header), 0, "header")
-        publish_part(fd, self.part_path, self.path, self.kind)
-        self._committed = True
-        self._close_fd()
+        self._sealed = True
 
     def read(self, offset: int, length: int) -> bytes:
         """Read back through the image's tables: after commit, the published file's own

@@ -77,6 +77,13 @@ class RawTarget(Target):
         # The file was created empty and sized with ftruncate, and every cluster is saved
         # exactly once per job, so a cluster not written is still a hole: nothing to do.
 
+    def seal(self) -> None:
+        try:
+            os.fsync(self._require_fd())
+        except OSError as exc:
+            raise TargetIOError(
+                f"cannot flush raw target {self.part_path!r}: {exc.strerror}") from exc
+
     def commit(self) -> None:
         publish_part(self._require_fd(), self.part_path, self.path, self.kind)
         self._committed = True
