@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -354,6 +355,55 @@ class DeviceHandle:
         """``job`` is over: its bitmap is free again."""
         if self.busy_bitmaps.get(name) == job:
             del self.busy_bitmaps[name]
+
+    def apply_persistent_action(self, kind: str, name: str,
+                                sources: tuple[str, ...] = ()) -> Callable[[], None]:
+        """A transaction's bitmap action on a file-backed device, applied to the store
+        while the device is frozen; returns its undo (valid while it stays frozen).
+
+        ``kind``: add, clear, merge (into ``name`` from ``sources``), remove, enable,
+        disable. The undo restores the row and the entry as they were (a removed
+        bitmap comes back with its granularity, bits and recording state).
+        """
+        store = self.bitmap_store
+        assert store is not None, "only for a file-backed device"
+        device = self.device
+
+        def reload(step: Callable[[], object]) -> None:
+            with store.lock:
+                try:
+                    step()
+                finally:
+                    device.load_bitmap_directory()
+
+        def undo_to(bits: npt.NDArray[np.uint8]) -> Callable[[], None]:
+            return lambda: reload(lambda: store.store(name, bits))
+
+        if kind == "add":
+            reload(lambda: store.add(name))
+            return lambda: reload(lambda: store.remove(name))
+        if kind in ("enable", "disable"):
+            was = store.info(name).enabled
+            reload(lambda: (store.enable if kind == "enable" else store.disable)(name))
+            return lambda: reload(lambda: (store.enable if was else store.disable)(name))
+        with store.lock:
+            before = device.dirty[device.bitmap_names()[name]].copy()
+        if kind == "clear":
+            reload(lambda: store.clear(name))
+            return undo_to(before)
+        if kind == "merge":
+            reload(lambda: store.merge(name, sources))
+            return undo_to(before)
+        assert kind == "remove", kind
+        info = store.info(name)
+        reload(lambda: store.remove(name))
+
+        def undo_remove() -> None:
+            def back() -> None:
+                store.add(name, info.granularity, enabled=info.enabled)
+                store.store(name, before)
+            reload(back)
+        return undo_remove
 
     def _store_lock(self) -> contextlib.AbstractContextManager[object]:
         store = self.bitmap_store

@@ -435,12 +435,22 @@ def _take_instant(engine: Engine, actions: Sequence[Action], txn: Transaction) -
         job.snapshot_check()
 
 
+_PERSISTENT_KIND: dict[type, str] = {
+    BitmapAdd: "add", BitmapClear: "clear", BitmapRemove: "remove",
+    BitmapEnable: "enable", BitmapDisable: "disable"}
+
+
 def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
     """Apply a bitmap action while its device is frozen; returns its exact undo (valid
     only while the device stays frozen)."""
     handle = action.device
     device = handle.device
     ctl = device.ctl
+    if handle.bitmap_store is not None:
+        # A file-backed device's bitmaps live in its persistent store (DeviceHandle).
+        if isinstance(action, BitmapMerge):
+            return handle.apply_persistent_action("merge", action.target, action.sources)
+        return handle.apply_persistent_action(_PERSISTENT_KIND[type(action)], action.name)
     if isinstance(action, BitmapAdd):
         used = set(device.bitmap_names().values())
         index = next(i for i in range(L.MAX_BITMAPS) if i not in used)

@@ -493,3 +493,56 @@ def test_persistent_bitmap_after_every_sync_mode_bitmap_mode_and_outcome(
         assert store.recovery.stop == "clean" and not store.recovery.restored
         assert np.array_equal(store.load("b0") != 0, at_close)
         assert store.free_rows() == 7, "the job's frozen copy is gone"
+
+
+# -- transactions -----------------------------------------------------------------------------
+
+
+def test_a_transactions_bitmap_actions_on_a_persistent_device_are_all_or_nothing(
+        engine: Engine, tmp_path: Path) -> None:
+    from shmblock.transaction import (
+        BitmapAdd,
+        BitmapClear,
+        BitmapDisable,
+        BitmapMerge,
+        BitmapRemove,
+    )
+
+    disk = str(tmp_path / "disk.raw")
+    dev = engine.create_device(SIZE, CLUSTER, backing_file=disk)
+    for i in range(7):
+        dev.add_bitmap(f"x{i}")
+    write(dev, [1, 2, 3])
+    dev.clear_bitmap("x3")
+    write(dev, [10])
+    engine.transaction([BitmapClear(dev, "x1"), BitmapDisable(dev, "x4"),
+                        BitmapRemove(dev, "x5"), BitmapAdd(dev, "new"),
+                        BitmapMerge(dev, "new", ("x3",))])
+    assert dev.bitmaps() == ["new", "x0", "x1", "x2", "x3", "x4", "x6"]
+    info = {i.name: i for i in dev.bitmap_info()}
+    assert info["x1"].count == 0 and not info["x4"].enabled and info["new"].persistent
+    assert np.array_equal(dev.bitmap("new"), mask([10]))
+    write(dev, [20])
+    assert dev.bitmap("new")[20] and not dev.bitmap("x4")[20]
+
+    # A running backup's frozen copy holds the eighth row: the second add fails inside
+    # the freeze, and every earlier action of the transaction is undone.
+    job = engine.backup(dev, str(tmp_path / "i.raw"), sync="incremental", bitmap="x0",
+                        speed=CLUSTER)
+    before = {name: dev.bitmap(name) for name in dev.bitmaps()}
+    enabled = {i.name: i.enabled for i in dev.bitmap_info()}
+    with pytest.raises(BitmapError, match="already has 8 bitmaps"):
+        engine.transaction([BitmapClear(dev, "x2"), BitmapRemove(dev, "x6"),
+                            BitmapAdd(dev, "z"), BitmapAdd(dev, "zz")])
+    assert {name: dev.bitmap(name) for name in dev.bitmaps()}.keys() == before.keys()
+    for name, bits in before.items():
+        assert np.array_equal(dev.bitmap(name), bits), name
+    assert {i.name: i.enabled for i in dev.bitmap_info()} == enabled
+    job.cancel()
+    job.wait(30.0)
+    engine.close()
+    with PersistentBitmapFile.open(disk) as store:  # and so it is on disk
+        assert store.names() == sorted(before)
+        for name, bits in before.items():
+            if name != "x0":  # x0 got its frozen bits back plus the write to 20
+                assert np.array_equal(store.load(name) != 0, bits), name
