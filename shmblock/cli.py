@@ -350,6 +350,17 @@ PREPARE_AHEAD = 20.0
 ON_TIME = 0.25
 
 
+def default_size(args: argparse.Namespace) -> None:
+    """--size not given: an existing device file's size (an incremental regime reopens
+    it), else 256M."""
+    if args.size is None:
+        existing = 0
+        if args.device_file:
+            with contextlib.suppress(OSError):
+                existing = os.stat(args.device_file).st_size
+        args.size = existing or parse_size("256M")
+
+
 def check_run_options(args: argparse.Namespace) -> None:
     """Refuse inconsistent options before anything runs (UsageError: exit code 2)."""
     if not 0 <= args.writers <= 64:
@@ -358,13 +369,7 @@ def check_run_options(args: argparse.Namespace) -> None:
         raise UsageError("--target is required")
     if args.prefill > 1:
         raise UsageError(f"--prefill {args.prefill:g}: expected a fraction from 0 to 1")
-    if args.size is None:
-        # An existing device file brings its size (an incremental regime reopens it).
-        existing = 0
-        if args.device_file:
-            with contextlib.suppress(OSError):
-                existing = os.stat(args.device_file).st_size
-        args.size = existing or parse_size("256M")
+    default_size(args)
     if args.backup_at is None:
         args.backup_at = min(1.0, args.duration / 2)
     if args.backup_at > args.duration:
@@ -490,6 +495,7 @@ def write_json(path: str, summary: RunSummary) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from shmblock import cli_devices
+    default_size(args)
     if cli_devices.wanted(args):  # several devices: one transaction of backups
         return cli_devices.cmd_run(args)
     cli_devices.single_target(args)
