@@ -186,3 +186,17 @@ def test_a_restore_into_a_device_file_marks_its_recording_bitmaps_all_dirty(
     found = listed(disk)
     assert found["rec"]["count"] == 4 * MiB, "the recording bitmap did not see the restore"
     assert found["past"]["count"] == 0, "a disabled bitmap describes a past interval"
+
+
+def test_size_defaults_to_the_device_files_or_256m_also_for_several_devices(
+        disk: Path, tmp_path: Path) -> None:
+    proc = run_cli("run", "--device-file", disk, "--writers", "0", "--target",
+                   tmp_path / "one.raw", "--json", tmp_path / "one.json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "one.json").read_text())["device_size"] == 4 * MiB
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_cli("run", "--devices", "2", "--writers", "0", "--format", "raw",
+                   "--target-dir", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "dev0.raw").stat().st_size == 256 * MiB
