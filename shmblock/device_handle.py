@@ -91,6 +91,7 @@ class DeviceHandle:
         self.name = name
         self.device = device
         self.gate = threading.Lock()  # held by guest writes of this process and by freezes
+        self._io_lock = threading.Lock()  # two threads' first I/O make one GuestIO
         self._io_writer = io_writer
         self._io: GuestIO | None = None
         self._reply: Queue | None = None
@@ -119,14 +120,18 @@ class DeviceHandle:
         return self._backup_queue
 
     def _guest(self) -> GuestIO:
-        if self._io is None:
-            self._reply = self.engine.run.create_queue(
-                self.engine.names.writer_reply_queue(self.name, self._io_writer),
-                WRITER_REPLY_RECEIVES, small=True)
-            self._io = GuestIO(self.device, self._io_writer,
-                               self.engine.names.backup_queue(self.name),
-                               reply_queue=self._reply, gate=self.gate)
-        return self._io
+        io = self._io
+        if io is None:
+            with self._io_lock:  # else two threads' first writes both create the queue
+                if self._io is None:
+                    self._reply = self.engine.run.create_queue(
+                        self.engine.names.writer_reply_queue(self.name, self._io_writer),
+                        WRITER_REPLY_RECEIVES, small=True)
+                    self._io = GuestIO(self.device, self._io_writer,
+                                       self.engine.names.backup_queue(self.name),
+                                       reply_queue=self._reply, gate=self.gate)
+                io = self._io
+        return io
 
     def write(self, offset: int, data: WriteData) -> None:
         """A guest write from this process (copy-before-write applies)."""

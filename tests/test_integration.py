@@ -419,3 +419,29 @@ def test_sync_none_verifies_what_it_saved_even_after_the_next_snapshot(
     assert result.outcome is Outcome.COMPLETED, result.error
     assert result.verified is True, result.verify_error
     assert job.covered is not None and int(job.covered.sum()) == saved
+
+
+def test_threads_writing_first_at_once_share_one_guest_handle() -> None:
+    """The engine's guest I/O is made on first use: threads whose first writes race
+    must get the same one (two would both create the writer's reply queue)."""
+    errors: list[BaseException] = []
+    with Engine() as engine:
+        for round_ in range(8):
+            dev = engine.create_device(4 * MiB, max_writers=2, name=f"r{round_}")
+            barrier = threading.Barrier(4)
+
+            def first_write(i: int, dev: DeviceHandle = dev,
+                            barrier: threading.Barrier = barrier) -> None:
+                try:
+                    barrier.wait(10.0)
+                    dev.write(i * CLUSTER, bytes([i + 1]) * CLUSTER)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=first_write, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20.0)
+            assert not errors, errors
+            assert all(dev.read(i * CLUSTER, 1) == bytes([i + 1]) for i in range(4))
