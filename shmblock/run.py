@@ -49,19 +49,10 @@ class Run:
 
         ``secret`` (a job's or writer's token) goes to the child's stdin, never argv.
         """
-        env = dict(os.environ)
-        # Workers must import our packages from wherever this process did, and never from
-        # the caller's working directory (untrusted: a planted workers/guest.py or
-        # numpy.py would run as the user). `python -P` (3.11) keeps the working directory
-        # off sys.path; relative PYTHONPATH entries (and empty ones, which mean the
-        # working directory) would put it back, so only absolute ones are passed on.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p)]
-        env["PYTHONPATH"] = os.pathsep.join([root, *inherited])
+        argv, env = python_module(module, ["--run", self.names.run_id,
+                                           "--prefix", self.names.prefix, *args])
         # So a worker can tell that we died before it got going (workers.common).
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
-        argv = [sys.executable, "-P", "-m", module, "--run", self.names.run_id,
-                "--prefix", self.names.prefix, *args]
         proc = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
             start_new_session=False)
@@ -88,3 +79,19 @@ class Run:
         """The run is over: remove its leftover ``.part`` files and its record."""
         self.record.discard_parts()
         self.record.remove()
+
+
+def python_module(module: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment to run ``python -P -m module *args`` as one of ours.
+
+    Child processes must import our packages from wherever this process did, and never
+    from the caller's working directory (untrusted: a planted ``workers/guest.py`` or
+    ``numpy.py`` would run as the user). ``python -P`` (3.11) keeps the working directory
+    off ``sys.path``; relative ``PYTHONPATH`` entries (and empty ones, which mean the
+    working directory) would put it back, so only absolute ones are passed on.
+    """
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p)]
+    env["PYTHONPATH"] = os.pathsep.join([root, *inherited])
+    return [sys.executable, "-P", "-m", module, *args], env

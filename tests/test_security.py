@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -585,3 +586,42 @@ def test_cleanup_after_sigkill_removes_the_reference_image_part(tmp_path: Path) 
     assert not (tmp_path / "b.raw.part").exists()
     assert not (tmp_path / "ref.raw.part").exists()
     assert list_records() == []
+
+
+def test_bench_scratch_and_result_files_never_follow_a_planted_symlink(tmp_path: Path) -> None:
+    """The bench writes scratch files into a --target-dir that may be shared, and its
+    results by a temporary name: a symlink planted at either is never written through."""
+    from shmblock.bench import machine, report
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    scratch = tmp_path / "pagecache-0.tmp"
+    scratch.symlink_to(victim)
+    fd = machine._create_scratch(str(scratch))
+    try:
+        os.write(fd, b"scratch")
+    finally:
+        os.close(fd)
+    assert victim.read_bytes() == b"keep me"
+    assert not scratch.is_symlink() and stat.S_IMODE(scratch.stat().st_mode) == 0o600
+    results = tmp_path / "results.json"
+    results.symlink_to(victim)
+    with pytest.raises(UsageError):
+        report.write_json(str(results), {"ok": True})
+    assert victim.read_bytes() == b"keep me"
+    (tmp_path / "stale.json.tmp").symlink_to(victim)  # the old fixed temporary name
+    report.write_json(str(tmp_path / "stale.json"), {"ok": True})
+    assert victim.read_bytes() == b"keep me"
+    assert json.loads((tmp_path / "stale.json").read_text()) == {"ok": True}
+
+
+def test_bench_children_do_not_import_from_the_working_directory(tmp_path: Path) -> None:
+    """The scaling section's child runs with the engine's isolation (python -P)."""
+    from shmblock.run import python_module
+
+    argv, env = python_module("shmblock.bench.scaling", ["--help"])
+    (tmp_path / "numpy.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert not (tmp_path / "ran").exists(), "a numpy.py in the working directory ran"

@@ -151,7 +151,7 @@ def page_cache_write(directory: str, size: int, repeats: int = REPEATS) -> dict[
     times = []
     for i in range(repeats):
         path = os.path.join(directory, f"pagecache-{i}.tmp")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = _create_scratch(path)
         try:
             t0 = time.perf_counter()
             for off in range(0, size, CHUNK):
@@ -181,7 +181,7 @@ def page_cache_write_from_shm(directory: str, size: int) -> dict[str, Any]:
             src[off : off + n] = pattern[:n]
         view = memoryview(src_map)
         path = os.path.join(directory, "pagecache-shm.tmp")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = _create_scratch(path)
         try:
             t0 = time.perf_counter()
             for off in range(0, size, CHUNK):
@@ -207,7 +207,7 @@ def sparse_random_writes(directory: str, size: int, count: int = 4096,
     offsets = rng.permutation(clusters)[:count] * cluster
     buf = memoryview(rng.bytes(cluster))
     path = os.path.join(directory, "sparse.tmp")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = _create_scratch(path)
     try:
         os.ftruncate(fd, size)
         t0 = time.perf_counter()
@@ -231,3 +231,12 @@ def measure_limits(directory: str, size: int, memcpy_size: int) -> dict[str, Any
         "page_cache_write_from_shm": page_cache_write_from_shm(directory, size),
         "sparse_random_64k": sparse_random_writes(directory, size),
     }
+
+
+def _create_scratch(path: str) -> int:
+    """A new scratch file of ours at ``path``: whatever is there (a stale file, or a
+    symlink someone planted in a shared ``--target-dir``) is unlinked, never followed,
+    and the file is created exclusively, 0600."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from shmblock.bench.load import UNDER_LOAD_SHARE
+from shmblock.paths import write_file_atomic
 
 GB = 1e9
 MiB = 1 << 20
@@ -208,11 +209,9 @@ def _goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_json(path: str, res: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write the results JSON by a private temporary name and a rename (never through a
+    symlink or over a non-regular file: :func:`shmblock.paths.write_file_atomic`)."""
+    write_file_atomic(path, (json.dumps(res, indent=2, sort_keys=False) + "\n").encode())
 
 
 def _gbs(v: float | None) -> str:

@@ -30,6 +30,7 @@ from shmblock.bench.load import CpuMeter, loadavg, under_load
 from shmblock.bench.options import Plan, plan_from_args
 from shmblock.device import SHM_DIR, shm_free_bytes
 from shmblock.errors import ShmblockError
+from shmblock.paths import write_file_atomic
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -145,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
         res["notes"].append("matplotlib is not installed (pip install 'shmblock[bench]'): "
                             "no plots")
     report.write_json(os.path.join(out_dir, "results.json"), res)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(report.markdown(res))
+    write_file_atomic(os.path.join(out_dir, "results.md"), report.markdown(res).encode())
     if args.json:
         with open(os.path.join(out_dir, "results.json")) as f:
             sys.stdout.write(f.read())

@@ -40,6 +40,7 @@ from shmblock.bench.content import fill
 from shmblock.bench.options import Plan
 from shmblock.device import SHM_DIR, shm_free_bytes
 from shmblock.engine import Engine
+from shmblock.run import python_module
 
 SAMPLE_EVERY = 0.01
 CHILD_TIMEOUT = 1800.0
@@ -206,14 +207,12 @@ def run_scaling(plan: Plan, scaling_dir: str, note: Callable[[str], None],
             step()
             continue
         note(f"scaling: {size >> 20} MiB device")
-        argv = [sys.executable, "-m", "shmblock.bench.scaling", "--size", str(size),
-                "--target-dir", scaling_dir, "--seed", str(plan.seed),
-                "--freeze-writers", ",".join(str(w) for w in plan.freeze_writers),
-                "--samples", str(plan.freeze_samples),
-                "--real-snapshots", "1" if plan.quick else "3"]
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # Isolated from the working directory like the engine's workers (shmblock.run).
+        argv, env = python_module("shmblock.bench.scaling", [
+            "--size", str(size), "--target-dir", scaling_dir, "--seed", str(plan.seed),
+            "--freeze-writers", ",".join(str(w) for w in plan.freeze_writers),
+            "--samples", str(plan.freeze_samples),
+            "--real-snapshots", "1" if plan.quick else "3"])
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
         try:
