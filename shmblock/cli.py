@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -578,11 +579,30 @@ class Interrupted(Exception):
     pass
 
 
+#: A signal that arrived while the main thread was inside ``Thread.start`` (retried).
+_deferred_signal: list[int] = []
+DEFER_S = 0.01
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if frame is not None and frame.f_code is threading.Thread.start.__code__:
+        # Raising here, right after the new thread was launched, makes Thread.start
+        # undo its bookkeeping while the thread runs: the thread then dies with a
+        # KeyError traceback (CPython's threading, _limbo). Take the signal 10 ms later,
+        # from wherever the main thread is then (never inside start twice in a row).
+        _deferred_signal[:] = [signum]
+        signal.signal(signal.SIGALRM, _on_deferred_signal)
+        signal.setitimer(signal.ITIMER_REAL, DEFER_S)
+        return
     # One interruption is enough: a second Ctrl-C must not cut the cleanup short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Interrupted(signal.Signals(signum).name)
+
+
+def _on_deferred_signal(_alarm: int, frame: FrameType | None) -> None:
+    if _deferred_signal:
+        _on_signal(_deferred_signal[0], frame)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,3 +312,24 @@ def test_a_late_snapshot_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyP
     backup = json.loads((tmp_path / "s.json").read_text())["backup"]
     assert backup["backup_at_honoured"] is False
     assert backup["snapshot_at_s"] >= 1.0
+
+
+def test_a_signal_inside_thread_start_is_taken_a_moment_later() -> None:
+    """Raising from a signal handler inside ``Thread.start`` breaks CPython's thread
+    bookkeeping (the new thread dies with a KeyError traceback, seen once under
+    SIGTERM as the digest thread started): the CLI takes such a signal 10 ms later."""
+    import threading
+    import types
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    inside_start = types.SimpleNamespace(f_code=threading.Thread.start.__code__)
+    try:
+        cli._on_signal(signal.SIGTERM, inside_start)  # type: ignore[arg-type]
+        with pytest.raises(cli.Interrupted, match="SIGTERM"):
+            time.sleep(5.0)  # the deferred signal interrupts this sleep
+        with pytest.raises(cli.Interrupted, match="SIGINT"):  # elsewhere: at once
+            cli._on_signal(signal.SIGINT, None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
