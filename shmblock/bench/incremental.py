@@ -31,10 +31,8 @@ reason. Each timed job records the CPU other processes used meanwhile
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from shmblock.bench.common import median, remove_file
 from shmblock.bench.content import fill
 from shmblock.bench.load import CpuMeter
 from shmblock.bench.options import Plan
@@ -63,13 +62,6 @@ class BenchFailure(RuntimeError):
     """A backup of the section did not complete (or did not verify): no figure for it."""
 
 
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else 0.0
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _allocated(path: str) -> int:
@@ -129,10 +121,10 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians of the runs of one kind, and whether any was taken under load."""
     return {
         "runs": runs,
-        "job_s": _median([r["job_s"] for r in runs]),
-        "end_to_end_s": _median([r["end_to_end_s"] for r in runs]),
-        "bytes_written": _median([r["bytes_written"] for r in runs]),
-        "file_bytes": _median([r["file_bytes"] for r in runs]),
+        "job_s": median([r["job_s"] for r in runs]),
+        "end_to_end_s": median([r["end_to_end_s"] for r in runs]),
+        "bytes_written": median([r["bytes_written"] for r in runs]),
+        "file_bytes": median([r["file_bytes"] for r in runs]),
         "foreign_cores": max(r["foreign_cores"] for r in runs),
         "under_load": any(r["under_load"] for r in runs),
     }
@@ -201,7 +193,7 @@ def run_incremental(plan: Plan, out_dir: str, note: Note) -> dict[str, Any]:
                     if fmt == "qcow2" and i == plan.inc_repeats - 1:
                         chain.append(target)
                     else:  # nothing reads it again: give its room in /dev/shm back
-                        _unlink(target)
+                        remove_file(target)
                 full[fmt] = _summary(runs)
             res["full"] = full
             variants: list[dict[str, Any]] = []
@@ -226,7 +218,7 @@ def run_incremental(plan: Plan, out_dir: str, note: Note) -> dict[str, Any]:
                     raw = path(f"inc-{variant}-{i}.raw")
                     runs_by_fmt["raw"].append(timed_backup(
                         engine, dev, raw, "raw", sync="incremental", bitmap="r"))
-                    _unlink(raw)  # not a chain: nothing reads it again
+                    remove_file(raw)  # not a chain: nothing reads it again
                 per_fmt = {}
                 for fmt in FORMATS:
                     s = _summary(runs_by_fmt[fmt])
@@ -236,14 +228,14 @@ def run_incremental(plan: Plan, out_dir: str, note: Note) -> dict[str, Any]:
                         if full[fmt]["end_to_end_s"] else None
                     s["under_load"] = s["under_load"] or full[fmt]["under_load"]
                     per_fmt[fmt] = s
-                variants.append({"variant": variant, "dirty_bytes": _median(dirty_bytes),
+                variants.append({"variant": variant, "dirty_bytes": median(dirty_bytes),
                                  **per_fmt})
             res["variants"] = variants
             note("incremental: verifying the chain (qemu-img compare, check)")
             res["verification"] = _verify(engine, dev, plan, rng, chain, path)
     finally:
         for p in made:
-            _unlink(p)
+            remove_file(p)
     return res
 
 

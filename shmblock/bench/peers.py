@@ -24,13 +24,13 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+from shmblock.bench.common import median, remove_file
 from shmblock.bench.content import fill
 from shmblock.bench.options import Plan
 from shmblock.device import SHM_DIR
@@ -40,13 +40,6 @@ QMP_TIMEOUT = 600.0
 Note = Callable[[str], None]
 
 
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else 0.0
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 # -- the engine ---------------------------------------------------------------------------
@@ -67,9 +60,9 @@ def engine_backups(engine: Engine, dev: DeviceHandle, fmt: str, out_dir: str,
         job_s.append(result.duration_s)
         if not result.ok:
             outcome = f"{result.outcome.value}: {result.error}"
-        _unlink(path)
-    median_job = _median(job_s)
-    e2e = _median(e2e_s)
+        remove_file(path)
+    median_job = median(job_s)
+    e2e = median(e2e_s)
     return {
         "format": fmt, "outcome": outcome, "runs_job_s": job_s, "runs_end_to_end_s": e2e_s,
         "job_s": median_job, "end_to_end_s": e2e,
@@ -103,16 +96,16 @@ def qemu_img_convert(src: str, size: int, fmt: str, out_dir: str,
     for _ in range(3):
         out = os.path.join(out_dir, f"tiny-out.{fmt}")
         overhead.append(_run_timed(["qemu-img", "convert", "-f", "raw", "-O", fmt, tiny, out]))
-        _unlink(out)
-    _unlink(tiny)
+        remove_file(out)
+    remove_file(tiny)
     runs = []
     argv: list[str] = []
     for i in range(repeats):
         out = os.path.join(out_dir, f"qemu-img-{i}.{fmt}")
         argv = ["qemu-img", "convert", "-f", "raw", "-O", fmt, src, out]
         runs.append(_run_timed(argv))
-        _unlink(out)
-    wall = _median(runs)
+        remove_file(out)
+    wall = median(runs)
     fixed = min(overhead)
     net = max(wall - fixed, 1e-9)
     return {
@@ -239,8 +232,8 @@ def qemu_backup_job(src: str, size: int, out_dir: str, repeats: int) -> dict[str
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-                _unlink(dst)
-    job = _median(runs)
+                remove_file(dst)
+    job = median(runs)
     shown = [a.replace(out_dir, "$OUT").replace(src, "$SRC") for a in argv]
     return {
         "command": " ".join(shown[:5]) + " --chardev socket,path=$TMP/qmp.sock,... "

@@ -27,10 +27,8 @@ with the reference image by ``qemu-img compare``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -39,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from shmblock.bench.common import median, remove_file
 from shmblock.bench.content import fill
 from shmblock.bench.incremental import BenchFailure, check_chain, dirty, timed_backup
 from shmblock.bench.load import CpuMeter
@@ -52,13 +51,6 @@ LINK_DIRTY = 0.10
 Note = Callable[[str], None]
 
 
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else 0.0
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def make_chain(plan: Plan, chain_dir: str, note: Note) -> tuple[list[str], str, int]:
@@ -110,7 +102,7 @@ def _time_convert(top: str, dest: str) -> dict[str, Any]:
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"runs": runs, "wall_s": _median([r["wall_s"] for r in runs]),
+    return {"runs": runs, "wall_s": median([r["wall_s"] for r in runs]),
             "foreign_cores": max(r["foreign_cores"] for r in runs),
             "under_load": any(r["under_load"] for r in runs)}
 
@@ -141,8 +133,8 @@ def run_restore(plan: Plan, out_dir: str, fs: str, note: Note) -> dict[str, Any]
                     ours.append(_time_restore(top, dest))
                 elif have_qemu:
                     theirs.append(_time_convert(top, dest))
-                _unlink(dest)
-        res["restore"] = {**_summary(ours), "copy_s": _median([r["copy_s"] for r in ours]),
+                remove_file(dest)
+        res["restore"] = {**_summary(ours), "copy_s": median([r["copy_s"] for r in ours]),
                           "data_bytes": ours[0]["data_bytes"],
                           "how": "shmblock.restore.restore(top, dest, verify=False): "
                                  "checks the chain, copies, fsyncs the file, renames it, "
