@@ -186,6 +186,9 @@ def build_parser() -> ArgumentParser:
     add_bitmap_arguments(sub.add_parser(
         "bitmap", help="add, remove, clear, enable, disable, merge or list the persistent "
         "dirty bitmaps of a device file no run has open"), size_arg)
+    from shmblock.serve.cli import add_arguments as add_serve_arguments
+    add_serve_arguments(sub.add_parser(
+        "serve", help="a QMP control socket (and NBD server): QEMU's clients drive backups"))
     from shmblock.bench.options import add_arguments as add_bench_arguments
     add_bench_arguments(sub.add_parser(
         "bench", help="benchmarks under contention, beside QEMU and the machine's limits"))
@@ -619,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bitmap":
             from shmblock.cli_bitmap import cmd_bitmap
             return cmd_bitmap(args)
+        if args.command == "serve":
+            from shmblock.serve.cli import cmd_serve
+            return cmd_serve(args)
         if args.command == "bench":
             from shmblock.bench.runner import run as run_bench
             args.argv = sys.argv[1:] if argv is None else argv
