@@ -134,8 +134,8 @@ def test_info_does_not_enter_transmission_and_ro_is_flagged() -> None:
     conn = connected()
     assert conn.receive_data(go("ro", opt=wire.OPT_INFO)) == []
     replies = option_replies(conn.data_to_send())
-    exp = [p for _, rep, p in replies if rep == wire.REP_INFO
-           and struct.unpack_from(">H", p)[0] == wire.INFO_EXPORT][0]
+    exp = next(p for _, rep, p in replies if rep == wire.REP_INFO
+           and struct.unpack_from(">H", p)[0] == wire.INFO_EXPORT)
     assert struct.unpack(">QH", exp[2:])[1] & wire.TF_READ_ONLY
     assert conn.phase is Phase.OPTIONS
 
@@ -318,7 +318,7 @@ def test_structured_errors_for_read() -> None:
     conn = transmitting()
     conn.receive_data(request(wire.CMD_READ, 1 << 20, 512, cookie=9))
     out = conn.data_to_send()
-    magic, flags, kind, cookie, length = struct.unpack_from(">IHHQI", out)
+    magic, flags, kind, cookie, _length = struct.unpack_from(">IHHQI", out)
     assert (magic, flags, kind, cookie) == (wire.STRUCTURED_REPLY_MAGIC, wire.REPLY_FLAG_DONE,
                                             wire.REPLY_TYPE_ERROR, 9)
     assert struct.unpack_from(">I", out, 20)[0] == wire.EINVAL
