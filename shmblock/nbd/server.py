@@ -1,0 +1,512 @@
+"""The NBD server's I/O: listening sockets, one thread per connection, a bounded pool.
+
+The protocol is :mod:`shmblock.nbd.wire` (sans I/O); this module moves its bytes and
+runs its requests against the exports (:mod:`shmblock.nbd.exports`).
+
+Threads. One acceptor thread per listening socket; one thread per connection that reads
+and parses (and blocks when the connection has too much in flight, which is our
+back-pressure); one pool of :data:`WORKERS` threads shared by every connection that runs
+requests. The device's write path blocks (copy-before-write may wait for the backup
+worker), so requests run in threads, not in an event loop; replies go out in whatever
+order requests finish, under the connection's send lock (NBD matches them by cookie).
+
+Bounds (the server faces untrusted peers):
+
+* a request carries at most :data:`~shmblock.nbd.wire.MAX_REQUEST` (32 MiB) of data;
+* a connection has at most :data:`MAX_IN_FLIGHT` requests and
+  :data:`MAX_IN_FLIGHT_BYTES` of read or write data in flight;
+* at most ``max_connections`` connections (default 16); one more is accepted and closed;
+* the handshake must end within :data:`HANDSHAKE_TIMEOUT`, and a reply must be taken
+  by the client within :data:`SEND_TIMEOUT`, else the connection is dropped.
+
+So the server holds at most ``max_connections × (MAX_IN_FLIGHT_BYTES + MAX_REQUEST)``
+bytes of request data. Ownership: an export's source belongs to the server once added;
+:meth:`NbdServer.remove_export` and :meth:`NbdServer.stop` close it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import select
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from shmblock.errors import CopyBeforeWriteError, ShmblockError, UsageError
+from shmblock.nbd import wire
+from shmblock.nbd.exports import ExportGone, ExportSource
+from shmblock.nbd.wire import (
+    Catalog,
+    Closed,
+    Disconnect,
+    ExportView,
+    Negotiated,
+    Phase,
+    Request,
+    ServerConnection,
+)
+
+log = logging.getLogger("shmblock.nbd")
+
+WORKERS = 8
+MAX_IN_FLIGHT = 16
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 30.0
+SEND_TIMEOUT = 60.0
+RECV_CHUNK = 256 * 1024
+POLL = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """One export as :meth:`NbdServer.exports` lists it."""
+
+    name: str
+    size: int
+    writable: bool
+    connections: int
+    description: str = ""
+
+
+@dataclass
+class _Export:
+    name: str
+    source: ExportSource
+    description: str
+
+    def view(self) -> ExportView:
+        s = self.source
+        return ExportView(self.name, s.size, s.writable, s.block_size, tuple(s.contexts),
+                          self.description)
+
+
+class _Connection:
+    """One client: its socket, its protocol state, what it has in flight."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.proto = ServerConnection(Catalog(server._find_view, server._list_views))
+        self.export: _Export | None = None
+        self.contexts: tuple[tuple[int, str], ...] = ()
+        self.send_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.bytes_in_flight = 0
+        self.broken = False
+        self.thread = threading.Thread(target=self._run, name=f"nbd-conn-{peer}",
+                                       daemon=True)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send(self, *parts: bytes | memoryview) -> None:
+        with self.send_lock:
+            if self.broken:
+                return
+            try:
+                for part in parts:
+                    if len(part):
+                        self.sock.sendall(part)
+            except OSError as exc:
+                # The client went away or stopped reading: nothing more to tell it.
+                log.info("nbd: %s: cannot send a reply (%s); dropping it", self.peer, exc)
+                self.drop()
+
+    def drop(self) -> None:
+        """Break the connection (the reading thread sees EOF and ends)."""
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    # -- the reading thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._converse()
+        except Exception:  # never let one client's surprise kill the server
+            log.exception("nbd: %s: connection failed", self.peer)
+        finally:
+            self._drain()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.server._forget(self)
+
+    def _converse(self) -> None:
+        sock = self.sock
+        sock.settimeout(SEND_TIMEOUT)
+        self.send(self.proto.data_to_send())
+        handshake_end = time.monotonic() + HANDSHAKE_TIMEOUT
+        while not self.broken and not self.server._stopping.is_set():
+            if (self.proto.phase in (Phase.OPTIONS, Phase.CLIENT_FLAGS)
+                    and time.monotonic() > handshake_end):
+                log.info("nbd: %s: handshake took over %s s", self.peer, HANDSHAKE_TIMEOUT)
+                return
+            ready, _, _ = select.select([sock], [], [], POLL)
+            if not ready:
+                continue
+            try:
+                data = sock.recv(RECV_CHUNK)
+            except OSError:
+                return
+            if not data:
+                return  # the client went away (mid-request too: its write is dropped)
+            events = self.proto.receive_data(data)
+            out = self.proto.data_to_send()
+            if out:
+                self.send(out)
+            for event in events:
+                if isinstance(event, Negotiated):
+                    if not self._bind(event):
+                        return
+                elif isinstance(event, Request):
+                    if not self._submit(event):
+                        return
+                elif isinstance(event, Closed):
+                    self.server.protocol_errors += 1
+                    log.info("nbd: %s: %s; hanging up", self.peer, event.reason)
+                    return
+                elif isinstance(event, Disconnect):
+                    return
+
+    def _bind(self, event: Negotiated) -> bool:
+        export = self.server._bind(self, event.export)
+        if export is None:
+            return False  # removed between the option and now
+        self.export = export
+        self.contexts = event.contexts
+        return True
+
+    def _submit(self, req: Request) -> bool:
+        cost = len(req.data) if req.command == wire.CMD_WRITE else \
+            req.length if req.command == wire.CMD_READ else 0
+        with self.cond:
+            while (self.in_flight >= MAX_IN_FLIGHT
+                   or self.bytes_in_flight + cost > MAX_IN_FLIGHT_BYTES):
+                if self.broken or self.server._stopping.is_set():
+                    return False
+                self.cond.wait(POLL)
+            self.in_flight += 1
+            self.bytes_in_flight += cost
+        try:
+            self.server._pool.submit(self._serve, req, cost)
+        except RuntimeError:  # the pool shut down: the server is stopping
+            self._done(cost)
+            return False
+        return True
+
+    def _done(self, cost: int) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            self.bytes_in_flight -= cost
+            self.cond.notify_all()
+
+    def _drain(self) -> None:
+        """Let requests in flight finish (a write that started lands whole)."""
+        deadline = time.monotonic() + SEND_TIMEOUT
+        with self.cond:
+            while self.in_flight and time.monotonic() < deadline:
+                self.cond.wait(POLL)
+
+    # -- running one request (in the pool) ---------------------------------------------
+
+    def _serve(self, req: Request, cost: int) -> None:
+        try:
+            self._execute(req)
+        except Exception as exc:  # a bug must cost one reply, not the server
+            log.exception("nbd: %s: %s failed", self.peer, req.name)
+            self.send(self.proto.reply_error(req.cookie, req.command, wire.EIO,
+                                             f"internal error: {exc}"))
+        finally:
+            self._done(cost)
+
+    def _execute(self, req: Request) -> None:
+        export = self.export
+        assert export is not None
+        source = export.source
+        proto = self.proto
+        try:
+            if req.command == wire.CMD_READ:
+                data = source.read(req.offset, req.length)
+                self.send(*proto.reply_read(req.cookie, req.offset, data))
+                return
+            if req.command == wire.CMD_WRITE:
+                source.write(req.offset, memoryview(req.data), bool(req.flags & wire.CMD_FLAG_FUA))
+            elif req.command == wire.CMD_FLUSH:
+                source.flush()
+            elif req.command == wire.CMD_TRIM:
+                source.trim(req.offset, req.length)
+                if req.flags & wire.CMD_FLAG_FUA:
+                    source.flush()
+            elif req.command == wire.CMD_WRITE_ZEROES:
+                if req.flags & wire.CMD_FLAG_FAST_ZERO:
+                    # proto.md: fail fast unless zeroing is faster than writing; ours
+                    # writes zeroes through copy-before-write like data.
+                    self.send(proto.reply_error(req.cookie, req.command, wire.ENOTSUP,
+                                                "zeroing is not faster than writing"))
+                    return
+                source.write_zeroes(req.offset, req.length,
+                                    bool(req.flags & wire.CMD_FLAG_FUA))
+            elif req.command == wire.CMD_BLOCK_STATUS:
+                chunks = []
+                one = bool(req.flags & wire.CMD_FLAG_REQ_ONE)
+                for ident, name in self.contexts:
+                    extents = wire.clip_extents(
+                        source.block_status(name, req.offset, req.length), req.length, one)
+                    if not extents:
+                        raise ExportGone(f"no extents for context {name}")
+                    chunks.append((ident, extents))
+                self.send(proto.reply_block_status(req.cookie, chunks))
+                return
+            self.send(proto.reply_ok(req.cookie))
+        except CopyBeforeWriteError as exc:
+            # The snapshot's old contents could not be saved: the write did not happen.
+            self.send(proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)))
+        except UsageError as exc:
+            self.send(proto.reply_error(req.cookie, req.command, wire.EINVAL, str(exc)))
+        except (ShmblockError, OSError) as exc:
+            self.send(proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)))
+
+
+class NbdServer:
+    """An NBD server for shmblock exports, on Unix sockets and loopback TCP (C3)."""
+
+    def __init__(self, *, max_connections: int = 16) -> None:
+        if not 1 <= max_connections <= 1024:
+            raise UsageError(f"max_connections {max_connections} must be from 1 to 1024")
+        self.max_connections = max_connections
+        self.protocol_errors = 0
+        self._lock = threading.Lock()
+        self._exports: dict[str, _Export] = {}
+        self._bound: dict[str, set[_Connection]] = {}
+        self._connections: set[_Connection] = set()
+        self._listeners: list[tuple[socket.socket, threading.Thread, str | None,
+                                    tuple[int, int] | None]] = []
+        self._stopping = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="nbd-req")
+        self._stopped = False
+
+    # -- listening ----------------------------------------------------------------------
+
+    def start_unix(self, path: str) -> None:
+        """Listen on a Unix socket at ``path``, created owner-only (0600). UsageError if
+        ``path`` exists or its directory does not."""
+        self._require_running()
+        path = os.path.abspath(path)
+        directory = os.path.dirname(path)
+        if os.path.lexists(path):
+            raise UsageError(f"cannot listen on {path!r}: it exists")
+        if not os.path.isdir(directory):
+            raise UsageError(f"cannot listen on {path!r}: no directory {directory!r}")
+        # Bind inside a private (0700) directory, make it 0600, then rename it into
+        # place: the socket is never reachable with looser permissions, and no
+        # process-wide umask is changed under other threads.
+        private = tempfile.mkdtemp(prefix=".nbd-", dir=directory)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            tmp = os.path.join(private, "sock")
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            sock.listen(64)
+            try:
+                os.link(tmp, path)  # fails if someone created ``path`` meanwhile
+            except FileExistsError:
+                raise UsageError(f"cannot listen on {path!r}: it exists") from None
+            os.unlink(tmp)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot listen on {path!r}: {exc.strerror}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(private, "sock"))
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
+        st = os.stat(path)
+        self._listen(sock, path, (st.st_dev, st.st_ino))
+
+    def start_tcp(self, host: str, port: int) -> int:
+        """Listen on loopback ``host`` (127.0.0.1, ::1, localhost) at ``port`` (0: any
+        free one); returns the port. UsageError for a non-loopback address."""
+        self._require_running()
+        name = "127.0.0.1" if host == "localhost" else host
+        try:
+            addr = ipaddress.ip_address(name)
+        except ValueError:
+            raise UsageError(f"NBD listens on loopback only; {host!r} is not a loopback "
+                             "address") from None
+        if not addr.is_loopback:
+            raise UsageError(f"NBD listens on loopback only; {host!r} is not loopback")
+        if not 0 <= port <= 65535:
+            raise UsageError(f"port {port} out of range")
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((name, port))
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        bound: int = sock.getsockname()[1]
+        self._listen(sock, None, None)
+        return bound
+
+    def _listen(self, sock: socket.socket, path: str | None,
+                identity: tuple[int, int] | None) -> None:
+        sock.settimeout(POLL)
+        thread = threading.Thread(target=self._accept_loop, args=(sock,),
+                                  name="nbd-accept", daemon=True)
+        with self._lock:
+            self._listeners.append((sock, thread, path, identity))
+        thread.start()
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, addr = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(POLL)  # EMFILE and friends: do not spin
+                continue
+            client.settimeout(None)
+            peer = addr[0] + ":" + str(addr[1]) if isinstance(addr, tuple) else "unix"
+            with self._lock:
+                full = len(self._connections) >= self.max_connections
+                conn = None if full or self._stopping.is_set() else \
+                    _Connection(self, client, peer)
+                if conn is not None:
+                    self._connections.add(conn)
+            if conn is None:
+                log.info("nbd: refusing %s: %d connections already", peer,
+                         self.max_connections)
+                client.close()
+                continue
+            conn.thread.start()
+
+    # -- exports --------------------------------------------------------------------------
+
+    def add_export(self, name: str, source: ExportSource, *, description: str = "") -> None:
+        """Serve ``source`` as ``name`` (UsageError for a bad or duplicate name)."""
+        self._require_running()
+        if not isinstance(name, str) or len(name.encode()) > wire.MAX_NAME or "\0" in name:
+            raise UsageError(f"bad NBD export name {name!r}: at most {wire.MAX_NAME} "
+                             "bytes of UTF-8 without NUL")
+        if len(description.encode()) > wire.MAX_NAME:
+            raise UsageError(f"the description of export {name!r} is over "
+                             f"{wire.MAX_NAME} bytes")
+        with self._lock:
+            if name in self._exports:
+                raise UsageError(f"an NBD export named {name!r} exists already")
+            self._exports[name] = _Export(name, source, description)
+            self._bound[name] = set()
+
+    def remove_export(self, name: str, *, hard: bool = False) -> None:
+        """Stop serving ``name`` and close its source. Refused (UsageError) while clients
+        use it, unless ``hard``: then they are disconnected (requests in flight finish)."""
+        with self._lock:
+            export = self._exports.get(name)
+            if export is None:
+                raise UsageError(f"no NBD export named {name!r}")
+            users = list(self._bound[name])
+            if users and not hard:
+                raise UsageError(f"NBD export {name!r} has {len(users)} client(s) "
+                                 "connected (remove it hard to disconnect them)")
+            del self._exports[name]
+            del self._bound[name]
+        for conn in users:
+            conn.drop()
+        for conn in users:
+            conn.thread.join(SEND_TIMEOUT)
+        export.source.close()
+
+    def exports(self) -> list[ExportInfo]:
+        with self._lock:
+            return [ExportInfo(e.name, e.source.size, e.source.writable,
+                               len(self._bound[e.name]), e.description)
+                    for e in self._exports.values()]
+
+    def _find_view(self, name: str) -> ExportView | None:
+        with self._lock:
+            export = self._exports.get(name)
+        return None if export is None else export.view()
+
+    def _list_views(self) -> list[ExportView]:
+        with self._lock:
+            exports = list(self._exports.values())
+        return [e.view() for e in exports]
+
+    def _bind(self, conn: _Connection, name: str) -> _Export | None:
+        with self._lock:
+            export = self._exports.get(name)
+            if export is not None:
+                self._bound[name].add(conn)
+            return export
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+            if conn.export is not None:
+                self._bound.get(conn.export.name, set()).discard(conn)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _require_running(self) -> None:
+        if self._stopped:
+            raise UsageError("the NBD server is stopped")
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening, disconnect every client (requests in flight finish, up to
+        ``timeout``), close every export's source and unlink the Unix sockets. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            listeners = list(self._listeners)
+            self._listeners.clear()
+        for sock, thread, path, identity in listeners:
+            thread.join(max(deadline - time.monotonic(), 0.1))
+            sock.close()
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    if (st.st_dev, st.st_ino) == identity:  # ours, not a newcomer's
+                        os.unlink(path)
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            conn.drop()
+        for conn in conns:
+            conn.thread.join(max(deadline - time.monotonic(), 0.1))
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            exports = list(self._exports.values())
+            self._exports.clear()
+            self._bound.clear()
+        for export in exports:
+            with contextlib.suppress(Exception):
+                export.source.close()
+
+    def __enter__(self) -> NbdServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,493 @@
+"""The NBD server against real clients (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) and
+against a raw socket client that misbehaves.
+
+Every test runs an engine with one device and an :class:`NbdServer` on a Unix socket in
+its ``tmp_path`` (or loopback TCP), stopped in ``finally``; the conftest leak check then
+finds nothing left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import stat
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shmblock.device_handle import DeviceHandle
+from shmblock.engine import Engine
+from shmblock.errors import CopyBeforeWriteError, UsageError
+from shmblock.job import JobState, Outcome
+from shmblock.nbd import NbdServer, fleecing_export, live_export, wire
+from shmblock.nbd.exports import LiveExport
+from tests.nbd_servers import require_binary
+from tests.procs import wait_for_cbw, wait_until
+from tests.test_nbd_wire import _mutate, _valid_transcript, go, option
+
+MiB = 1 << 20
+CS = 65536
+SIZE = 16 * MiB
+TOOL_TIMEOUT = 180.0
+
+
+@dataclass
+class Setup:
+    engine: Engine
+    dev: DeviceHandle
+    server: NbdServer
+    sock: str
+    tmp: Path
+
+    def uri(self, export: str = "live") -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def image_opts(self, export: str = "live", extra: str = "") -> str:
+        return f"driver=nbd,server.type=unix,server.path={self.sock},export={export}{extra}"
+
+
+@pytest.fixture
+def nbd(tmp_path: Path) -> Iterator[Setup]:
+    engine = Engine()
+    server = NbdServer()
+    try:
+        dev = engine.create_device(SIZE, cluster_size=CS)
+        sock = str(tmp_path / "nbd.sock")
+        server.start_unix(sock)
+        server.add_export("live", live_export(dev), description="device dev0")
+        yield Setup(engine, dev, server, sock, tmp_path)
+    finally:
+        server.stop()
+        engine.close()
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    require_binary(argv[0])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+                          check=False)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+# -- a raw client, for what real clients never do ------------------------------------------
+
+
+class RawClient:
+    """Just enough NBD to misbehave on purpose."""
+
+    def __init__(self, path: str | None = None, port: int | None = None) -> None:
+        if path is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(30)
+            self.sock.connect(path)
+        else:
+            assert port is not None
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            got = self.sock.recv(n - len(buf))
+            if not got:
+                raise EOFError(f"server closed after {len(buf)} of {n} bytes")
+            buf += got
+        return buf
+
+    def greet(self) -> None:
+        magic, opt, _flags = struct.unpack(">QQH", self.recv_exact(18))
+        assert (magic, opt) == (wire.NBDMAGIC, wire.IHAVEOPT)
+        self.sock.sendall(struct.pack(">I", wire.FLAG_FIXED_NEWSTYLE | wire.FLAG_NO_ZEROES))
+
+    def option_reply(self) -> tuple[int, int, bytes]:
+        magic, opt, rep, length = struct.unpack(">QIII", self.recv_exact(20))
+        assert magic == wire.OPTION_REPLY_MAGIC
+        return opt, rep, self.recv_exact(length)
+
+    def go(self, name: str = "live") -> None:
+        self.sock.sendall(go(name))
+        while True:
+            _, rep, _ = self.option_reply()
+            if rep == wire.REP_ACK:
+                return
+            assert rep == wire.REP_INFO, rep
+
+    def request(self, command: int, offset: int, length: int, cookie: int = 1,
+                data: bytes = b"", flags: int = 0) -> None:
+        self.sock.sendall(struct.pack(">IHHQQI", wire.REQUEST_MAGIC, flags, command,
+                                      cookie, offset, length) + data)
+
+    def simple_reply(self) -> tuple[int, int]:
+        magic, err, cookie = struct.unpack(">IIQ", self.recv_exact(16))
+        assert magic == wire.SIMPLE_REPLY_MAGIC
+        return err, cookie
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- the server's own behaviour ---------------------------------------------------------------
+
+
+def test_unix_socket_is_owner_only_and_unlinked_on_stop(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    server = NbdServer()
+    try:
+        server.start_unix(str(path))
+        mode = os.stat(path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        with pytest.raises(UsageError, match="exists"):
+            server.start_unix(str(path))
+        with pytest.raises(UsageError, match="loopback"):
+            server.start_tcp("0.0.0.0", 0)
+        with pytest.raises(UsageError, match="loopback"):
+            server.start_tcp("example.com", 0)
+        port = server.start_tcp("127.0.0.1", 0)
+        assert port > 0
+    finally:
+        server.stop()
+    assert not path.exists()
+    assert sorted(os.listdir(tmp_path)) == [], "nothing left beside the socket either"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_exports_names_and_removal(nbd: Setup) -> None:
+    server = nbd.server
+    with pytest.raises(UsageError, match="exists already"):
+        server.add_export("live", live_export(nbd.dev))
+    with pytest.raises(UsageError, match="bad NBD export name"):
+        server.add_export("x" * 5000, live_export(nbd.dev))
+    with pytest.raises(UsageError, match="no NBD export"):
+        server.remove_export("nope")
+    client = RawClient(nbd.sock)
+    try:
+        client.greet()
+        client.go("live")
+        wait_until(lambda: server.exports()[0].connections == 1, 30, what="the client bound")
+        info = server.exports()[0]
+        assert (info.name, info.size, info.writable) == ("live", SIZE, True)
+        with pytest.raises(UsageError, match="client"):
+            server.remove_export("live")
+        server.remove_export("live", hard=True)
+        assert server.exports() == []
+        with pytest.raises(EOFError):
+            client.recv_exact(1)
+    finally:
+        client.close()
+
+
+def test_unsupported_options_do_not_drop_the_connection(nbd: Setup) -> None:
+    nbd.dev.write(0, b"\x5a" * 4096)
+    client = RawClient(nbd.sock)
+    try:
+        client.greet()
+        for opt in (99, wire.OPT_STARTTLS, 11, 4):
+            client.sock.sendall(option(opt, b"abc"))
+            assert client.option_reply()[1] == wire.REP_ERR_UNSUP
+        client.go("live")
+        client.request(wire.CMD_READ, 0, 4096, cookie=5)
+        assert client.simple_reply() == (0, 5)
+        assert client.recv_exact(4096) == b"\x5a" * 4096
+        client.request(wire.CMD_READ, SIZE, 1, cookie=6)
+        assert client.simple_reply() == (wire.EINVAL, 6)
+        client.request(wire.CMD_DISC, 0, 0)
+        with pytest.raises(EOFError):
+            client.recv_exact(1)
+    finally:
+        client.close()
+
+
+def test_max_connections_refuses_one_more(tmp_path: Path) -> None:
+    server = NbdServer(max_connections=1)
+    path = str(tmp_path / "s.sock")
+    first = second = None
+    try:
+        server.start_unix(path)
+        first = RawClient(path)
+        first.greet()
+        wait_until(lambda: server.connections == 1, 30, what="the first connection")
+        second = RawClient(path)
+        with pytest.raises((EOFError, ConnectionResetError)):
+            second.recv_exact(18)
+        first.close()
+        wait_until(lambda: server.connections == 0, 30, what="the first one to go")
+    finally:
+        for c in (first, second):
+            if c is not None:
+                c.close()
+        server.stop()
+
+
+def test_client_vanishing_mid_request_leaves_device_and_job_intact(nbd: Setup) -> None:
+    dev, engine = nbd.dev, nbd.engine
+    before = dev.read(0, SIZE)
+    job = engine.backup(dev, str(nbd.tmp / "b.raw"), sync="none")
+    try:
+        # A write whose payload never fully arrives, and a read never collected.
+        client = RawClient(nbd.sock)
+        client.greet()
+        client.go("live")
+        client.request(wire.CMD_WRITE, 3 * CS, 2 * CS, data=b"\xee" * (CS + 1000))
+        client.close()
+        client = RawClient(nbd.sock)
+        client.greet()
+        client.go("live")
+        for i in range(8):
+            client.request(wire.CMD_READ, 0, 4 * MiB, cookie=i)
+        client.close()
+        wait_until(lambda: nbd.server.connections == 0, 60, what="both clients forgotten")
+        assert dev.read(0, SIZE) == before, "the half-sent write must not land"
+        assert job.state is JobState.RUNNING
+        # The server still serves; the job still saves what a new write overwrites.
+        run("qemu-io", "-f", "raw", "-c", f"write -P 0x11 {5 * CS} {CS}", nbd.uri())
+        assert dev.read(5 * CS, CS) == b"\x11" * CS
+        wait_until(lambda: dev.device.saved[5] == 1, 60, what="cluster 5 saved")
+    finally:
+        job.complete()
+        result = job.wait(120)
+    assert result.outcome is Outcome.COMPLETED, result.error
+
+
+def test_write_errors_map_to_eio(nbd: Setup) -> None:
+    class Failing(LiveExport):
+        def write(self, offset: int, data: memoryview, fua: bool) -> None:
+            raise CopyBeforeWriteError("the backup worker did not save cluster 0")
+
+    nbd.server.add_export("failing", Failing(nbd.dev))
+    proc = run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4096", nbd.uri("failing"),
+               check=False)
+    assert "Input/output error" in proc.stdout + proc.stderr
+    class ReadOnly(LiveExport):
+        writable = False
+
+    nbd.server.add_export("ro", ReadOnly(nbd.dev))
+    client = RawClient(nbd.sock)  # qemu-io would refuse a read-only export itself
+    try:
+        client.greet()
+        client.go("ro")
+        client.request(wire.CMD_WRITE, 0, 4096, cookie=3, data=b"\x01" * 4096)
+        assert client.simple_reply() == (wire.EPERM, 3)
+        client.request(wire.CMD_WRITE_ZEROES, 0, 4096, cookie=4)
+        assert client.simple_reply() == (wire.EPERM, 4)
+    finally:
+        client.close()
+    assert nbd.dev.read(0, 4096) == bytes(4096)
+
+
+def test_fuzzed_clients_never_hurt_the_server(nbd: Setup) -> None:
+    """Random, truncated, oversized, out-of-order streams over real sockets: the server
+    answers or hangs up, and afterwards every acknowledged write is there."""
+    rng = random.Random(7)
+    for i in range(60):
+        data = rng.choice([rng.randbytes(rng.randrange(300)),
+                           _mutate(rng, _valid_transcript(rng))])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(nbd.sock)
+            with contextlib.suppress(OSError):
+                s.sendall(data)
+                if i % 2:
+                    s.shutdown(socket.SHUT_WR)
+                    while s.recv(65536):  # the server must end it, not hang
+                        pass
+    wait_until(lambda: nbd.server.connections == 0, 60, what="every fuzz client gone")
+    client = RawClient(nbd.sock)
+    try:
+        client.greet()
+        client.go("live")
+        payload = pattern(1, 3 * CS)
+        client.request(wire.CMD_WRITE, CS, len(payload), cookie=42, data=payload)
+        assert client.simple_reply() == (0, 42)
+    finally:
+        client.close()
+    assert nbd.dev.read(CS, 3 * CS) == payload
+
+
+# -- real clients ------------------------------------------------------------------------------
+
+
+def test_qemu_io_writes_during_a_backup_land_and_the_backup_is_point_in_time(
+        nbd: Setup) -> None:
+    dev, engine = nbd.dev, nbd.engine
+    dev.write(0, pattern(3, SIZE))
+    job = engine.backup(dev, str(nbd.tmp / "full.raw"), sync="full", speed=2 * MiB,
+                        verify=True)
+    cmds = []
+    for i in range(12):  # spread over the device, mostly ahead of the slow copy
+        cmds += ["-c", f"write -P {0x20 + i} {i * SIZE // 12 // CS * CS} {2 * CS}"]
+    run("qemu-io", "-f", "raw", *cmds, nbd.uri())
+    assert job.state is JobState.RUNNING, "the writes must have raced the backup"
+    result = job.wait(300)
+    assert result.outcome is Outcome.COMPLETED, result.error
+    assert result.verified is True, result.verify_error
+    assert result.cbw_clusters > 0
+    for i in range(12):
+        off = i * SIZE // 12 // CS * CS
+        assert dev.read(off, 2 * CS) == bytes([0x20 + i]) * (2 * CS)
+
+
+def test_fio_is_a_guest_during_a_backup(nbd: Setup) -> None:
+    dev, engine = nbd.dev, nbd.engine
+    job = engine.backup(dev, str(nbd.tmp / "full.raw"), sync="full", speed=4 * MiB,
+                        verify=True)
+    run("fio", "--name=guest", "--ioengine=nbd", f"--uri={nbd.uri()}", "--rw=randrw",
+        "--bs=4k", "--iodepth=8", "--runtime=3", "--time_based", f"--size={SIZE}",
+        "--output-format=terse")
+    result = job.wait(300)
+    assert result.outcome is Outcome.COMPLETED, result.error
+    assert result.verified is True, result.verify_error
+    assert int(np.count_nonzero(dev.device.allocated)) > 0
+
+
+def test_concurrent_connections(nbd: Setup) -> None:
+    port = nbd.server.start_tcp("127.0.0.1", 0)
+    procs = []
+    for i in range(6):
+        uri = nbd.uri() if i % 2 else f"nbd://127.0.0.1:{port}/live"
+        argv = ["qemu-io", "-f", "raw"]
+        for k in range(8):
+            argv += ["-c", f"aio_write -P {i + 1} {(i * 8 + k) * CS} {CS}"]
+        argv += ["-c", "aio_flush", uri]
+        require_binary("qemu-io")
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        for p in procs:
+            _out, err = p.communicate(timeout=TOOL_TIMEOUT)
+            assert p.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i in range(6):
+        assert nbd.dev.read(i * 8 * CS, 8 * CS) == bytes([i + 1]) * (8 * CS)
+
+
+def test_block_status_maps(nbd: Setup) -> None:
+    dev = nbd.dev
+    dev.write(0, b"\x01" * 2 * CS)
+    dev.add_bitmap("b0")
+    dev.write(10 * CS, b"\x02" * CS)
+    nbd.server.remove_export("live")
+    nbd.server.add_export("live", live_export(dev))  # contexts are read when exported
+    out = run("nbdinfo", "--map", nbd.uri()).stdout.split("\n")
+    rows = [line.split()[:3] for line in out if line.strip()]
+    assert rows == [["0", str(2 * CS), "0"], [str(2 * CS), str(8 * CS), "3"],
+                    [str(10 * CS), str(CS), "0"], [str(11 * CS), str(SIZE - 11 * CS), "3"]]
+    out = run("nbdinfo", "--map=qemu:dirty-bitmap:b0", nbd.uri()).stdout.split("\n")
+    rows = [line.split()[:3] for line in out if line.strip()]
+    assert rows == [["0", str(10 * CS), "0"], [str(10 * CS), str(CS), "1"],
+                    [str(11 * CS), str(SIZE - 11 * CS), "0"]]
+    listed = run("nbdinfo", "--list", f"nbd+unix://?socket={nbd.sock}").stdout
+    assert "qemu:dirty-bitmap:b0" in listed and "base:allocation" in listed
+    proc = run("qemu-img", "map", "--output=json", "--image-opts", nbd.image_opts())
+    assert '"start": 0, "length": 131072' in proc.stdout
+    assert '"zero": true, "data": false' in proc.stdout
+
+
+def test_fleecing_export_is_the_snapshot_while_guests_write(nbd: Setup) -> None:
+    dev, engine = nbd.dev, nbd.engine
+    dev.write(0, pattern(9, SIZE // 2))  # half data, half never written
+    dev.add_bitmap("since")
+    ref = nbd.tmp / "ref.raw"
+    job = engine.backup(dev, str(nbd.tmp / "fleece.raw"), sync="none", verify=True,
+                        reference_image=str(ref))
+    copies = []
+    writers = engine.start_writers(dev, 1, workload="random", duration=120.0, seed=3,
+                                   rate=300.0)
+    try:
+        nbd.server.add_export("fleece", fleecing_export(dev, job))
+        wait_for_cbw(job, 8)
+        copies.append(nbd.tmp / "nbdcopy.raw")
+        run("nbdcopy", nbd.uri("fleece"), str(copies[-1]))
+        copies.append(nbd.tmp / "convert.raw")
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", nbd.uri("fleece"),
+            str(copies[-1]))
+        writes = run("nbdinfo", "--map=qemu:dirty-bitmap:since", nbd.uri("fleece")).stdout
+        assert " 1  dirty" in writes
+        # Read-only: qemu refuses to open it for writing.
+        proc = run("qemu-io", "-f", "raw", "-c", "write 0 512", nbd.uri("fleece"),
+                   check=False)
+        assert proc.returncode and "Permission denied" in proc.stderr
+        assert all(w.alive for w in writers)
+        assert int(dev.device.saved.sum()) > 0
+    finally:
+        with contextlib.suppress(UsageError):
+            nbd.server.remove_export("fleece", hard=True)
+        engine.stop_writers()
+        job.complete()
+        result = job.wait(120)
+    assert result.outcome is Outcome.COMPLETED, result.error
+    want = ref.read_bytes()
+    assert len(want) == SIZE
+    for copy in copies:
+        assert copy.read_bytes() == want, f"{copy.name} is not the snapshot"
+    assert dev.read(0, SIZE) != want, "the guest wrote meanwhile"
+
+
+def test_fleecing_export_refuses_what_it_cannot_serve(nbd: Setup) -> None:
+    dev, engine = nbd.dev, nbd.engine
+    full = engine.backup(dev, str(nbd.tmp / "a.raw"), sync="full")
+    with pytest.raises(UsageError, match="sync=none"):
+        fleecing_export(dev, full)
+    assert full.wait(120).outcome is Outcome.COMPLETED
+    q = engine.backup(dev, str(nbd.tmp / "b.qcow2"), sync="none")
+    try:
+        with pytest.raises(UsageError, match="qcow2"):
+            fleecing_export(dev, q)
+    finally:
+        q.complete()
+        q.wait(120)
+    job = engine.backup(dev, str(nbd.tmp / "c.raw"), sync="none")
+    nbd.server.add_export("fleece", fleecing_export(dev, job))
+    job.complete()
+    job.wait(120)
+    with pytest.raises(UsageError, match="not running"):
+        fleecing_export(dev, job)
+    # The export outlived its job: reads fail instead of showing today's data.
+    proc = run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4096", nbd.uri("fleece"),
+               check=False)
+    assert "read failed" in proc.stdout + proc.stderr
+
+
+def test_stop_with_clients_connected(tmp_path: Path) -> None:
+    with Engine() as engine:
+        dev = engine.create_device(SIZE, cluster_size=CS)
+        server = NbdServer()
+        path = str(tmp_path / "s.sock")
+        server.start_unix(path)
+        server.add_export("live", live_export(dev))
+        clients = [RawClient(path) for _ in range(3)]
+        try:
+            for c in clients:
+                c.greet()
+            clients[0].go("live")
+            t0 = time.monotonic()
+            stopper = threading.Thread(target=server.stop)
+            stopper.start()
+            stopper.join(30)
+            assert not stopper.is_alive() and time.monotonic() - t0 < 30
+            assert not os.path.exists(path)
+            for c in clients:
+                with pytest.raises((EOFError, ConnectionResetError)):
+                    while True:
+                        c.recv_exact(1)
+        finally:
+            for c in clients:
+                c.close()
+            server.stop()
