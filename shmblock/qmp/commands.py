@@ -75,6 +75,9 @@ _SIMPLE_BITMAP_ACTIONS: dict[str, Callable[[DeviceHandle, str], txn.Action]] = {
     "block-dirty-bitmap-disable": txn.BitmapDisable,
 }
 
+#: Seconds block-export-del (safe) waits for clients that are leaving.
+EXPORT_IN_USE_WAIT = 2.0
+
 Emit = Callable[[str, dict[str, Any], float], None]
 
 
@@ -332,9 +335,6 @@ class Monitor:
                            "cluster is copied before it is overwritten)")
         dev = self._device_node(a["file"])
         target = self._node(a["target"])
-        if dev.parents:
-            raise QmpError(f"Node '{dev.name}' already has a filter or a temporary node "
-                           f"on top ('{sorted(dev.parents)[0]}')")
         spec = self._target_spec(target, fleecing=True)
         job_id = INTERNAL_PREFIX + node.name
         self.internal_jobs.add(job_id)
@@ -799,6 +799,18 @@ class Monitor:
 
     def _delete_export(self, exp: Export, hard: bool) -> None:
         if self.nbd is not None:
+            # A client that has just closed its connection may not be noticed yet:
+            # give it a moment before calling the export in use (QEMU's safe mode).
+            deadline = time.monotonic() + EXPORT_IN_USE_WAIT
+            while True:
+                in_use = [e for e in self.nbd.exports() if e.name == exp.name
+                          and e.connections]
+                if hard or not in_use:
+                    break
+                if time.monotonic() >= deadline:
+                    raise QmpError(f"export '{exp.id}' still in use (use mode 'hard' to "
+                                   "disconnect its clients)")
+                time.sleep(0.05)
             self.nbd.remove_export(exp.name, hard=hard)
         del self.exports[exp.id]
         self._emit("BLOCK_EXPORT_DELETED", {"id": exp.id}, time.time())

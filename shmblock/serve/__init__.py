@@ -33,7 +33,6 @@ overwrite every device.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -348,13 +347,11 @@ def nbd_addr(spec: str) -> dict[str, Any]:
     return {"type": "inet", "data": {"host": host.strip("[]"), "port": port}}
 
 
-def _nbd_factory() -> Callable[..., Any] | None:
-    """The NBD server class (contract C3), if this build has it."""
-    try:
-        module = importlib.import_module("shmblock.nbd")
-    except ImportError:
-        return None
-    factory: Callable[..., Any] = module.NbdServer
+def _nbd_factory() -> Callable[..., Any]:
+    """The NBD server class (contract C3)."""
+    from shmblock.nbd import NbdServer
+
+    factory: Callable[..., Any] = NbdServer
     return factory
 
 
