@@ -50,7 +50,7 @@ from shmblock.job import JobEvent, JobState, Outcome
 from shmblock.options import BackupOptions
 from shmblock.qmp import schema
 from shmblock.qmp.schemas import SCHEMAS
-from shmblock.qmp.wire import DEVICE_NOT_ACTIVE, DEVICE_NOT_FOUND, QmpError
+from shmblock.qmp.wire import DEVICE_NOT_ACTIVE, QmpError
 from shmblock.targets import TargetSpec
 
 if TYPE_CHECKING:
@@ -194,11 +194,12 @@ class Monitor:
             raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'")
         return node
 
-    def _device_node(self, name: str, what: str = "") -> Node:
+    def _device_node(self, name: str) -> Node:
         node = self.nodes.get(name)
         if node is None:
-            raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'",
-                           DEVICE_NOT_FOUND if what == "device" else "GenericError")
+            # QEMU's bdrv_lookup_bs: a GenericError (DeviceNotFound is for the
+            # commands that look up a guest device's backend, which shmblock has not).
+            raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'")
         if node.device is None:
             raise QmpError(f"Node '{name}' is a {node.driver} node, not a shmblock device")
         return node
@@ -423,7 +424,7 @@ class Monitor:
     # -- backups ------------------------------------------------------------------------------
 
     def _backup_options(self, a: dict[str, Any]) -> tuple[DeviceHandle, BackupOptions]:
-        dev = self._device_node(a["device"], "device")
+        dev = self._device_node(a["device"])
         target = self._node(a["target"])
         if target.name == dev.name:
             raise QmpError("Source and target cannot be the same")
