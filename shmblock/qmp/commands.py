@@ -472,6 +472,7 @@ class Monitor:
         mode = a.get("properties", {}).get("completion-mode", "individual")
         actions: list[txn.Action] = []
         after: list[Callable[[], None]] = []
+        added: set[tuple[str, str]] = set()  # bitmaps an earlier action adds
         for item in a["actions"]:
             kind, d = item["type"], item["data"]
             if kind == "blockdev-backup":
@@ -485,12 +486,15 @@ class Monitor:
                     raise QmpError("a bitmap added in a transaction has the cluster size "
                                    f"({dev.cluster_size}) as granularity")
                 actions.append(txn.BitmapAdd(dev, d["name"]))
+                added.add((dev.name, d["name"]))
                 if d.get("disabled"):
                     after.append(functools.partial(dev.disable_bitmap, d["name"]))
             elif kind == "block-dirty-bitmap-merge":
                 actions.append(txn.BitmapMerge(dev, d["target"],
                                                tuple(self._merge_sources(d))))
             else:
+                if (dev.name, d["name"]) not in added:
+                    self._bitmap(dev, d["name"])  # QEMU's error, before the engine's
                 actions.append(_SIMPLE_BITMAP_ACTIONS[kind](dev, d["name"]))
         self.engine.transaction(actions, mode)
         for step in after:

@@ -10,11 +10,13 @@ Engine` and one :class:`~shmblock.qmp.commands.Monitor` on it. Threads:
 
 * one *acceptor* per listening socket (Unix; TCP on loopback optional), which starts
 * one *client* thread per connection: it sends the greeting, feeds what it reads to a
-  sans-IO :class:`~shmblock.qmp.wire.QmpConnection` and runs each request through the
-  monitor (one command at a time across all clients, the monitor's lock). A client that
+  sans-IO :class:`~shmblock.qmp.wire.QmpConnection` and hands each request to the main
+  thread, waiting for its reply. A client that
   disconnects mid-command loses nothing: the command runs to its end, only its reply
   has nobody to go to. A client that keeps sending garbage
   (:data:`~shmblock.qmp.wire.MAX_ERRORS` errors in a row) is disconnected;
+* one *main* thread that runs every command, one at a time (QEMU's main loop; see
+  :meth:`Server.call` for why it must be one long-lived thread);
 * one *event* thread: events are put on a queue by whoever emits them (the engine's
   pump holds a job's lock then, so nothing may block there) and sent from here to every
   client that has finished capability negotiation.
@@ -42,6 +44,7 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from shmblock.engine import Engine
@@ -154,6 +157,9 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._stop_lock = threading.Lock()
         self._started = False
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = \
+            queue.Queue()
+        self._main = threading.Thread(target=self._main_loop, name="qmp-main", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -167,6 +173,7 @@ class Server:
                 self.engine = Engine()
             self.monitor = Monitor(self.engine, self._emit, _nbd_factory(),
                                    on_quit=self._quit)
+            self._main.start()
             if self.qmp_path is not None:
                 self._listeners.append(self._bind_unix(self.qmp_path))
                 self._bound_path = self.qmp_path
@@ -243,6 +250,9 @@ class Server:
                     self.engine.close()
             finally:
                 self._events.put(None)
+                self._calls.put(None)
+                if self._main.is_alive() and self._main is not me:
+                    self._main.join(30.0)
                 for t in self._threads:
                     if t is not me:
                         t.join(5.0)
@@ -318,8 +328,43 @@ class Server:
         if not conn.negotiated:
             raise wire.QmpError("Expecting capabilities negotiation with "
                                 "'qmp_capabilities'", wire.COMMAND_NOT_FOUND)
-        assert self.monitor is not None
-        return self.monitor.execute(req.command, req.arguments)
+        monitor = self.monitor
+        assert monitor is not None
+        return self.call(lambda: monitor.execute(req.command, req.arguments))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server's main thread and return (or raise) what it does.
+
+        Every command runs there, one at a time, as in QEMU's main loop, and not on the
+        client's thread: worker processes are started with PR_SET_PDEATHSIG, which Linux
+        ties to the *thread* that forked them, so a backup started from a client's
+        thread would be killed when that client disconnects.
+        """
+        if threading.current_thread() is self._main:
+            return fn()
+        future: Future[Any] = Future()
+        self._calls.put((fn, future))
+        return future.result()
+
+    def _main_loop(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                break
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the client's thread
+                future.set_exception(exc)
+        while True:  # after stop: nothing more runs
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1].set_exception(wire.QmpError("the server is shutting down"))
 
     # -- events -------------------------------------------------------------------------------
 
