@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -494,3 +495,93 @@ def test_too_many_clients_are_told_and_closed() -> None:
             time.sleep(0.1)
         else:
             pytest.fail("the slot of a closed client was not freed")
+
+
+# -- error policies: BLOCK_JOB_ERROR ---------------------------------------------------------------
+
+
+def test_target_error_with_stop_pauses_the_job_and_emits_block_job_error(
+        tmp_path: Path) -> None:
+    from tests.helpers import small_tmpfs
+
+    with small_tmpfs(tmp_path, "1m") as small, running_server() as (server, d):
+        async def scenario() -> None:
+            c, events = await connect(d / "qmp.sock")
+            await add_device(c, "dev0")
+            fill(server, "dev0", 8, range(64))  # 4 MiB of data: more than the tmpfs
+            target = small / "t.raw"
+            target.write_bytes(b"")
+            await ex(c, "blockdev-add", {"driver": "file", "node-name": "f",
+                                         "filename": str(target)})
+            await ex(c, "blockdev-add", {"driver": "raw", "node-name": "t", "file": "f"})
+            await ex(c, "blockdev-backup", {"job-id": "j0", "device": "dev0", "target": "t",
+                                            "sync": "full", "on-target-error": "stop"})
+            ev = await next_event(events, "BLOCK_JOB_ERROR", device="j0")
+            assert ev["data"] == {"device": "j0", "operation": "write", "action": "stop"}
+            await next_event(events, "JOB_STATUS_CHANGE", id="j0", status="paused")
+            [info] = await ex(c, "query-block-jobs")
+            assert info["io-status"] == "nospace" and info["paused"] is True
+            await ex(c, "job-cancel", {"id": "j0"})
+            await next_event(events, "BLOCK_JOB_CANCELLED", device="j0")
+            # report (the default): the job fails, BLOCK_JOB_COMPLETED carries the error.
+            await ex(c, "blockdev-backup", {"job-id": "j1", "device": "dev0", "target": "t",
+                                            "sync": "full"})
+            done = await next_event(events, "BLOCK_JOB_COMPLETED", device="j1")
+            assert "error" in done["data"]
+            await c.disconnect()
+
+        run(scenario())
+
+
+# -- TCP, and garbage over the socket ------------------------------------------------------------
+
+
+def test_qmp_over_loopback_tcp() -> None:
+    with running_server(qmp_tcp=("127.0.0.1", 0)) as (server, _):
+        async def scenario() -> None:
+            c = QMPClient("tcp")
+            assert server.qmp_port is not None
+            await c.connect(("127.0.0.1", server.qmp_port))
+            assert (await ex(c, "query-version"))["package"].startswith("shmblock")
+            await c.disconnect()
+
+        run(scenario())
+    with pytest.raises(Exception, match="loopback"):
+        Server(qmp_tcp=("0.0.0.0", 0))
+
+
+def test_garbage_on_the_socket_gets_errors_or_a_hang_up_and_the_server_serves_on() -> None:
+    import random
+
+    rng = random.Random(1234)
+    payloads = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4000)))
+                for _ in range(20)]
+    payloads += [b"{" * 5000, b'{"execute": "' + b"x" * (2 << 20), b"]]]}}}",
+                 b'{"execute": "qmp_capabilities"}' * 3 + b'{"execute": "quit"',
+                 b"\xff\xfe" * 1000]
+    with running_server() as (server, d):
+        for data in payloads:
+            sock = raw_client(d / "qmp.sock", timeout=30)
+            try:
+                read_line(sock)
+                with contextlib.suppress(OSError):
+                    sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                # Every answer is a well-formed error line (or none: hung up).
+                rest = b""
+                while chunk := sock.recv(65536):
+                    rest += chunk
+                for line in rest.split(b"\r\n"):
+                    if line:
+                        msg = json.loads(line)
+                        assert "error" in msg or msg.get("return") == {}, msg
+            finally:
+                sock.close()
+        assert not server.stopped.is_set()
+
+        async def still_serving() -> None:
+            c, _ = await connect(d / "qmp.sock")
+            assert await ex(c, "query-jobs") == []
+            await c.disconnect()
+
+        run(still_serving())
