@@ -119,6 +119,8 @@ class _Client:
             self.send(wire.error_reply(item, wire.QmpError(f"internal error: {exc}")))
             return
         self.send(wire.reply(item, result))
+        if item.command == "quit" and self.server.quitting:
+            threading.Thread(target=self.server.stop, name="qmp-quit", daemon=True).start()
 
 
 class Server:
@@ -153,7 +155,8 @@ class Server:
         self._bound_path: str | None = None
         self._clients: set[_Client] = set()
         self._clients_lock = threading.Lock()
-        self._events: queue.Queue[bytes | None] = queue.Queue()
+        self._events: queue.Queue[bytes | threading.Event | None] = queue.Queue()
+        self.quitting = False
         self._threads: list[threading.Thread] = []
         self._stop_lock = threading.Lock()
         self._started = False
@@ -238,6 +241,7 @@ class Server:
                 with contextlib.suppress(OSError):
                     os.unlink(self._bound_path)
             me = threading.current_thread()
+            self._flush_events()  # SHUTDOWN, BLOCK_EXPORT_DELETED... before hanging up
             with self._clients_lock:
                 clients = list(self._clients)
             for c in clients:
@@ -266,9 +270,18 @@ class Server:
         return self.stopped.wait(timeout)
 
     def _quit(self) -> None:
-        # After the reply: QEMU answers quit, then shuts down.
+        # QEMU answers quit, then shuts down: the client's thread starts the stop once
+        # the reply is sent (_Client.handle).
+        self.quitting = True
         self._emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        threading.Timer(0.1, self.stop).start()
+
+    def _flush_events(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until the events queued so far have been sent."""
+        if not any(t.name == "qmp-events" and t.is_alive() for t in self._threads):
+            return
+        sent = threading.Event()
+        self._events.put(sent)
+        sent.wait(timeout)
 
     def __enter__(self) -> Server:
         self.start()
@@ -376,6 +389,9 @@ class Server:
             msg = self._events.get()
             if msg is None:
                 return
+            if isinstance(msg, threading.Event):
+                msg.set()
+                continue
             with self._clients_lock:
                 clients = [c for c in self._clients if c.conn.negotiated]
             for c in clients:
