@@ -7,6 +7,7 @@ copy-before-write filter + snapshot-access), pulled with ``qemu-img convert`` an
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -141,5 +142,37 @@ def test_fleecing_with_a_temporary_node_and_with_copy_before_write() -> None:
             assert server.engine is not None
             assert all(j.tracker.concluded for j in server.engine.jobs.values())
             await c.disconnect()
+
+        asyncio.run(scenario())
+
+
+@pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="needs qemu-nbd")
+def test_backup_to_an_nbd_target_node_over_unix_and_tcp() -> None:
+    from tests.nbd_servers import ServerGroup
+
+    with running_server() as (server, d), ServerGroup(d) as group:
+        async def scenario() -> None:
+            c, events = await connect(d / "qmp.sock")
+            await add_device(c, "dev0")
+            fill(server, "dev0", 9, range(0, 64, 2))
+            ref = snapshot_of(server, "dev0", d / "ref.raw")
+            images = []
+            for i, host in enumerate((None, "127.0.0.1")):
+                image = d / f"nbd{i}.raw"
+                image.write_bytes(b"")
+                os.truncate(image, 4 * MiB)
+                images.append(image)
+                srv = group.qemu_nbd(image, export="e", host=host)
+                address = {"type": "unix", "path": str(srv.socket_path)} if host is None else \
+                    {"type": "inet", "host": host, "port": str(srv.port)}
+                await ex(c, "blockdev-add", {"driver": "nbd", "node-name": f"n{i}",
+                                             "server": address, "export": "e"})
+                await ex(c, "blockdev-backup", {"job-id": f"j{i}", "device": "dev0",
+                                                "target": f"n{i}", "sync": "full"})
+                done = await next_event(events, "BLOCK_JOB_COMPLETED", device=f"j{i}")
+                assert "error" not in done["data"], done["data"]
+            await c.disconnect()
+            for image in images:
+                assert_compare(ref, image, "raw")
 
         asyncio.run(scenario())
