@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shmblock import layout as L
 from shmblock.device_handle import DeviceHandle
 from shmblock.engine import Engine
 from shmblock.errors import CopyBeforeWriteError, UsageError
 from shmblock.job import JobState, Outcome
 from shmblock.nbd import NbdServer, fleecing_export, live_export, wire
-from shmblock.nbd.exports import LiveExport
+from shmblock.nbd.exports import ExportGone, LiveExport
 from tests.nbd_servers import require_binary
 from tests.procs import wait_for_cbw, wait_until
 from tests.test_nbd_wire import _mutate, _valid_transcript, go, option
@@ -381,10 +382,8 @@ def test_concurrent_connections(nbd: Setup) -> None:
 def test_block_status_maps(nbd: Setup) -> None:
     dev = nbd.dev
     dev.write(0, b"\x01" * 2 * CS)
-    dev.add_bitmap("b0")
+    dev.add_bitmap("b0")  # after the export was added: offered all the same
     dev.write(10 * CS, b"\x02" * CS)
-    nbd.server.remove_export("live")
-    nbd.server.add_export("live", live_export(dev))  # contexts are read when exported
     out = run("nbdinfo", "--map", nbd.uri()).stdout.split("\n")
     rows = [line.split()[:3] for line in out if line.strip()]
     assert rows == [["0", str(2 * CS), "0"], [str(2 * CS), str(8 * CS), "3"],
@@ -438,6 +437,80 @@ def test_fleecing_export_is_the_snapshot_while_guests_write(nbd: Setup) -> None:
     for copy in copies:
         assert copy.read_bytes() == want, f"{copy.name} is not the snapshot"
     assert dev.read(0, SIZE) != want, "the guest wrote meanwhile"
+
+
+def test_fleecing_reads_in_process(nbd: Setup) -> None:
+    """The point-in-time read itself, without clients: unaligned ranges that mix clusters
+    still on the device with clusters already saved, and a broken snapshot."""
+    dev, engine = nbd.dev, nbd.engine
+    old = pattern(11, SIZE)
+    dev.write(0, old)
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none")
+    view = fleecing_export(dev, job)
+    try:
+        assert view.contexts == ["base:allocation"] and not view.writable
+        for c in (1, 2, 5):
+            dev.write(c * CS + 100, b"\xff" * 1000)
+        assert dev.read(CS + 100, 10) == b"\xff" * 10
+        for offset, length in [(0, SIZE), (CS + 50, 3 * CS), (5 * CS + 99, 2),
+                               (4 * CS, CS + 1)]:
+            assert bytes(view.read(offset, length)) == old[offset : offset + length]
+        assert view.block_status("base:allocation", 0, SIZE) == [(SIZE, 0)]
+        dev.device.ctl[L.CTL_BROKEN] = 1  # as on-cbw-error=break-snapshot leaves it
+        with pytest.raises(ExportGone, match="broken"):
+            view.read(0, 4096)
+        dev.device.ctl[L.CTL_BROKEN] = 0
+        job.complete()
+        job.wait(120)
+        with pytest.raises(ExportGone, match="ended"):
+            view.read(0, 4096)
+    finally:
+        view.close()
+        with contextlib.suppress(Exception):  # completed above unless the test failed
+            job.complete()
+        job.wait(120)
+
+
+def test_fleecing_read_waits_for_a_staged_cluster(nbd: Setup,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster saved (needs_copy 0) but not yet on the target (saved 0) is read once
+    the worker put it there, never from the target's hole before; and not forever."""
+    dev, engine = nbd.dev, nbd.engine
+    old = pattern(12, SIZE)
+    dev.write(0, old)
+    part = nbd.tmp / "t.raw.part"
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none")
+    view = fleecing_export(dev, job)
+    worker: threading.Thread | None = None
+    try:
+        assert part.exists()
+        # What a staging writer leaves behind before the worker drains its copy: we play
+        # the worker by hand, late.
+        dev.device.needs_copy[7] = 0
+
+        def drain_late() -> None:
+            time.sleep(0.5)
+            fd = os.open(part, os.O_WRONLY)
+            try:
+                os.pwrite(fd, old[7 * CS : 8 * CS], 7 * CS)
+            finally:
+                os.close(fd)
+            dev.device.saved[7] = 1
+
+        worker = threading.Thread(target=drain_late)
+        worker.start()
+        assert bytes(view.read(7 * CS - 10, CS + 20)) == old[7 * CS - 10 : 8 * CS + 10]
+        worker.join()
+        monkeypatch.setattr("shmblock.nbd.exports.STAGED_WAIT", 0.3)
+        dev.device.needs_copy[9] = 0  # staged, and the worker never gets to it
+        with pytest.raises(ExportGone, match="did not reach the target"):
+            view.read(9 * CS, 10)
+    finally:
+        if worker is not None:
+            worker.join()
+        view.close()
+        job.complete()
+        job.wait(120)
 
 
 def test_fleecing_export_refuses_what_it_cannot_serve(nbd: Setup) -> None:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from shmblock import layout as L
 from shmblock import snapshot
 from shmblock.claims import Claims
 from shmblock.copier import runs
@@ -68,12 +69,25 @@ class ExportGone(NbdError):
 
 
 class ExportSource(Protocol):
-    """What an NBD export reads, writes and describes (contracts.md C3)."""
+    """What an NBD export reads, writes and describes (contracts.md C3).
 
-    size: int
-    block_size: int
-    writable: bool
-    contexts: list[str]
+    The four descriptive members are read-only here, so a plain attribute or a property
+    both satisfy them: ``size`` in bytes, ``block_size`` the preferred one (the
+    cluster size), ``writable``, and ``contexts`` the metadata contexts offered
+    ("base:allocation", "qemu:dirty-bitmap:NAME"), read at every handshake.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def writable(self) -> bool: ...
+
+    @property
+    def contexts(self) -> list[str]: ...
 
     def read(self, offset: int, length: int) -> bytes | memoryview: ...
 
@@ -117,9 +131,13 @@ class _DeviceExport:
         self.handle = handle
         self.size = handle.size
         self.block_size = handle.cluster_size
-        self.contexts = [BASE_ALLOCATION] + [DIRTY_BITMAP_PREFIX + name
-                                             for name in handle.bitmaps()]
         self._closed = False
+
+    @property
+    def contexts(self) -> list[str]:
+        """Read at every handshake, so a bitmap added after the export is offered too."""
+        return [BASE_ALLOCATION] + [DIRTY_BITMAP_PREFIX + name
+                                    for name in self.handle.bitmaps()]
 
     def _clusters(self, offset: int, length: int) -> tuple[int, int]:
         cs = self.block_size
@@ -237,8 +255,15 @@ class FleecingExport(_DeviceExport):
 
     def _check_current(self) -> None:
         self._check_open()
-        if not snapshot.is_current(self.handle.device, self._seq):
+        dev = self.handle.device
+        if not snapshot.is_current(dev, self._seq):
             raise ExportGone(f"job {self.job.job} has ended: its point-in-time view is gone")
+        if dev.ctl[L.CTL_BROKEN]:
+            # on-cbw-error=break-snapshot let a write through unsaved: from then on the
+            # device no longer holds the snapshot where needs_copy says it does. The flag
+            # is raised before that write, so the check after a read catches it.
+            raise ExportGone(f"job {self.job.job}'s snapshot is broken (a guest write "
+                             "could not be saved first)")
 
     def read(self, offset: int, length: int) -> bytes | memoryview:
         self._check_current()

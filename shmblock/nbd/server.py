@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from shmblock.errors import CopyBeforeWriteError, ShmblockError, UsageError
 from shmblock.nbd import wire
-from shmblock.nbd.exports import ExportGone, ExportSource
+from shmblock.nbd.exports import ExportGone, ExportSource, LiveExport
 from shmblock.nbd.wire import (
     Catalog,
     Closed,
@@ -60,6 +60,11 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 SEND_TIMEOUT = 60.0
 RECV_CHUNK = 256 * 1024
+#: a reply's header and data up to this size go out in one send
+COALESCE = 256 * 1024
+#: reads of a live export up to this size run in the connection's own thread: a memcpy
+#: costs less than the hand-over to the pool
+INLINE_READ = 1024 * 1024
 POLL = 0.25
 
 
@@ -107,6 +112,8 @@ class _Connection:
     # -- sending ----------------------------------------------------------------------
 
     def send(self, *parts: bytes | memoryview) -> None:
+        if len(parts) > 1 and sum(len(p) for p in parts) <= COALESCE:
+            parts = (b"".join(parts),)  # one segment for a small reply (TCP_NODELAY)
         with self.send_lock:
             if self.broken:
                 return
@@ -194,6 +201,11 @@ class _Connection:
                 self.cond.wait(POLL)
             self.in_flight += 1
             self.bytes_in_flight += cost
+        export = self.export
+        if (req.command == wire.CMD_READ and req.length <= INLINE_READ
+                and export is not None and isinstance(export.source, LiveExport)):
+            self._serve(req, cost)
+            return True
         try:
             self.server._pool.submit(self._serve, req, cost)
         except RuntimeError:  # the pool shut down: the server is stopping
@@ -381,6 +393,9 @@ class NbdServer:
                 time.sleep(POLL)  # EMFILE and friends: do not spin
                 continue
             client.settimeout(None)
+            if client.family != socket.AF_UNIX:
+                # Replies are whole messages: do not hold them back for Nagle.
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = addr[0] + ":" + str(addr[1]) if isinstance(addr, tuple) else "unix"
             with self._lock:
                 full = len(self._connections) >= self.max_connections
