@@ -60,6 +60,8 @@ DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 STAGED_WAIT = 10.0
 #: the most a fleecing read waits for the claims of the clusters it reads
 CLAIM_WAIT = 10.0
+#: clusters claimed at once by a fleecing read
+CLAIM_CLUSTERS = 32
 #: zeroes are written through the guest path in pieces of this size
 ZERO_CHUNK = 4 * 1024 * 1024
 
@@ -275,24 +277,30 @@ class FleecingExport(_DeviceExport):
         out_np = np.frombuffer(out, dtype=np.uint8)
         nc = dev.needs_copy
         data = dev.data
-        deadline = time.monotonic() + CLAIM_WAIT
-        with self._claim_lock:
-            try:
-                self._claims.claim(c0, c1 - c0, deadline)
-            except CopyBeforeWriteError as exc:
-                raise ExportGone(f"clusters {c0}..{c1 - 1} stayed claimed: {exc}") from exc
-            try:
-                from_device = nc[c0:c1] != 0
-                for a, b, on_device in runs(from_device):
-                    if on_device:
-                        lo = max((c0 + a) * cs, offset)
-                        hi = min((c0 + b) * cs, offset + length)
+        saved_runs: list[tuple[int, int]] = []
+        # A few clusters at a time: a writer waits for our claim at most one short
+        # memcpy, and a big read does not need every one of its clusters free at once.
+        for a in range(c0, c1, CLAIM_CLUSTERS):
+            b = min(a + CLAIM_CLUSTERS, c1)
+            deadline = time.monotonic() + CLAIM_WAIT
+            with self._claim_lock:
+                try:
+                    self._claims.claim(a, b - a, deadline)
+                except CopyBeforeWriteError as exc:
+                    raise ExportGone(f"clusters {a}..{b - 1} stayed claimed: {exc}") \
+                        from exc
+                try:
+                    for ra, rb, on_device in runs(nc[a:b] != 0):
+                        if not on_device:
+                            saved_runs.append((a + ra, a + rb))
+                            continue
+                        lo = max((a + ra) * cs, offset)
+                        hi = min((a + rb) * cs, offset + length)
                         out_np[lo - offset : hi - offset] = data[lo:hi]
-            finally:
-                self._claims.release(c0, c1 - c0)
-        for a, b, on_device in runs(from_device):
-            if not on_device:
-                self._read_saved(c0 + a, c0 + b, offset, view)
+                finally:
+                    self._claims.release(a, b - a)
+        for ra, rb in saved_runs:
+            self._read_saved(ra, rb, offset, view)
         # The job may have ended while we read the target (a newer job clears saved):
         # what we read is only the snapshot if the job is still the current one.
         self._check_current()
