@@ -264,6 +264,60 @@ def test_client_vanishing_mid_request_leaves_device_and_job_intact(nbd: Setup) -
     assert result.outcome is Outcome.COMPLETED, result.error
 
 
+def test_a_client_that_does_not_read_stalls_only_itself(nbd: Setup) -> None:
+    """Replies a client never reads must not hold the threads that serve everyone."""
+    nbd.dev.write(0, pattern(4, SIZE))
+    hog = RawClient(nbd.sock)
+    try:
+        hog.greet()
+        hog.go("live")
+        for i in range(64):  # far more reply data than the socket buffers hold
+            hog.request(wire.CMD_READ, 0, 4 * MiB, cookie=i)
+        time.sleep(1.0)  # let the server fill its side
+        t0 = time.monotonic()
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 65536", "-c",
+            "read -P 0x33 0 65536", nbd.uri())
+        # Generous: the old code blocked here for the whole send timeout (60 s).
+        assert time.monotonic() - t0 < 30
+    finally:
+        hog.close()
+    wait_until(lambda: nbd.server.connections == 0, 60, what="the hog forgotten")
+
+
+def test_refusals_a_client_does_not_read_are_bounded(nbd: Setup) -> None:
+    """Bad requests answered by the protocol layer itself queue at most MAX_UNSENT
+    bytes of refusals before the server stops reading that client."""
+    from shmblock.nbd import server as server_module
+
+    hog = RawClient(nbd.sock)
+    bad = struct.pack(">IHHQQI", wire.REQUEST_MAGIC, 0, wire.CMD_READ, 1, SIZE, 512)
+    peak = 0
+    try:
+        hog.greet()
+        hog.go("live")
+        hog.sock.settimeout(0.5)
+
+        def push() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(400):
+                    hog.sock.sendall(bad * 4096)
+
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for conn in list(nbd.server._connections):
+                peak = max(peak, conn.protocol_bytes)
+            time.sleep(0.01)
+        pusher.join(60)
+    finally:
+        hog.close()
+    assert peak > 0
+    # one receive's worth of 16-byte refusals may go over the mark
+    assert peak <= server_module.MAX_UNSENT + server_module.RECV_CHUNK
+    wait_until(lambda: nbd.server.connections == 0, 60, what="the hog forgotten")
+
+
 def test_write_errors_map_to_eio(nbd: Setup) -> None:
     class Failing(LiveExport):
         def write(self, offset: int, data: memoryview, fua: bool) -> None:

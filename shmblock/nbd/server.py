@@ -3,12 +3,14 @@
 The protocol is :mod:`shmblock.nbd.wire` (sans I/O); this module moves its bytes and
 runs its requests against the exports (:mod:`shmblock.nbd.exports`).
 
-Threads. One acceptor thread per listening socket; one thread per connection that reads
-and parses (and blocks when the connection has too much in flight, which is our
-back-pressure); one pool of :data:`WORKERS` threads shared by every connection that runs
-requests. The device's write path blocks (copy-before-write may wait for the backup
-worker), so requests run in threads, not in an event loop; replies go out in whatever
-order requests finish, under the connection's send lock (NBD matches them by cookie).
+Threads. One acceptor thread per listening socket; per connection a reader (reads and
+parses, and blocks when the connection has too much in flight, which is our
+back-pressure) and a sender (the only thread that writes its socket); one pool of
+:data:`WORKERS` threads shared by every connection that runs requests. The device's
+write path blocks (copy-before-write may wait for the backup worker), so requests run in
+threads, not in an event loop; replies go out in whatever order requests finish (NBD
+matches them by cookie). A request counts as in flight until its reply is sent, so a
+client that does not read its replies only stalls itself.
 
 Bounds (the server faces untrusted peers):
 
@@ -17,7 +19,9 @@ Bounds (the server faces untrusted peers):
   :data:`MAX_IN_FLIGHT_BYTES` of read or write data in flight;
 * at most ``max_connections`` connections (default 16); one more is accepted and closed;
 * the handshake must end within :data:`HANDSHAKE_TIMEOUT`, and a reply must be taken
-  by the client within :data:`SEND_TIMEOUT`, else the connection is dropped.
+  by the client within :data:`SEND_TIMEOUT`, else the connection is dropped;
+* refusals made by the wire layer (bad requests) wait to be sent up to
+  :data:`MAX_UNSENT` bytes; beyond that the connection is not read until they are.
 
 So the server holds at most ``max_connections × (MAX_IN_FLIGHT_BYTES + MAX_REQUEST)``
 bytes of request data. Ownership: an export's source belongs to the server once added;
@@ -26,6 +30,7 @@ bytes of request data. Ownership: an export's source belongs to the server once 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -65,6 +70,8 @@ COALESCE = 256 * 1024
 #: reads of a live export up to this size run in the connection's own thread: a memcpy
 #: costs less than the hand-over to the pool
 INLINE_READ = 1024 * 1024
+#: refusals the protocol layer may queue for a client that does not read them
+MAX_UNSENT = 1024 * 1024
 POLL = 0.25
 
 
@@ -92,7 +99,14 @@ class _Export:
 
 
 class _Connection:
-    """One client: its socket, its protocol state, what it has in flight."""
+    """One client: its socket, its protocol state, what it has in flight.
+
+    Three kinds of thread touch it: its reader (parses, submits, blocks on the bounds),
+    pool threads (run requests, queue replies) and its sender (the only one that writes
+    to the socket). A request counts as in flight until its reply is *sent*, so a
+    client that does not read its replies stalls only itself: its sender blocks, its
+    budget fills, its reader stops reading -- no pool thread ever waits on its socket.
+    """
 
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -101,22 +115,52 @@ class _Connection:
         self.proto = ServerConnection(Catalog(server._find_view, server._list_views))
         self.export: _Export | None = None
         self.contexts: tuple[tuple[int, str], ...] = ()
-        self.send_lock = threading.Lock()
         self.cond = threading.Condition()
         self.in_flight = 0
         self.bytes_in_flight = 0
+        #: replies waiting for the sender: (parts, the request budget they release)
+        self.outbox: collections.deque[tuple[tuple[bytes | memoryview, ...], int]] = \
+            collections.deque()
+        #: bytes the protocol layer itself queued (handshake, refusals) not yet sent
+        self.protocol_bytes = 0
+        self.closing = False  # the reader is done: the sender ends once the outbox is empty
         self.broken = False
         self.thread = threading.Thread(target=self._run, name=f"nbd-conn-{peer}",
+                                       daemon=True)
+        self.sender = threading.Thread(target=self._send_loop, name=f"nbd-send-{peer}",
                                        daemon=True)
 
     # -- sending ----------------------------------------------------------------------
 
-    def send(self, *parts: bytes | memoryview) -> None:
+    def send(self, *parts: bytes | memoryview, cost: int = -1) -> None:
+        """Queue a reply; ``cost`` is the budget of the request it answers (-1: none,
+        it was made by the protocol layer)."""
         if len(parts) > 1 and sum(len(p) for p in parts) <= COALESCE:
             parts = (b"".join(parts),)  # one segment for a small reply (TCP_NODELAY)
-        with self.send_lock:
+        with self.cond:
             if self.broken:
+                if cost >= 0:
+                    self._release(cost)
                 return
+            if cost < 0:
+                self.protocol_bytes += sum(len(p) for p in parts)
+            self.outbox.append((parts, cost))
+            self.cond.notify_all()
+
+    def _release(self, cost: int) -> None:
+        """A request is over (with self.cond held)."""
+        self.in_flight -= 1
+        self.bytes_in_flight -= cost
+        self.cond.notify_all()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.outbox and not self.closing and not self.broken:
+                    self.cond.wait(POLL)
+                if self.broken or not self.outbox:
+                    return
+                parts, cost = self.outbox.popleft()
             try:
                 for part in parts:
                     if len(part):
@@ -125,14 +169,38 @@ class _Connection:
                 # The client went away or stopped reading: nothing more to tell it.
                 log.info("nbd: %s: cannot send a reply (%s); dropping it", self.peer, exc)
                 self.drop()
+            with self.cond:
+                if cost >= 0:
+                    self._release(cost)
+                else:
+                    # (a drop meanwhile reset the count)
+                    self.protocol_bytes = max(self.protocol_bytes
+                                              - sum(len(p) for p in parts), 0)
+                    self.cond.notify_all()
 
     def drop(self) -> None:
-        """Break the connection (the reading thread sees EOF and ends)."""
-        self.broken = True
+        """Break the connection: the reader sees EOF, queued replies are discarded."""
+        with self.cond:
+            self.broken = True
+            for _, cost in self.outbox:
+                if cost >= 0:
+                    self._release(cost)
+            self.outbox.clear()
+            self.protocol_bytes = 0
+            self.cond.notify_all()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
     # -- the reading thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.sender.start()
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.thread.join(timeout)
+        self.sender.join(max(deadline - time.monotonic(), 0.1))
 
     def _run(self) -> None:
         try:
@@ -141,6 +209,13 @@ class _Connection:
             log.exception("nbd: %s: connection failed", self.peer)
         finally:
             self._drain()
+            with self.cond:
+                self.closing = True
+                self.cond.notify_all()
+            self.sender.join(SEND_TIMEOUT)
+            if self.sender.is_alive():
+                self.drop()
+                self.sender.join(SEND_TIMEOUT)
             with contextlib.suppress(OSError):
                 self.sock.close()
             self.server._forget(self)
@@ -155,6 +230,12 @@ class _Connection:
                     and time.monotonic() > handshake_end):
                 log.info("nbd: %s: handshake took over %s s", self.peer, HANDSHAKE_TIMEOUT)
                 return
+            with self.cond:
+                # A client that sends and never reads gets no more of our attention
+                # than its unsent refusals are worth.
+                if self.protocol_bytes > MAX_UNSENT:
+                    self.cond.wait(POLL)
+                    continue
             ready, _, _ = select.select([sock], [], [], POLL)
             if not ready:
                 continue
@@ -209,18 +290,14 @@ class _Connection:
         try:
             self.server._pool.submit(self._serve, req, cost)
         except RuntimeError:  # the pool shut down: the server is stopping
-            self._done(cost)
+            with self.cond:
+                self._release(cost)
             return False
         return True
 
-    def _done(self, cost: int) -> None:
-        with self.cond:
-            self.in_flight -= 1
-            self.bytes_in_flight -= cost
-            self.cond.notify_all()
-
     def _drain(self) -> None:
-        """Let requests in flight finish (a write that started lands whole)."""
+        """Let requests in flight finish and their replies go out (a write that started
+        lands whole)."""
         deadline = time.monotonic() + SEND_TIMEOUT
         with self.cond:
             while self.in_flight and time.monotonic() < deadline:
@@ -230,15 +307,15 @@ class _Connection:
 
     def _serve(self, req: Request, cost: int) -> None:
         try:
-            self._execute(req)
+            reply = self._execute(req)
         except Exception as exc:  # a bug must cost one reply, not the server
             log.exception("nbd: %s: %s failed", self.peer, req.name)
-            self.send(self.proto.reply_error(req.cookie, req.command, wire.EIO,
-                                             f"internal error: {exc}"))
-        finally:
-            self._done(cost)
+            reply = (self.proto.reply_error(req.cookie, req.command, wire.EIO,
+                                            f"internal error: {exc}"),)
+        self.send(*reply, cost=cost)
 
-    def _execute(self, req: Request) -> None:
+    def _execute(self, req: Request) -> tuple[bytes | memoryview, ...]:
+        """Run ``req``; returns its reply."""
         export = self.export
         assert export is not None
         source = export.source
@@ -246,8 +323,7 @@ class _Connection:
         try:
             if req.command == wire.CMD_READ:
                 data = source.read(req.offset, req.length)
-                self.send(*proto.reply_read(req.cookie, req.offset, data))
-                return
+                return tuple(proto.reply_read(req.cookie, req.offset, data))
             if req.command == wire.CMD_WRITE:
                 source.write(req.offset, memoryview(req.data), bool(req.flags & wire.CMD_FLAG_FUA))
             elif req.command == wire.CMD_FLUSH:
@@ -260,9 +336,8 @@ class _Connection:
                 if req.flags & wire.CMD_FLAG_FAST_ZERO:
                     # proto.md: fail fast unless zeroing is faster than writing; ours
                     # writes zeroes through copy-before-write like data.
-                    self.send(proto.reply_error(req.cookie, req.command, wire.ENOTSUP,
-                                                "zeroing is not faster than writing"))
-                    return
+                    return (proto.reply_error(req.cookie, req.command, wire.ENOTSUP,
+                                              "zeroing is not faster than writing"),)
                 source.write_zeroes(req.offset, req.length,
                                     bool(req.flags & wire.CMD_FLAG_FUA))
             elif req.command == wire.CMD_BLOCK_STATUS:
@@ -274,16 +349,15 @@ class _Connection:
                     if not extents:
                         raise ExportGone(f"no extents for context {name}")
                     chunks.append((ident, extents))
-                self.send(proto.reply_block_status(req.cookie, chunks))
-                return
-            self.send(proto.reply_ok(req.cookie))
+                return (proto.reply_block_status(req.cookie, chunks),)
+            return (proto.reply_ok(req.cookie),)
         except CopyBeforeWriteError as exc:
             # The snapshot's old contents could not be saved: the write did not happen.
-            self.send(proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)))
+            return (proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)),)
         except UsageError as exc:
-            self.send(proto.reply_error(req.cookie, req.command, wire.EINVAL, str(exc)))
+            return (proto.reply_error(req.cookie, req.command, wire.EINVAL, str(exc)),)
         except (ShmblockError, OSError) as exc:
-            self.send(proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)))
+            return (proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)),)
 
 
 class NbdServer:
@@ -408,7 +482,7 @@ class NbdServer:
                          self.max_connections)
                 client.close()
                 continue
-            conn.thread.start()
+            conn.start()
 
     # -- exports --------------------------------------------------------------------------
 
@@ -443,7 +517,7 @@ class NbdServer:
         for conn in users:
             conn.drop()
         for conn in users:
-            conn.thread.join(SEND_TIMEOUT)
+            conn.join(SEND_TIMEOUT)
         export.source.close()
 
     def exports(self) -> list[ExportInfo]:
@@ -510,7 +584,7 @@ class NbdServer:
         for conn in conns:
             conn.drop()
         for conn in conns:
-            conn.thread.join(max(deadline - time.monotonic(), 0.1))
+            conn.join(max(deadline - time.monotonic(), 0.1))
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             exports = list(self._exports.values())
