@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from shmblock import layout as L
@@ -562,6 +563,33 @@ def test_fleecing_read_waits_for_a_staged_cluster(nbd: Setup,
     finally:
         if worker is not None:
             worker.join()
+        view.close()
+        job.complete()
+        job.wait(120)
+
+
+def test_fleecing_read_racing_the_jobs_end_fails(nbd: Setup,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's end clears needs_copy without claims, and guests then write freely:
+    a read that copied clusters out meanwhile must not pass them off as the snapshot."""
+    from shmblock.nbd.exports import FleecingExport
+
+    dev, engine = nbd.dev, nbd.engine
+    dev.write(0, pattern(13, SIZE))
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none")
+    view = fleecing_export(dev, job)
+    real = FleecingExport._copy_out
+
+    def copy_during_the_end(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> None:
+        dev.device.needs_copy[:] = 0  # stop_copy_before_write, as complete() runs it
+        src[:16] = 0xAB  # a guest write that needs no claim any more
+        real(dst, src)
+
+    try:
+        monkeypatch.setattr(FleecingExport, "_copy_out", staticmethod(copy_during_the_end))
+        with pytest.raises(ExportGone, match="ending"):
+            view.read(0, CS)
+    finally:
         view.close()
         job.complete()
         job.wait(120)

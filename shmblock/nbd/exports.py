@@ -24,6 +24,11 @@ the claim on c:
   shared memory. We wait for ``saved[c]`` (bounded by :data:`STAGED_WAIT`) and read the
   target -- rather than the staging area, whose layout another part of the engine owns.
 
+Only savers clear ``needs_copy[c]``, and they hold the claim -- except the job's end,
+which clears the whole map at once (and a guest may then write c without any claim).
+So after copying clusters out under our claims we look again: a cluster whose mark went
+while we held its claim means the job is ending, and the read fails.
+
 The job must still be the device's current one (``CTL_JOB_SEQ``, ``CTL_JOB_ACTIVE``)
 before and after every read: once it ends the maps are cleared and the target no longer
 grows, so a read then fails with EIO instead of returning today's data as yesterday's.
@@ -290,13 +295,20 @@ class FleecingExport(_DeviceExport):
                     raise ExportGone(f"clusters {a}..{b - 1} stayed claimed: {exc}") \
                         from exc
                 try:
-                    for ra, rb, on_device in runs(nc[a:b] != 0):
-                        if not on_device:
+                    on_device = nc[a:b] != 0
+                    for ra, rb, here in runs(on_device):
+                        if not here:
                             saved_runs.append((a + ra, a + rb))
                             continue
                         lo = max((a + ra) * cs, offset)
                         hi = min((a + rb) * cs, offset + length)
-                        out_np[lo - offset : hi - offset] = data[lo:hi]
+                        self._copy_out(out_np[lo - offset : hi - offset], data[lo:hi])
+                    # Under our claims only the job's end clears needs_copy (the
+                    # worker's stop_copy_before_write, or release): a guest may have
+                    # written those clusters while we copied them.
+                    if not nc[a:b][on_device].all():
+                        raise ExportGone(f"job {self.job.job} is ending: its "
+                                         "point-in-time view is gone")
                 finally:
                     self._claims.release(a, b - a)
         for ra, rb in saved_runs:
@@ -305,6 +317,10 @@ class FleecingExport(_DeviceExport):
         # what we read is only the snapshot if the job is still the current one.
         self._check_current()
         return view
+
+    @staticmethod
+    def _copy_out(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> None:
+        dst[:] = src
 
     def _read_saved(self, ca: int, cb: int, offset: int, view: memoryview) -> None:
         """Clusters [ca, cb) from the target, once the worker put them there."""
