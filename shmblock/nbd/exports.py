@@ -32,9 +32,10 @@ while we held its claim means the job is ending, and the read fails.
 The job must still be the device's current one (``CTL_JOB_SEQ``, ``CTL_JOB_ACTIVE``)
 before and after every read: once it ends the maps are cleared and the target no longer
 grows, so a read then fails with EIO instead of returning today's data as yesterday's.
-The target is read from its own file (raw: the job's ``.part``, written with ``pwrite``
-so ``saved`` means "in the file") or a second NBD connection. A qcow2 target writes its
-tables only when it is sealed, so it cannot be read while the job runs: refused.
+The target is read from its own file (the job's raw ``.part``, written with ``pwrite``,
+so ``saved`` means "in the file"). A qcow2 target writes its tables only when it is
+sealed, and an NBD target is pipelined (``saved`` comes before the server's answer), so
+neither can be read while the job runs: refused.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from shmblock.nbd.wire import STATE_DIRTY, STATE_HOLE, STATE_ZERO, NbdError
 if TYPE_CHECKING:
     from shmblock.backup_job import BackupJob
     from shmblock.device_handle import DeviceHandle
-    from shmblock.targets import Reader
 
 BASE_ALLOCATION = "base:allocation"
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
@@ -258,7 +258,6 @@ class FleecingExport(_DeviceExport):
         # the threads of this export take theirs one at a time (each holds it for a
         # memcpy of the clusters it reads).
         self._claim_lock = threading.Lock()
-        self._reader_lock = threading.Lock()
 
     def _check_current(self) -> None:
         self._check_open()
@@ -338,11 +337,10 @@ class FleecingExport(_DeviceExport):
             pause = min(pause * 2, 0.01)
         lo = max(ca * cs, offset)
         hi = min(cb * cs, offset + len(view))
-        with self._reader_lock:
-            try:
-                got = self._reader.read(lo, hi - lo)
-            except (OSError, ShmblockError) as exc:
-                raise ExportGone(f"cannot read the backup target: {exc}") from exc
+        try:
+            got = self._reader.read(lo, hi - lo)  # pread: safe from several threads
+        except OSError as exc:
+            raise ExportGone(f"cannot read the backup target: {exc}") from exc
         if len(got) != hi - lo:  # a raw .part not yet extended reads short: zeroes
             got = bytes(got) + bytes(hi - lo - len(got))
         view[lo - offset : hi - offset] = got
@@ -379,20 +377,20 @@ class _PartReader:
         os.close(self._fd)
 
 
-def _open_target_reader(job: BackupJob) -> Reader:
+def _open_target_reader(job: BackupJob) -> _PartReader:
+    """The job's raw ``.part``: the only target whose ``saved`` map means "readable".
+
+    A qcow2 target writes its tables only when sealed; an NBD target is pipelined, so a
+    cluster is marked saved before the server acknowledged it, and a second connection
+    may not see it yet.
+    """
     spec = job.spec
     if spec.format == "raw" and spec.part is not None:
         return _PartReader(spec.part)
-    if spec.format == "qcow2":
-        raise UsageError(f"job {job.job} writes a qcow2 target, whose tables are written "
-                         "only at the end: fleecing needs a raw file or NBD target")
-    from shmblock.targets import open_reader
-
-    dev = job.device
-    try:
-        return open_reader(spec, dev.size, dev.cluster_size)
-    except ShmblockError as exc:
-        raise UsageError(f"cannot read the target of job {job.job}: {exc}") from exc
+    why = ("whose tables are written only at the end" if spec.format == "qcow2" else
+           "whose writes are acknowledged after the job marks them saved")
+    raise UsageError(f"job {job.job} writes a {spec.format} target, {why}: fleecing needs "
+                     "a raw file target")
 
 
 def live_export(handle: DeviceHandle) -> ExportSource:
@@ -402,5 +400,5 @@ def live_export(handle: DeviceHandle) -> ExportSource:
 
 def fleecing_export(handle: DeviceHandle, job: BackupJob) -> ExportSource:
     """A read-only export of the snapshot of ``job``, a running ``sync=none`` backup of
-    ``handle`` (UsageError otherwise; a qcow2 target cannot be read mid-job)."""
+    ``handle`` into a raw file (UsageError otherwise)."""
     return FleecingExport(handle, job)
