@@ -215,6 +215,19 @@ def test_unsupported_options_do_not_drop_the_connection(nbd: Setup) -> None:
         client.close()
 
 
+def test_a_silent_client_is_dropped_after_the_handshake_timeout(
+        nbd: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shmblock.nbd.server.HANDSHAKE_TIMEOUT", 0.5)
+    client = RawClient(nbd.sock)
+    try:
+        client.recv_exact(18)  # the greeting, then nothing from us
+        with pytest.raises((EOFError, ConnectionResetError)):
+            client.recv_exact(1)
+    finally:
+        client.close()
+    wait_until(lambda: nbd.server.connections == 0, 30, what="the silent client dropped")
+
+
 def test_max_connections_refuses_one_more(tmp_path: Path) -> None:
     server = NbdServer(max_connections=1)
     path = str(tmp_path / "s.sock")
