@@ -118,9 +118,12 @@ class _Connection:
         self.cond = threading.Condition()
         self.in_flight = 0
         self.bytes_in_flight = 0
-        #: replies waiting for the sender: (parts, the request budget they release)
-        self.outbox: collections.deque[tuple[tuple[bytes | memoryview, ...], int]] = \
+        #: replies waiting for the sender: (parts, the request budget they release, their
+        #: size if the protocol layer made them)
+        self.outbox: collections.deque[tuple[tuple[bytes | memoryview, ...], int, int]] = \
             collections.deque()
+        #: a thread is writing the socket (the sender, or a thread sending directly)
+        self.sending = False
         #: bytes the protocol layer itself queued (handshake, refusals) not yet sent
         self.protocol_bytes = 0
         self.closing = False  # the reader is done: the sender ends once the outbox is empty
@@ -133,19 +136,67 @@ class _Connection:
     # -- sending ----------------------------------------------------------------------
 
     def send(self, *parts: bytes | memoryview, cost: int = -1) -> None:
-        """Queue a reply; ``cost`` is the budget of the request it answers (-1: none,
-        it was made by the protocol layer)."""
+        """Send or queue a reply; ``cost`` is the budget of the request it answers (-1:
+        none, the protocol layer made it).
+
+        If nobody is writing the socket, the calling thread writes what the socket takes
+        without blocking (most replies: no hand-over to the sender); whatever is left
+        goes to the front of the outbox for the sender, which may block on it.
+        """
         if len(parts) > 1 and sum(len(p) for p in parts) <= COALESCE:
             parts = (b"".join(parts),)  # one segment for a small reply (TCP_NODELAY)
+        size = sum(len(p) for p in parts) if cost < 0 else 0
         with self.cond:
             if self.broken:
                 if cost >= 0:
                     self._release(cost)
                 return
-            if cost < 0:
-                self.protocol_bytes += sum(len(p) for p in parts)
-            self.outbox.append((parts, cost))
+            self.protocol_bytes += size
+            if self.outbox or self.sending:
+                self.outbox.append((parts, cost, size))
+                self.cond.notify_all()
+                return
+            self.sending = True  # the write side is ours until we give it back
+        rest: list[memoryview] = []
+        try:
+            rest = self._write_now(parts)
+        except OSError as exc:
+            log.info("nbd: %s: cannot send a reply (%s); dropping it", self.peer, exc)
+            self.drop()
+        with self.cond:
+            self.sending = False
+            if rest and not self.broken:
+                self.outbox.appendleft((tuple(rest), cost, size))
+            else:
+                self._sent(cost, size)
             self.cond.notify_all()
+
+    def _write_now(self, parts: tuple[bytes | memoryview, ...]) -> list[memoryview]:
+        """Write ``parts`` as far as the socket takes them now; returns what is left.
+
+        The socket has a timeout, so its descriptor is non-blocking: ``writev`` returns
+        what fitted (or raises BlockingIOError when nothing did).
+        """
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        fd = self.sock.fileno()
+        while views:
+            try:
+                n = os.writev(fd, views)
+            except BlockingIOError:
+                break
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        return views
+
+    def _sent(self, cost: int, size: int) -> None:
+        """A queued reply is gone (sent or dropped), with self.cond held."""
+        if cost >= 0:
+            self._release(cost)
+        else:
+            self.protocol_bytes = max(self.protocol_bytes - size, 0)  # a drop reset it
 
     def _release(self, cost: int) -> None:
         """A request is over (with self.cond held)."""
@@ -156,11 +207,16 @@ class _Connection:
     def _send_loop(self) -> None:
         while True:
             with self.cond:
-                while not self.outbox and not self.closing and not self.broken:
+                while not self.broken:
+                    if self.outbox and not self.sending:
+                        break
+                    if self.closing and not self.outbox and not self.sending:
+                        return
                     self.cond.wait(POLL)
-                if self.broken or not self.outbox:
+                if self.broken:
                     return
-                parts, cost = self.outbox.popleft()
+                parts, cost, size = self.outbox.popleft()
+                self.sending = True
             try:
                 for part in parts:
                     if len(part):
@@ -170,19 +226,15 @@ class _Connection:
                 log.info("nbd: %s: cannot send a reply (%s); dropping it", self.peer, exc)
                 self.drop()
             with self.cond:
-                if cost >= 0:
-                    self._release(cost)
-                else:
-                    # (a drop meanwhile reset the count)
-                    self.protocol_bytes = max(self.protocol_bytes
-                                              - sum(len(p) for p in parts), 0)
-                    self.cond.notify_all()
+                self.sending = False
+                self._sent(cost, size)
+                self.cond.notify_all()
 
     def drop(self) -> None:
         """Break the connection: the reader sees EOF, queued replies are discarded."""
         with self.cond:
             self.broken = True
-            for _, cost in self.outbox:
+            for _, cost, _size in self.outbox:
                 if cost >= 0:
                     self._release(cost)
             self.outbox.clear()
