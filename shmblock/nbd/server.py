@@ -5,7 +5,9 @@ runs its requests against the exports (:mod:`shmblock.nbd.exports`).
 
 Threads. One acceptor thread per listening socket; per connection a reader (reads and
 parses, and blocks when the connection has too much in flight, which is our
-back-pressure) and a sender (the only thread that writes its socket); one pool of
+back-pressure) and a sender (the only thread that may block writing its socket: a
+reply is written by the thread that made it, without blocking, when nobody else is
+writing, and only what the socket did not take is handed over); one pool of
 :data:`WORKERS` threads shared by every connection that runs requests. The device's
 write path blocks (copy-before-write may wait for the backup worker), so requests run in
 threads, not in an event loop; replies go out in whatever order requests finish (NBD
@@ -102,8 +104,8 @@ class _Connection:
     """One client: its socket, its protocol state, what it has in flight.
 
     Three kinds of thread touch it: its reader (parses, submits, blocks on the bounds),
-    pool threads (run requests, queue replies) and its sender (the only one that writes
-    to the socket). A request counts as in flight until its reply is *sent*, so a
+    pool threads (run requests, reply) and its sender (the only one that may block on
+    the socket). A request counts as in flight until its reply is *sent*, so a
     client that does not read its replies stalls only itself: its sender blocks, its
     budget fills, its reader stops reading -- no pool thread ever waits on its socket.
     """
