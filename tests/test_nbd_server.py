@@ -228,6 +228,36 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     wait_until(lambda: nbd.server.connections == 0, 30, what="the silent client dropped")
 
 
+def test_connections_on_descriptors_past_fd_setsize(nbd: Setup) -> None:
+    """A busy process hands out descriptors above 1024, where select() cannot go."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE's hard limit {hard} is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held: list[int] = []
+    try:
+        base = os.open(os.devnull, os.O_RDONLY)
+        held.append(base)
+        while held[-1] < 1100:
+            held.append(os.dup(base))
+        nbd.dev.write(0, b"\x77" * 4096)
+        client = RawClient(nbd.sock)
+        try:
+            client.greet()
+            client.go("live")
+            client.request(wire.CMD_READ, 0, 4096, cookie=9)
+            assert client.simple_reply() == (0, 9)
+            assert client.recv_exact(4096) == b"\x77" * 4096
+        finally:
+            client.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_max_connections_refuses_one_more(tmp_path: Path) -> None:
     server = NbdServer(max_connections=1)
     path = str(tmp_path / "s.sock")

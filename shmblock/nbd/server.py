@@ -279,6 +279,8 @@ class _Connection:
         sock.settimeout(SEND_TIMEOUT)
         self.send(self.proto.data_to_send())
         handshake_end = time.monotonic() + HANDSHAKE_TIMEOUT
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         while not self.broken and not self.server._stopping.is_set():
             if (self.proto.phase in (Phase.OPTIONS, Phase.CLIENT_FLAGS)
                     and time.monotonic() > handshake_end):
@@ -290,8 +292,9 @@ class _Connection:
                 if self.protocol_bytes > MAX_UNSENT:
                     self.cond.wait(POLL)
                     continue
-            ready, _, _ = select.select([sock], [], [], POLL)
-            if not ready:
+            # poll, not select: select fails for descriptors past FD_SETSIZE (1024),
+            # which a busy server process reaches
+            if not poller.poll(POLL * 1000):
                 continue
             try:
                 data = sock.recv(RECV_CHUNK)
