@@ -256,6 +256,7 @@ def test_connections_on_descriptors_past_fd_setsize(nbd: Setup) -> None:
     finally:
         for fd in held:
             os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_max_connections_refuses_one_more(tmp_path: Path) -> None:
