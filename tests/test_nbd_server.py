@@ -9,6 +9,7 @@ finds nothing left in /dev/shm.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
@@ -22,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
+from shmblock import layout as L
 from shmblock.device_handle import DeviceHandle
 from shmblock.engine import Engine
 from shmblock.errors import CopyBeforeWriteError, UsageError
 from shmblock.job import JobState, Outcome
 from shmblock.nbd import NbdServer, fleecing_export, live_export, wire
-from shmblock.nbd.exports import LiveExport
+from shmblock.nbd.exports import ExportGone, LiveExport
 from tests.nbd_servers import require_binary
 from tests.procs import wait_for_cbw, wait_until
 from tests.test_nbd_wire import _mutate, _valid_transcript, go, option
@@ -212,6 +215,50 @@ def test_unsupported_options_do_not_drop_the_connection(nbd: Setup) -> None:
         client.close()
 
 
+def test_a_silent_client_is_dropped_after_the_handshake_timeout(
+        nbd: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shmblock.nbd.server.HANDSHAKE_TIMEOUT", 0.5)
+    client = RawClient(nbd.sock)
+    try:
+        client.recv_exact(18)  # the greeting, then nothing from us
+        with pytest.raises((EOFError, ConnectionResetError)):
+            client.recv_exact(1)
+    finally:
+        client.close()
+    wait_until(lambda: nbd.server.connections == 0, 30, what="the silent client dropped")
+
+
+def test_connections_on_descriptors_past_fd_setsize(nbd: Setup) -> None:
+    """A busy process hands out descriptors above 1024, where select() cannot go."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE's hard limit {hard} is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held: list[int] = []
+    try:
+        base = os.open(os.devnull, os.O_RDONLY)
+        held.append(base)
+        while held[-1] < 1100:
+            held.append(os.dup(base))
+        nbd.dev.write(0, b"\x77" * 4096)
+        client = RawClient(nbd.sock)
+        try:
+            client.greet()
+            client.go("live")
+            client.request(wire.CMD_READ, 0, 4096, cookie=9)
+            assert client.simple_reply() == (0, 9)
+            assert client.recv_exact(4096) == b"\x77" * 4096
+        finally:
+            client.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_max_connections_refuses_one_more(tmp_path: Path) -> None:
     server = NbdServer(max_connections=1)
     path = str(tmp_path / "s.sock")
@@ -261,6 +308,60 @@ def test_client_vanishing_mid_request_leaves_device_and_job_intact(nbd: Setup) -
         job.complete()
         result = job.wait(120)
     assert result.outcome is Outcome.COMPLETED, result.error
+
+
+def test_a_client_that_does_not_read_stalls_only_itself(nbd: Setup) -> None:
+    """Replies a client never reads must not hold the threads that serve everyone."""
+    nbd.dev.write(0, pattern(4, SIZE))
+    hog = RawClient(nbd.sock)
+    try:
+        hog.greet()
+        hog.go("live")
+        for i in range(64):  # far more reply data than the socket buffers hold
+            hog.request(wire.CMD_READ, 0, 4 * MiB, cookie=i)
+        time.sleep(1.0)  # let the server fill its side
+        t0 = time.monotonic()
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x33 0 65536", "-c",
+            "read -P 0x33 0 65536", nbd.uri())
+        # Generous: the old code blocked here for the whole send timeout (60 s).
+        assert time.monotonic() - t0 < 30
+    finally:
+        hog.close()
+    wait_until(lambda: nbd.server.connections == 0, 60, what="the hog forgotten")
+
+
+def test_refusals_a_client_does_not_read_are_bounded(nbd: Setup) -> None:
+    """Bad requests answered by the protocol layer itself queue at most MAX_UNSENT
+    bytes of refusals before the server stops reading that client."""
+    from shmblock.nbd import server as server_module
+
+    hog = RawClient(nbd.sock)
+    bad = struct.pack(">IHHQQI", wire.REQUEST_MAGIC, 0, wire.CMD_READ, 1, SIZE, 512)
+    peak = 0
+    try:
+        hog.greet()
+        hog.go("live")
+        hog.sock.settimeout(0.5)
+
+        def push() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(400):
+                    hog.sock.sendall(bad * 4096)
+
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for conn in list(nbd.server._connections):
+                peak = max(peak, conn.protocol_bytes)
+            time.sleep(0.01)
+        pusher.join(60)
+    finally:
+        hog.close()
+    assert peak > 0
+    # one receive's worth of 16-byte refusals may go over the mark
+    assert peak <= server_module.MAX_UNSENT + server_module.RECV_CHUNK
+    wait_until(lambda: nbd.server.connections == 0, 60, what="the hog forgotten")
 
 
 def test_write_errors_map_to_eio(nbd: Setup) -> None:
@@ -316,6 +417,36 @@ def test_fuzzed_clients_never_hurt_the_server(nbd: Setup) -> None:
     finally:
         client.close()
     assert nbd.dev.read(CS, 3 * CS) == payload
+
+
+def test_writes_before_garbage_land_and_are_acknowledged(nbd: Setup) -> None:
+    """Whole writes followed by garbage: the server hangs up on the garbage, but only
+    after every write it received whole has landed and been acknowledged."""
+    rng = random.Random(11)
+    for round_ in range(10):
+        client = RawClient(nbd.sock)
+        try:
+            client.greet()
+            client.go("live")
+            writes = {}
+            for k in range(rng.randrange(1, 6)):
+                cluster = round_ * 8 + k
+                data = pattern(round_ * 100 + k, CS)
+                writes[cluster] = data
+                client.request(wire.CMD_WRITE, cluster * CS, CS, cookie=cluster, data=data)
+            client.sock.sendall(b"\x00" * 4 + rng.randbytes(rng.randrange(28, 300)))
+            acked = set()
+            with contextlib.suppress(EOFError, ConnectionResetError):
+                while True:
+                    err, cookie = client.simple_reply()
+                    if cookie in writes:
+                        assert err == 0
+                        acked.add(cookie)
+        finally:
+            client.close()
+        assert acked == set(writes), "every whole write is answered before the hang-up"
+        for cluster, data in writes.items():
+            assert nbd.dev.read(cluster * CS, CS) == data
 
 
 # -- real clients ------------------------------------------------------------------------------
@@ -381,10 +512,8 @@ def test_concurrent_connections(nbd: Setup) -> None:
 def test_block_status_maps(nbd: Setup) -> None:
     dev = nbd.dev
     dev.write(0, b"\x01" * 2 * CS)
-    dev.add_bitmap("b0")
+    dev.add_bitmap("b0")  # after the export was added: offered all the same
     dev.write(10 * CS, b"\x02" * CS)
-    nbd.server.remove_export("live")
-    nbd.server.add_export("live", live_export(dev))  # contexts are read when exported
     out = run("nbdinfo", "--map", nbd.uri()).stdout.split("\n")
     rows = [line.split()[:3] for line in out if line.strip()]
     assert rows == [["0", str(2 * CS), "0"], [str(2 * CS), str(8 * CS), "3"],
@@ -398,6 +527,12 @@ def test_block_status_maps(nbd: Setup) -> None:
     proc = run("qemu-img", "map", "--output=json", "--image-opts", nbd.image_opts())
     assert '"start": 0, "length": 131072' in proc.stdout
     assert '"zero": true, "data": false' in proc.stdout
+    # qemu's x-dirty-bitmap reads a bitmap context through block status: a dirty
+    # extent shows as "data": false (QEMU's documented inversion).
+    proc = run("qemu-img", "map", "--output=json", "--image-opts",
+               nbd.image_opts(extra=",x-dirty-bitmap=qemu:dirty-bitmap:b0"))
+    dirty = [e for e in json.loads(proc.stdout) if not e["data"]]
+    assert [(e["start"], e["length"]) for e in dirty] == [(10 * CS, CS)]
 
 
 def test_fleecing_export_is_the_snapshot_while_guests_write(nbd: Setup) -> None:
@@ -438,6 +573,107 @@ def test_fleecing_export_is_the_snapshot_while_guests_write(nbd: Setup) -> None:
     for copy in copies:
         assert copy.read_bytes() == want, f"{copy.name} is not the snapshot"
     assert dev.read(0, SIZE) != want, "the guest wrote meanwhile"
+
+
+def test_fleecing_reads_in_process(nbd: Setup) -> None:
+    """The point-in-time read itself, without clients: unaligned ranges that mix clusters
+    still on the device with clusters already saved, and a broken snapshot."""
+    dev, engine = nbd.dev, nbd.engine
+    old = pattern(11, SIZE)
+    dev.write(0, old)
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none")
+    view = fleecing_export(dev, job)
+    try:
+        assert view.contexts == ["base:allocation"] and not view.writable
+        for c in (1, 2, 5):
+            dev.write(c * CS + 100, b"\xff" * 1000)
+        assert dev.read(CS + 100, 10) == b"\xff" * 10
+        for offset, length in [(0, SIZE), (CS + 50, 3 * CS), (5 * CS + 99, 2),
+                               (4 * CS, CS + 1)]:
+            assert bytes(view.read(offset, length)) == old[offset : offset + length]
+        assert view.block_status("base:allocation", 0, SIZE) == [(SIZE, 0)]
+        dev.device.ctl[L.CTL_BROKEN] = 1  # as on-cbw-error=break-snapshot leaves it
+        with pytest.raises(ExportGone, match="broken"):
+            view.read(0, 4096)
+        dev.device.ctl[L.CTL_BROKEN] = 0
+        job.complete()
+        job.wait(120)
+        with pytest.raises(ExportGone, match="ended"):
+            view.read(0, 4096)
+    finally:
+        view.close()
+        with contextlib.suppress(Exception):  # completed above unless the test failed
+            job.complete()
+        job.wait(120)
+
+
+def test_fleecing_read_waits_for_a_staged_cluster(nbd: Setup,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster saved (needs_copy 0) but not yet on the target (saved 0) is read once
+    the worker put it there, never from the target's hole before; and not forever."""
+    dev, engine = nbd.dev, nbd.engine
+    old = pattern(12, SIZE)
+    dev.write(0, old)
+    part = nbd.tmp / "t.raw.part"
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none")
+    view = fleecing_export(dev, job)
+    worker: threading.Thread | None = None
+    try:
+        assert part.exists()
+        # What a staging writer leaves behind before the worker drains its copy: we play
+        # the worker by hand, late.
+        dev.device.needs_copy[7] = 0
+
+        def drain_late() -> None:
+            time.sleep(0.5)
+            fd = os.open(part, os.O_WRONLY)
+            try:
+                os.pwrite(fd, old[7 * CS : 8 * CS], 7 * CS)
+            finally:
+                os.close(fd)
+            dev.device.saved[7] = 1
+
+        worker = threading.Thread(target=drain_late)
+        worker.start()
+        assert bytes(view.read(7 * CS - 10, CS + 20)) == old[7 * CS - 10 : 8 * CS + 10]
+        worker.join()
+        monkeypatch.setattr("shmblock.nbd.exports.STAGED_WAIT", 0.3)
+        dev.device.needs_copy[9] = 0  # staged, and the worker never gets to it
+        with pytest.raises(ExportGone, match="did not reach the target"):
+            view.read(9 * CS, 10)
+    finally:
+        if worker is not None:
+            worker.join()
+        view.close()
+        job.complete()
+        job.wait(120)
+
+
+def test_fleecing_read_racing_the_jobs_end_fails(nbd: Setup,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's end clears needs_copy without claims, and guests then write freely:
+    a read that copied clusters out meanwhile must not pass them off as the snapshot."""
+    from shmblock.nbd.exports import FleecingExport
+
+    dev, engine = nbd.dev, nbd.engine
+    dev.write(0, pattern(13, SIZE))
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none")
+    view = fleecing_export(dev, job)
+    real = FleecingExport._copy_out
+
+    def copy_during_the_end(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> None:
+        dev.device.needs_copy[:] = 0  # stop_copy_before_write, as complete() runs it
+        src[:16] = 0xAB  # a guest write that needs no claim any more
+        real(dst, src)
+
+    try:
+        monkeypatch.setattr(FleecingExport, "_copy_out", staticmethod(copy_during_the_end))
+        with pytest.raises(ExportGone, match="ending"):
+            view.read(0, CS)
+    finally:
+        view.close()
+        job.complete()
+        job.wait(120)
 
 
 def test_fleecing_export_refuses_what_it_cannot_serve(nbd: Setup) -> None:

@@ -24,12 +24,18 @@ the claim on c:
   shared memory. We wait for ``saved[c]`` (bounded by :data:`STAGED_WAIT`) and read the
   target -- rather than the staging area, whose layout another part of the engine owns.
 
+Only savers clear ``needs_copy[c]``, and they hold the claim -- except the job's end,
+which clears the whole map at once (and a guest may then write c without any claim).
+So after copying clusters out under our claims we look again: a cluster whose mark went
+while we held its claim means the job is ending, and the read fails.
+
 The job must still be the device's current one (``CTL_JOB_SEQ``, ``CTL_JOB_ACTIVE``)
 before and after every read: once it ends the maps are cleared and the target no longer
 grows, so a read then fails with EIO instead of returning today's data as yesterday's.
-The target is read from its own file (raw: the job's ``.part``, written with ``pwrite``
-so ``saved`` means "in the file") or a second NBD connection. A qcow2 target writes its
-tables only when it is sealed, so it cannot be read while the job runs: refused.
+The target is read from its own file (the job's raw ``.part``, written with ``pwrite``,
+so ``saved`` means "in the file"). A qcow2 target writes its tables only when it is
+sealed, and an NBD target is pipelined (``saved`` comes before the server's answer), so
+neither can be read while the job runs: refused.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from shmblock import layout as L
 from shmblock import snapshot
 from shmblock.claims import Claims
 from shmblock.copier import runs
@@ -51,7 +58,6 @@ from shmblock.nbd.wire import STATE_DIRTY, STATE_HOLE, STATE_ZERO, NbdError
 if TYPE_CHECKING:
     from shmblock.backup_job import BackupJob
     from shmblock.device_handle import DeviceHandle
-    from shmblock.targets import Reader
 
 BASE_ALLOCATION = "base:allocation"
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
@@ -59,6 +65,8 @@ DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 STAGED_WAIT = 10.0
 #: the most a fleecing read waits for the claims of the clusters it reads
 CLAIM_WAIT = 10.0
+#: clusters claimed at once by a fleecing read
+CLAIM_CLUSTERS = 32
 #: zeroes are written through the guest path in pieces of this size
 ZERO_CHUNK = 4 * 1024 * 1024
 
@@ -68,12 +76,25 @@ class ExportGone(NbdError):
 
 
 class ExportSource(Protocol):
-    """What an NBD export reads, writes and describes (contracts.md C3)."""
+    """What an NBD export reads, writes and describes (contracts.md C3).
 
-    size: int
-    block_size: int
-    writable: bool
-    contexts: list[str]
+    The four descriptive members are read-only here, so a plain attribute or a property
+    both satisfy them: ``size`` in bytes, ``block_size`` the preferred one (the
+    cluster size), ``writable``, and ``contexts`` the metadata contexts offered
+    ("base:allocation", "qemu:dirty-bitmap:NAME"), read at every handshake.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def writable(self) -> bool: ...
+
+    @property
+    def contexts(self) -> list[str]: ...
 
     def read(self, offset: int, length: int) -> bytes | memoryview: ...
 
@@ -117,9 +138,13 @@ class _DeviceExport:
         self.handle = handle
         self.size = handle.size
         self.block_size = handle.cluster_size
-        self.contexts = [BASE_ALLOCATION] + [DIRTY_BITMAP_PREFIX + name
-                                             for name in handle.bitmaps()]
         self._closed = False
+
+    @property
+    def contexts(self) -> list[str]:
+        """Read at every handshake, so a bitmap added after the export is offered too."""
+        return [BASE_ALLOCATION] + [DIRTY_BITMAP_PREFIX + name
+                                    for name in self.handle.bitmaps()]
 
     def _clusters(self, offset: int, length: int) -> tuple[int, int]:
         cs = self.block_size
@@ -233,12 +258,18 @@ class FleecingExport(_DeviceExport):
         # the threads of this export take theirs one at a time (each holds it for a
         # memcpy of the clusters it reads).
         self._claim_lock = threading.Lock()
-        self._reader_lock = threading.Lock()
 
     def _check_current(self) -> None:
         self._check_open()
-        if not snapshot.is_current(self.handle.device, self._seq):
+        dev = self.handle.device
+        if not snapshot.is_current(dev, self._seq):
             raise ExportGone(f"job {self.job.job} has ended: its point-in-time view is gone")
+        if dev.ctl[L.CTL_BROKEN]:
+            # on-cbw-error=break-snapshot let a write through unsaved: from then on the
+            # device no longer holds the snapshot where needs_copy says it does. The flag
+            # is raised before that write, so the check after a read catches it.
+            raise ExportGone(f"job {self.job.job}'s snapshot is broken (a guest write "
+                             "could not be saved first)")
 
     def read(self, offset: int, length: int) -> bytes | memoryview:
         self._check_current()
@@ -250,28 +281,45 @@ class FleecingExport(_DeviceExport):
         out_np = np.frombuffer(out, dtype=np.uint8)
         nc = dev.needs_copy
         data = dev.data
-        deadline = time.monotonic() + CLAIM_WAIT
-        with self._claim_lock:
-            try:
-                self._claims.claim(c0, c1 - c0, deadline)
-            except CopyBeforeWriteError as exc:
-                raise ExportGone(f"clusters {c0}..{c1 - 1} stayed claimed: {exc}") from exc
-            try:
-                from_device = nc[c0:c1] != 0
-                for a, b, on_device in runs(from_device):
-                    if on_device:
-                        lo = max((c0 + a) * cs, offset)
-                        hi = min((c0 + b) * cs, offset + length)
-                        out_np[lo - offset : hi - offset] = data[lo:hi]
-            finally:
-                self._claims.release(c0, c1 - c0)
-        for a, b, on_device in runs(from_device):
-            if not on_device:
-                self._read_saved(c0 + a, c0 + b, offset, view)
+        saved_runs: list[tuple[int, int]] = []
+        # A few clusters at a time: a writer waits for our claim at most one short
+        # memcpy, and a big read does not need every one of its clusters free at once.
+        for a in range(c0, c1, CLAIM_CLUSTERS):
+            b = min(a + CLAIM_CLUSTERS, c1)
+            deadline = time.monotonic() + CLAIM_WAIT
+            with self._claim_lock:
+                try:
+                    self._claims.claim(a, b - a, deadline)
+                except CopyBeforeWriteError as exc:
+                    raise ExportGone(f"clusters {a}..{b - 1} stayed claimed: {exc}") \
+                        from exc
+                try:
+                    on_device = nc[a:b] != 0
+                    for ra, rb, here in runs(on_device):
+                        if not here:
+                            saved_runs.append((a + ra, a + rb))
+                            continue
+                        lo = max((a + ra) * cs, offset)
+                        hi = min((a + rb) * cs, offset + length)
+                        self._copy_out(out_np[lo - offset : hi - offset], data[lo:hi])
+                    # Under our claims only the job's end clears needs_copy (the
+                    # worker's stop_copy_before_write, or release): a guest may have
+                    # written those clusters while we copied them.
+                    if not nc[a:b][on_device].all():
+                        raise ExportGone(f"job {self.job.job} is ending: its "
+                                         "point-in-time view is gone")
+                finally:
+                    self._claims.release(a, b - a)
+        for ra, rb in saved_runs:
+            self._read_saved(ra, rb, offset, view)
         # The job may have ended while we read the target (a newer job clears saved):
         # what we read is only the snapshot if the job is still the current one.
         self._check_current()
         return view
+
+    @staticmethod
+    def _copy_out(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> None:
+        dst[:] = src
 
     def _read_saved(self, ca: int, cb: int, offset: int, view: memoryview) -> None:
         """Clusters [ca, cb) from the target, once the worker put them there."""
@@ -289,11 +337,10 @@ class FleecingExport(_DeviceExport):
             pause = min(pause * 2, 0.01)
         lo = max(ca * cs, offset)
         hi = min(cb * cs, offset + len(view))
-        with self._reader_lock:
-            try:
-                got = self._reader.read(lo, hi - lo)
-            except (OSError, ShmblockError) as exc:
-                raise ExportGone(f"cannot read the backup target: {exc}") from exc
+        try:
+            got = self._reader.read(lo, hi - lo)  # pread: safe from several threads
+        except OSError as exc:
+            raise ExportGone(f"cannot read the backup target: {exc}") from exc
         if len(got) != hi - lo:  # a raw .part not yet extended reads short: zeroes
             got = bytes(got) + bytes(hi - lo - len(got))
         view[lo - offset : hi - offset] = got
@@ -330,20 +377,20 @@ class _PartReader:
         os.close(self._fd)
 
 
-def _open_target_reader(job: BackupJob) -> Reader:
+def _open_target_reader(job: BackupJob) -> _PartReader:
+    """The job's raw ``.part``: the only target whose ``saved`` map means "readable".
+
+    A qcow2 target writes its tables only when sealed; an NBD target is pipelined, so a
+    cluster is marked saved before the server acknowledged it, and a second connection
+    may not see it yet.
+    """
     spec = job.spec
     if spec.format == "raw" and spec.part is not None:
         return _PartReader(spec.part)
-    if spec.format == "qcow2":
-        raise UsageError(f"job {job.job} writes a qcow2 target, whose tables are written "
-                         "only at the end: fleecing needs a raw file or NBD target")
-    from shmblock.targets import open_reader
-
-    dev = job.device
-    try:
-        return open_reader(spec, dev.size, dev.cluster_size)
-    except ShmblockError as exc:
-        raise UsageError(f"cannot read the target of job {job.job}: {exc}") from exc
+    why = ("whose tables are written only at the end" if spec.format == "qcow2" else
+           "whose writes are acknowledged after the job marks them saved")
+    raise UsageError(f"job {job.job} writes a {spec.format} target, {why}: fleecing needs "
+                     "a raw file target")
 
 
 def live_export(handle: DeviceHandle) -> ExportSource:
@@ -353,5 +400,5 @@ def live_export(handle: DeviceHandle) -> ExportSource:
 
 def fleecing_export(handle: DeviceHandle, job: BackupJob) -> ExportSource:
     """A read-only export of the snapshot of ``job``, a running ``sync=none`` backup of
-    ``handle`` (UsageError otherwise; a qcow2 target cannot be read mid-job)."""
+    ``handle`` into a raw file (UsageError otherwise)."""
     return FleecingExport(handle, job)

@@ -3,12 +3,16 @@
 The protocol is :mod:`shmblock.nbd.wire` (sans I/O); this module moves its bytes and
 runs its requests against the exports (:mod:`shmblock.nbd.exports`).
 
-Threads. One acceptor thread per listening socket; one thread per connection that reads
-and parses (and blocks when the connection has too much in flight, which is our
-back-pressure); one pool of :data:`WORKERS` threads shared by every connection that runs
-requests. The device's write path blocks (copy-before-write may wait for the backup
-worker), so requests run in threads, not in an event loop; replies go out in whatever
-order requests finish, under the connection's send lock (NBD matches them by cookie).
+Threads. One acceptor thread per listening socket; per connection a reader (reads and
+parses, and blocks when the connection has too much in flight, which is our
+back-pressure) and a sender (the only thread that may block writing its socket: a
+reply is written by the thread that made it, without blocking, when nobody else is
+writing, and only what the socket did not take is handed over); one pool of
+:data:`WORKERS` threads shared by every connection that runs requests. The device's
+write path blocks (copy-before-write may wait for the backup worker), so requests run in
+threads, not in an event loop; replies go out in whatever order requests finish (NBD
+matches them by cookie). A request counts as in flight until its reply is sent, so a
+client that does not read its replies only stalls itself.
 
 Bounds (the server faces untrusted peers):
 
@@ -17,7 +21,9 @@ Bounds (the server faces untrusted peers):
   :data:`MAX_IN_FLIGHT_BYTES` of read or write data in flight;
 * at most ``max_connections`` connections (default 16); one more is accepted and closed;
 * the handshake must end within :data:`HANDSHAKE_TIMEOUT`, and a reply must be taken
-  by the client within :data:`SEND_TIMEOUT`, else the connection is dropped.
+  by the client within :data:`SEND_TIMEOUT`, else the connection is dropped;
+* refusals made by the wire layer (bad requests) wait to be sent up to
+  :data:`MAX_UNSENT` bytes; beyond that the connection is not read until they are.
 
 So the server holds at most ``max_connections × (MAX_IN_FLIGHT_BYTES + MAX_REQUEST)``
 bytes of request data. Ownership: an export's source belongs to the server once added;
@@ -26,6 +32,7 @@ bytes of request data. Ownership: an export's source belongs to the server once 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 
 from shmblock.errors import CopyBeforeWriteError, ShmblockError, UsageError
 from shmblock.nbd import wire
-from shmblock.nbd.exports import ExportGone, ExportSource
+from shmblock.nbd.exports import ExportGone, ExportSource, LiveExport
 from shmblock.nbd.wire import (
     Catalog,
     Closed,
@@ -60,6 +67,13 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0
 SEND_TIMEOUT = 60.0
 RECV_CHUNK = 256 * 1024
+#: a reply's header and data up to this size go out in one send
+COALESCE = 256 * 1024
+#: reads of a live export up to this size run in the connection's own thread: a memcpy
+#: costs less than the hand-over to the pool
+INLINE_READ = 1024 * 1024
+#: refusals the protocol layer may queue for a client that does not read them
+MAX_UNSENT = 1024 * 1024
 POLL = 0.25
 
 
@@ -87,7 +101,14 @@ class _Export:
 
 
 class _Connection:
-    """One client: its socket, its protocol state, what it has in flight."""
+    """One client: its socket, its protocol state, what it has in flight.
+
+    Three kinds of thread touch it: its reader (parses, submits, blocks on the bounds),
+    pool threads (run requests, reply) and its sender (the only one that may block on
+    the socket). A request counts as in flight until its reply is *sent*, so a
+    client that does not read its replies stalls only itself: its sender blocks, its
+    budget fills, its reader stops reading -- no pool thread ever waits on its socket.
+    """
 
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -96,20 +117,108 @@ class _Connection:
         self.proto = ServerConnection(Catalog(server._find_view, server._list_views))
         self.export: _Export | None = None
         self.contexts: tuple[tuple[int, str], ...] = ()
-        self.send_lock = threading.Lock()
         self.cond = threading.Condition()
         self.in_flight = 0
         self.bytes_in_flight = 0
+        #: replies waiting for the sender: (parts, the request budget they release, their
+        #: size if the protocol layer made them)
+        self.outbox: collections.deque[tuple[tuple[bytes | memoryview, ...], int, int]] = \
+            collections.deque()
+        #: a thread is writing the socket (the sender, or a thread sending directly)
+        self.sending = False
+        #: bytes the protocol layer itself queued (handshake, refusals) not yet sent
+        self.protocol_bytes = 0
+        self.closing = False  # the reader is done: the sender ends once the outbox is empty
         self.broken = False
         self.thread = threading.Thread(target=self._run, name=f"nbd-conn-{peer}",
+                                       daemon=True)
+        self.sender = threading.Thread(target=self._send_loop, name=f"nbd-send-{peer}",
                                        daemon=True)
 
     # -- sending ----------------------------------------------------------------------
 
-    def send(self, *parts: bytes | memoryview) -> None:
-        with self.send_lock:
+    def send(self, *parts: bytes | memoryview, cost: int = -1) -> None:
+        """Send or queue a reply; ``cost`` is the budget of the request it answers (-1:
+        none, the protocol layer made it).
+
+        If nobody is writing the socket, the calling thread writes what the socket takes
+        without blocking (most replies: no hand-over to the sender); whatever is left
+        goes to the front of the outbox for the sender, which may block on it.
+        """
+        if len(parts) > 1 and sum(len(p) for p in parts) <= COALESCE:
+            parts = (b"".join(parts),)  # one segment for a small reply (TCP_NODELAY)
+        size = sum(len(p) for p in parts) if cost < 0 else 0
+        with self.cond:
             if self.broken:
+                if cost >= 0:
+                    self._release(cost)
                 return
+            self.protocol_bytes += size
+            if self.outbox or self.sending:
+                self.outbox.append((parts, cost, size))
+                self.cond.notify_all()
+                return
+            self.sending = True  # the write side is ours until we give it back
+        rest: list[memoryview] = []
+        try:
+            rest = self._write_now(parts)
+        except OSError as exc:
+            log.info("nbd: %s: cannot send a reply (%s); dropping it", self.peer, exc)
+            self.drop()
+        with self.cond:
+            self.sending = False
+            if rest and not self.broken:
+                self.outbox.appendleft((tuple(rest), cost, size))
+            else:
+                self._sent(cost, size)
+            self.cond.notify_all()
+
+    def _write_now(self, parts: tuple[bytes | memoryview, ...]) -> list[memoryview]:
+        """Write ``parts`` as far as the socket takes them now; returns what is left.
+
+        The socket has a timeout, so its descriptor is non-blocking: ``writev`` returns
+        what fitted (or raises BlockingIOError when nothing did).
+        """
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        fd = self.sock.fileno()
+        while views:
+            try:
+                n = os.writev(fd, views)
+            except BlockingIOError:
+                break
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        return views
+
+    def _sent(self, cost: int, size: int) -> None:
+        """A queued reply is gone (sent or dropped), with self.cond held."""
+        if cost >= 0:
+            self._release(cost)
+        else:
+            self.protocol_bytes = max(self.protocol_bytes - size, 0)  # a drop reset it
+
+    def _release(self, cost: int) -> None:
+        """A request is over (with self.cond held)."""
+        self.in_flight -= 1
+        self.bytes_in_flight -= cost
+        self.cond.notify_all()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.broken:
+                    if self.outbox and not self.sending:
+                        break
+                    if self.closing and not self.outbox and not self.sending:
+                        return
+                    self.cond.wait(POLL)
+                if self.broken:
+                    return
+                parts, cost, size = self.outbox.popleft()
+                self.sending = True
             try:
                 for part in parts:
                     if len(part):
@@ -118,14 +227,34 @@ class _Connection:
                 # The client went away or stopped reading: nothing more to tell it.
                 log.info("nbd: %s: cannot send a reply (%s); dropping it", self.peer, exc)
                 self.drop()
+            with self.cond:
+                self.sending = False
+                self._sent(cost, size)
+                self.cond.notify_all()
 
     def drop(self) -> None:
-        """Break the connection (the reading thread sees EOF and ends)."""
-        self.broken = True
+        """Break the connection: the reader sees EOF, queued replies are discarded."""
+        with self.cond:
+            self.broken = True
+            for _, cost, _size in self.outbox:
+                if cost >= 0:
+                    self._release(cost)
+            self.outbox.clear()
+            self.protocol_bytes = 0
+            self.cond.notify_all()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
     # -- the reading thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.sender.start()
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.thread.join(timeout)
+        self.sender.join(max(deadline - time.monotonic(), 0.1))
 
     def _run(self) -> None:
         try:
@@ -134,6 +263,13 @@ class _Connection:
             log.exception("nbd: %s: connection failed", self.peer)
         finally:
             self._drain()
+            with self.cond:
+                self.closing = True
+                self.cond.notify_all()
+            self.sender.join(SEND_TIMEOUT)
+            if self.sender.is_alive():
+                self.drop()
+                self.sender.join(SEND_TIMEOUT)
             with contextlib.suppress(OSError):
                 self.sock.close()
             self.server._forget(self)
@@ -143,13 +279,22 @@ class _Connection:
         sock.settimeout(SEND_TIMEOUT)
         self.send(self.proto.data_to_send())
         handshake_end = time.monotonic() + HANDSHAKE_TIMEOUT
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         while not self.broken and not self.server._stopping.is_set():
             if (self.proto.phase in (Phase.OPTIONS, Phase.CLIENT_FLAGS)
                     and time.monotonic() > handshake_end):
                 log.info("nbd: %s: handshake took over %s s", self.peer, HANDSHAKE_TIMEOUT)
                 return
-            ready, _, _ = select.select([sock], [], [], POLL)
-            if not ready:
+            with self.cond:
+                # A client that sends and never reads gets no more of our attention
+                # than its unsent refusals are worth.
+                if self.protocol_bytes > MAX_UNSENT:
+                    self.cond.wait(POLL)
+                    continue
+            # poll, not select: select fails for descriptors past FD_SETSIZE (1024),
+            # which a busy server process reaches
+            if not poller.poll(POLL * 1000):
                 continue
             try:
                 data = sock.recv(RECV_CHUNK)
@@ -194,21 +339,22 @@ class _Connection:
                 self.cond.wait(POLL)
             self.in_flight += 1
             self.bytes_in_flight += cost
+        export = self.export
+        if (req.command == wire.CMD_READ and req.length <= INLINE_READ
+                and export is not None and isinstance(export.source, LiveExport)):
+            self._serve(req, cost)
+            return True
         try:
             self.server._pool.submit(self._serve, req, cost)
         except RuntimeError:  # the pool shut down: the server is stopping
-            self._done(cost)
+            with self.cond:
+                self._release(cost)
             return False
         return True
 
-    def _done(self, cost: int) -> None:
-        with self.cond:
-            self.in_flight -= 1
-            self.bytes_in_flight -= cost
-            self.cond.notify_all()
-
     def _drain(self) -> None:
-        """Let requests in flight finish (a write that started lands whole)."""
+        """Let requests in flight finish and their replies go out (a write that started
+        lands whole)."""
         deadline = time.monotonic() + SEND_TIMEOUT
         with self.cond:
             while self.in_flight and time.monotonic() < deadline:
@@ -218,15 +364,15 @@ class _Connection:
 
     def _serve(self, req: Request, cost: int) -> None:
         try:
-            self._execute(req)
+            reply = self._execute(req)
         except Exception as exc:  # a bug must cost one reply, not the server
             log.exception("nbd: %s: %s failed", self.peer, req.name)
-            self.send(self.proto.reply_error(req.cookie, req.command, wire.EIO,
-                                             f"internal error: {exc}"))
-        finally:
-            self._done(cost)
+            reply = (self.proto.reply_error(req.cookie, req.command, wire.EIO,
+                                            f"internal error: {exc}"),)
+        self.send(*reply, cost=cost)
 
-    def _execute(self, req: Request) -> None:
+    def _execute(self, req: Request) -> tuple[bytes | memoryview, ...]:
+        """Run ``req``; returns its reply."""
         export = self.export
         assert export is not None
         source = export.source
@@ -234,8 +380,7 @@ class _Connection:
         try:
             if req.command == wire.CMD_READ:
                 data = source.read(req.offset, req.length)
-                self.send(*proto.reply_read(req.cookie, req.offset, data))
-                return
+                return tuple(proto.reply_read(req.cookie, req.offset, data))
             if req.command == wire.CMD_WRITE:
                 source.write(req.offset, memoryview(req.data), bool(req.flags & wire.CMD_FLAG_FUA))
             elif req.command == wire.CMD_FLUSH:
@@ -248,9 +393,8 @@ class _Connection:
                 if req.flags & wire.CMD_FLAG_FAST_ZERO:
                     # proto.md: fail fast unless zeroing is faster than writing; ours
                     # writes zeroes through copy-before-write like data.
-                    self.send(proto.reply_error(req.cookie, req.command, wire.ENOTSUP,
-                                                "zeroing is not faster than writing"))
-                    return
+                    return (proto.reply_error(req.cookie, req.command, wire.ENOTSUP,
+                                              "zeroing is not faster than writing"),)
                 source.write_zeroes(req.offset, req.length,
                                     bool(req.flags & wire.CMD_FLAG_FUA))
             elif req.command == wire.CMD_BLOCK_STATUS:
@@ -262,16 +406,15 @@ class _Connection:
                     if not extents:
                         raise ExportGone(f"no extents for context {name}")
                     chunks.append((ident, extents))
-                self.send(proto.reply_block_status(req.cookie, chunks))
-                return
-            self.send(proto.reply_ok(req.cookie))
+                return (proto.reply_block_status(req.cookie, chunks),)
+            return (proto.reply_ok(req.cookie),)
         except CopyBeforeWriteError as exc:
             # The snapshot's old contents could not be saved: the write did not happen.
-            self.send(proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)))
+            return (proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)),)
         except UsageError as exc:
-            self.send(proto.reply_error(req.cookie, req.command, wire.EINVAL, str(exc)))
+            return (proto.reply_error(req.cookie, req.command, wire.EINVAL, str(exc)),)
         except (ShmblockError, OSError) as exc:
-            self.send(proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)))
+            return (proto.reply_error(req.cookie, req.command, wire.EIO, str(exc)),)
 
 
 class NbdServer:
@@ -381,6 +524,9 @@ class NbdServer:
                 time.sleep(POLL)  # EMFILE and friends: do not spin
                 continue
             client.settimeout(None)
+            if client.family != socket.AF_UNIX:
+                # Replies are whole messages: do not hold them back for Nagle.
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = addr[0] + ":" + str(addr[1]) if isinstance(addr, tuple) else "unix"
             with self._lock:
                 full = len(self._connections) >= self.max_connections
@@ -393,7 +539,7 @@ class NbdServer:
                          self.max_connections)
                 client.close()
                 continue
-            conn.thread.start()
+            conn.start()
 
     # -- exports --------------------------------------------------------------------------
 
@@ -428,7 +574,7 @@ class NbdServer:
         for conn in users:
             conn.drop()
         for conn in users:
-            conn.thread.join(SEND_TIMEOUT)
+            conn.join(SEND_TIMEOUT)
         export.source.close()
 
     def exports(self) -> list[ExportInfo]:
@@ -495,7 +641,7 @@ class NbdServer:
         for conn in conns:
             conn.drop()
         for conn in conns:
-            conn.thread.join(max(deadline - time.monotonic(), 0.1))
+            conn.join(max(deadline - time.monotonic(), 0.1))
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             exports = list(self._exports.values())

@@ -618,8 +618,9 @@ class ServerConnection:
         if length == 0:
             return EINVAL, f"{name} of 0 bytes"
         if offset + length > view.size:
-            # proto.md: writes past the end SHOULD fail with ENOSPC, other requests EINVAL
-            err = ENOSPC if writes else EINVAL
+            # proto.md "Error values": writes past the end SHOULD fail with ENOSPC,
+            # reads and trims with EINVAL
+            err = ENOSPC if command in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL
             return err, f"{name} of {length} bytes at {offset} is past the export's end " \
                         f"({view.size} bytes)"
         if command == CMD_READ and length > MAX_REQUEST:

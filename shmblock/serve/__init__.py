@@ -62,6 +62,14 @@ _POLL = 0.2  # how often blocked threads look at the stop flag
 _READ = 65536
 
 
+def _readable(sock: socket.socket, timeout: float = _POLL) -> bool:
+    """Whether ``sock`` has input (or EOF, or an error) within ``timeout``: poll, not
+    select, which fails for descriptors past 1024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 class _Client:
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
@@ -84,8 +92,7 @@ class _Client:
         try:
             self.send(wire.greeting(QEMU_VERSION, PACKAGE))
             while self.alive and not self.server.stopping.is_set():
-                ready, _, _ = select.select([self.sock], [], [], _POLL)
-                if not ready:
+                if not _readable(self.sock):
                     continue
                 try:
                     data = self.sock.recv(_READ)
@@ -295,8 +302,7 @@ class Server:
     def _accept(self, lsock: socket.socket) -> None:
         while not self.stopping.is_set():
             try:
-                ready, _, _ = select.select([lsock], [], [], _POLL)
-                if not ready:
+                if not _readable(lsock):
                     continue
                 sock, _ = lsock.accept()
             except (OSError, ValueError):  # closed by stop()
