@@ -124,15 +124,21 @@ def test_full_backup_with_writes_during_it_and_qemus_events() -> None:
 
 
 def test_job_status_changes_in_qemus_order() -> None:
-    with running_server() as (_server, d):
+    with running_server() as (server, d):
         async def scenario() -> None:
             c, events = await connect(d / "qmp.sock")
             await add_device(c, "dev0")
-            await add_target(c, d, "t0", fmt="raw")
+            fill(server, "dev0", 10, range(0, 64, 7))
+            ref = snapshot_of(server, "dev0", d / "ref.raw")
+            # A protocol node as the target, as QEMU allows: the raw bytes.
+            create_image(d / "t0.raw", 4 * MiB, "raw")
+            await ex(c, "blockdev-add", {"driver": "file", "node-name": "t0",
+                                         "filename": str(d / "t0.raw")})
             await ex(c, "blockdev-backup", {"job-id": "j0", "device": "dev0",
-                                                "target": "t0", "sync": "full"})
+                                            "target": "t0", "sync": "full"})
             seen = await statuses(events, "j0", "null")
             assert seen == ["created", "running", "waiting", "pending", "concluded", "null"]
+            assert_compare(ref, d / "t0.raw", "raw")
             await c.disconnect()
 
         run(scenario())
@@ -243,6 +249,8 @@ def test_unknown_commands_and_arguments_fail_before_any_side_effect() -> None:
             bad = {"job-id": "j", "device": "dev0", "target": "t0", "sync": "full"}
             assert await error_of(c, "blockdev-backup", {**bad, "sync": "most"}) == (
                 "GenericError", "Parameter 'sync' does not accept value 'most'")
+            assert await error_of(c, "blockdev-backup", {**bad, "job-id": "_x"}) == (
+                "GenericError", "Invalid job ID '_x'")
             assert await error_of(c, "blockdev-backup", {**bad, "device": "nope"}) == (
                 "GenericError", "Cannot find device='nope' nor node-name='nope'")
             assert (await error_of(c, "blockdev-backup", {**bad, "sync": "incremental"}))[

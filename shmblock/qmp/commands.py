@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import re
 import struct
@@ -63,8 +64,8 @@ PACKAGE = f"shmblock {__version__}"
 
 #: QEMU's node names: a letter first, then letters, digits, ``-_.``; at most 31.
 NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
-#: A job-id the engine can use (its name alphabet).
-INTERNAL_PREFIX = "_cbw-"
+#: The job ids of copy-before-write nodes' internal jobs: no QMP job id starts so.
+INTERNAL_PREFIX = "_cbw"
 #: How long a command waits for a job it cancels on its own (blockdev-del, quit).
 CANCEL_WAIT = 30.0
 
@@ -121,6 +122,7 @@ class Monitor:
         self.exports: dict[str, Export] = {}
         self.internal_jobs: set[str] = set()
         self._deleted_devices: set[str] = set()
+        self._internal_ids = itertools.count(1)
         self._nbd_factory = nbd_factory
         self.nbd: Any = None
         self._on_quit = on_quit
@@ -337,7 +339,7 @@ class Monitor:
         dev = self._device_node(a["file"])
         target = self._node(a["target"])
         spec = self._target_spec(target, fleecing=True)
-        job_id = INTERNAL_PREFIX + node.name
+        job_id = f"{INTERNAL_PREFIX}{next(self._internal_ids)}"
         self.internal_jobs.add(job_id)
         opts = BackupOptions(spec, sync="none", job_id=job_id,
                              on_cbw_error=a.get("on-cbw-error", "break-guest-write"),
@@ -360,6 +362,8 @@ class Monitor:
         if target.driver == "nbd":
             assert target.nbd_uri is not None
             return TargetSpec.parse(target.nbd_uri, "nbd")
+        if target.driver == "file" and target.filename is not None:
+            return TargetSpec.parse(target.filename, "raw")  # a protocol node: raw bytes
         if target.driver not in ("raw", "qcow2") or target.child is None:
             raise QmpError(f"Node '{target.name}' ({target.driver}) cannot be a backup "
                            "target (raw, qcow2 or nbd)")
@@ -441,6 +445,10 @@ class Monitor:
         if "job-id" not in a:
             raise QmpError("Parameter 'job-id' is missing (shmblock needs every job named)")
         job_id = a["job-id"]
+        if not NODE_NAME_RE.match(job_id):
+            # QEMU's id_wellformed (a letter first), which also keeps user jobs apart
+            # from the internal ones of copy-before-write nodes ("_cbw1"...).
+            raise QmpError(f"Invalid job ID '{job_id}'")
         if job_id in self.engine.jobs and self.engine.jobs[job_id].state is not JobState.NULL:
             raise QmpError(f"Job ID '{job_id}' already in use")
         old = self.engine.jobs.get(job_id)

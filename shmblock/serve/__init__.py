@@ -282,7 +282,7 @@ class Server:
         self.quitting = True
         self._emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
 
-    def _flush_events(self, timeout: float = 2.0) -> None:
+    def _flush_events(self, timeout: float = SEND_TIMEOUT) -> None:
         """Wait (bounded) until the events queued so far have been sent."""
         if not any(t.name == "qmp-events" and t.is_alive() for t in self._threads):
             return
