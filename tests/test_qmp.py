@@ -31,6 +31,7 @@ from tests.qmp_helpers import (
     raw_client,
     read_line,
     running_server,
+    short_dir,
     statuses,
 )
 
@@ -593,3 +594,29 @@ def test_garbage_on_the_socket_gets_errors_or_a_hang_up_and_the_server_serves_on
             await c.disconnect()
 
         run(still_serving())
+
+
+def test_a_server_on_a_programs_own_engine_leaves_the_engine_open() -> None:
+    from shmblock.engine import Engine
+
+    with Engine() as engine, short_dir() as d:
+        dev = engine.create_device(4 * MiB, CLUSTER, name="mine")
+        dev.write(0, pattern(CLUSTER, 1))
+        with Server(engine, qmp_path=str(d / "qmp.sock")) as server:
+            async def scenario() -> None:
+                c, events = await connect(d / "qmp.sock")
+                # The program's device is not a node; QMP adds its own beside it.
+                assert await ex(c, "query-named-block-nodes") == []
+                await add_device(c, "dev0")
+                target = await add_target(c, d, "t0")
+                await ex(c, "blockdev-backup", {"job-id": "j0", "device": "dev0",
+                                                "target": "t0", "sync": "full"})
+                await next_event(events, "BLOCK_JOB_COMPLETED", device="j0")
+                await c.disconnect()
+                assert target.exists()
+
+            run(scenario())
+            assert server.engine is engine
+        assert not (d / "qmp.sock").exists()
+        assert dev.read(0, CLUSTER) == pattern(CLUSTER, 1)  # the engine is still open
+        assert sorted(engine.devices) == ["dev0", "mine"]
