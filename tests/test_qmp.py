@@ -277,6 +277,13 @@ def test_unknown_commands_and_arguments_fail_before_any_side_effect() -> None:
             assert (await error_of(c, "blockdev-add", {"driver": "file", "node-name": "f",
                                                        "filename": str(d / "none")}))[1] \
                 .startswith(f"Could not open '{d / 'none'}'")
+            assert await error_of(c, "block-export-add", {
+                "type": "nbd", "id": "e", "node-name": "dev0", "writable": True}) == (
+                "GenericError", "NBD server not running")
+            assert await error_of(c, "nbd-server-start", {"addr": {
+                "type": "inet", "data": {"host": "127.0.0.1", "port": "1"}},
+                "tls-creds": "x"}) == (
+                "GenericError", "TLS is not supported by shmblock's NBD server")
             assert await error_of(c, "blockdev-del", {"node-name": "t0-file"}) == (
                 "GenericError", "Node 't0-file' is busy: node is used as child of 't0'")
             await c.disconnect()

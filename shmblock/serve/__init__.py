@@ -48,7 +48,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from shmblock.engine import Engine
-from shmblock.errors import ShmblockError, UsageError
+from shmblock.errors import UsageError
 from shmblock.qmp import wire
 from shmblock.qmp.commands import PACKAGE, QEMU_VERSION, Monitor
 
@@ -430,4 +430,4 @@ def ready_line(server: Server) -> str:
                        "pid": os.getpid()})
 
 
-__all__ = ["MAX_CLIENTS", "SEND_TIMEOUT", "Server", "ShmblockError", "nbd_addr"]
+__all__ = ["MAX_CLIENTS", "SEND_TIMEOUT", "Server", "nbd_addr", "ready_line"]
