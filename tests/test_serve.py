@@ -74,6 +74,7 @@ def test_signal_stops_serve_cleanly_mid_backup(sock_dir: Path, sig: signal.Signa
         assert proc.returncode == 0, err
         assert not (d / "qmp.sock").exists() and not (d / "nbd.sock").exists()
         assert not (d / "t.qcow2.part").exists()
+        assert sorted(p.name for p in d.iterdir()) == ["t.qcow2"]  # nothing else left
         assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(shm_prefix)]
     finally:
         kill_tree(proc)
