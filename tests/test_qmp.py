@@ -627,3 +627,36 @@ def test_a_server_on_a_programs_own_engine_leaves_the_engine_open() -> None:
         assert not (d / "qmp.sock").exists()
         assert dev.read(0, CLUSTER) == pattern(CLUSTER, 1)  # the engine is still open
         assert sorted(engine.devices) == ["dev0", "mine"]
+
+
+def test_shmblock_nodes_on_device_files() -> None:
+    with running_server() as (server, d):
+        existing = d / "disk.img"
+        existing.write_bytes(pattern(2 * MiB, 11))
+
+        async def scenario() -> None:
+            c, events = await connect(d / "qmp.sock")
+            # An existing file: its size is the device's.
+            await ex(c, "blockdev-add", {"driver": "shmblock", "node-name": "disk",
+                                         "filename": str(existing)})
+            # A new file, created sparse with the size given.
+            await ex(c, "blockdev-add", {"driver": "shmblock", "node-name": "new",
+                                         "filename": str(d / "new.img"), "size": MiB})
+            nodes = {n["node-name"]: n for n in await ex(c, "query-named-block-nodes")}
+            assert nodes["disk"]["image"]["virtual-size"] == 2 * MiB
+            assert nodes["disk"]["file"] == str(existing)
+            assert (d / "new.img").stat().st_size == MiB
+            assert await error_of(c, "blockdev-add", {
+                "driver": "shmblock", "node-name": "x",
+                "filename": str(d / "missing.img")}) == (
+                "GenericError", f"Could not open '{d / 'missing.img'}': No such file or "
+                "directory")
+            target = await add_target(c, d, "t0", size=2 * MiB)
+            await ex(c, "blockdev-backup", {"job-id": "j0", "device": "disk",
+                                            "target": "t0", "sync": "full"})
+            done = await next_event(events, "BLOCK_JOB_COMPLETED", device="j0")
+            assert "error" not in done["data"]
+            await c.disconnect()
+            assert_compare(existing, target)
+
+        run(scenario())
