@@ -630,7 +630,7 @@ def test_a_server_on_a_programs_own_engine_leaves_the_engine_open() -> None:
 
 
 def test_shmblock_nodes_on_device_files() -> None:
-    with running_server() as (server, d):
+    with running_server() as (_, d):
         existing = d / "disk.img"
         existing.write_bytes(pattern(2 * MiB, 11))
 
