@@ -34,8 +34,9 @@ def start_serve(d: Path, *extra: str) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()  # printed once listening
     if not line:
+        err = proc.stderr.read() if proc.stderr else ""
         kill_tree(proc)
-        pytest.fail(f"serve did not start: {proc.stderr.read() if proc.stderr else ''}")
+        pytest.fail(f"serve did not start: {err}")
     ready = json.loads(line)
     assert ready["qmp"] == str(d / "qmp.sock") and ready["pid"] == proc.pid
     return proc

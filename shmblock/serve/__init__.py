@@ -179,18 +179,23 @@ class Server:
             raise UsageError("the server is started already")
         self._started = True
         try:
+            # The sockets first: a bad path is a usage error, before anything is created.
+            if self.qmp_path is not None:
+                self._listeners.append(self._bind_unix(self.qmp_path))
+                self._bound_path = self.qmp_path
+            if self.qmp_tcp is not None:
+                try:
+                    tcp = socket.create_server(self.qmp_tcp, reuse_port=False)
+                except OSError as exc:
+                    raise UsageError(f"cannot listen for QMP on {self.qmp_tcp}: "
+                                     f"{exc.strerror}") from exc
+                self.qmp_port = tcp.getsockname()[1]
+                self._listeners.append(tcp)
             if self.engine is None:
                 self.engine = Engine()
             self.monitor = Monitor(self.engine, self._emit, _nbd_factory(),
                                    on_quit=self._quit)
             self._main.start()
-            if self.qmp_path is not None:
-                self._listeners.append(self._bind_unix(self.qmp_path))
-                self._bound_path = self.qmp_path
-            if self.qmp_tcp is not None:
-                tcp = socket.create_server(self.qmp_tcp, reuse_port=False)
-                self.qmp_port = tcp.getsockname()[1]
-                self._listeners.append(tcp)
             if self.nbd_address is not None:
                 self.monitor.execute("nbd-server-start", {"addr": nbd_addr(self.nbd_address)})
             for lsock in self._listeners:
