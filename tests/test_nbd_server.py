@@ -607,6 +607,55 @@ def test_fleecing_reads_in_process(nbd: Setup) -> None:
         job.wait(120)
 
 
+def test_fleecing_map_keeps_the_snapshots_holes(nbd: Setup) -> None:
+    """A guest writing into a hole during the job does not fill the snapshot's hole."""
+    dev, engine = nbd.dev, nbd.engine
+    dev.write(0, b"\x01" * 4 * CS)
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none")
+    view = fleecing_export(dev, job)
+    try:
+        dev.write(8 * CS, b"\x02" * CS)  # into a hole, after the instant
+        dev.write(0, b"\x03" * CS)  # over data
+        assert view.block_status("base:allocation", 0, SIZE) == [
+            (4 * CS, 0), (SIZE - 4 * CS, wire.STATE_HOLE | wire.STATE_ZERO)]
+        assert bytes(view.read(8 * CS, CS)) == bytes(CS)
+    finally:
+        view.close()
+        job.complete()
+        job.wait(120)
+
+
+def test_write_zeroes_and_fast_zero(nbd: Setup) -> None:
+    """Zeroing written data goes through copy-before-write; a never-written range is
+    zero already (FAST_ZERO succeeds there, and only there)."""
+    dev, engine = nbd.dev, nbd.engine
+    dev.write(0, b"\x05" * 2 * CS)
+    job = engine.backup(dev, str(nbd.tmp / "t.raw"), sync="none", verify=True)
+    client = RawClient(nbd.sock)
+    try:
+        client.greet()
+        client.go("live")
+        client.request(wire.CMD_WRITE_ZEROES, CS, CS, cookie=1, flags=wire.CMD_FLAG_FAST_ZERO)
+        assert client.simple_reply() == (wire.ENOTSUP, 1)
+        assert dev.read(CS, CS) == b"\x05" * CS, "a refused fast zero changes nothing"
+        client.request(wire.CMD_WRITE_ZEROES, 4 * CS, 4 * CS, cookie=2,
+                       flags=wire.CMD_FLAG_FAST_ZERO)
+        assert client.simple_reply() == (0, 2)
+        client.request(wire.CMD_WRITE_ZEROES, CS // 2, 3 * CS, cookie=3,
+                       flags=wire.CMD_FLAG_NO_HOLE)
+        assert client.simple_reply() == (0, 3)
+        assert dev.read(0, CS // 2) == b"\x05" * (CS // 2)
+        assert dev.read(CS // 2, 3 * CS) == bytes(3 * CS)
+        assert not dev.device.allocated[2:8].any(), "never-written clusters stay holes"
+    finally:
+        client.close()
+        job.complete()
+        result = job.wait(120)
+    assert result.outcome is Outcome.COMPLETED, result.error
+    assert result.verified is True, result.verify_error
+    assert result.cbw_clusters == 2, "the zeroed data was saved first"
+
+
 def test_fleecing_read_waits_for_a_staged_cluster(nbd: Setup,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A cluster saved (needs_copy 0) but not yet on the target (saved 0) is read once
