@@ -456,7 +456,7 @@ def test_qemu_io_writes_during_a_backup_land_and_the_backup_is_point_in_time(
         nbd: Setup) -> None:
     dev, engine = nbd.dev, nbd.engine
     dev.write(0, pattern(3, SIZE))
-    job = engine.backup(dev, str(nbd.tmp / "full.raw"), sync="full", speed=2 * MiB,
+    job = engine.backup(dev, str(nbd.tmp / "full.raw"), sync="full", speed=1 * MiB,
                         verify=True)
     cmds = []
     for i in range(12):  # spread over the device, mostly ahead of the slow copy
