@@ -216,17 +216,35 @@ class LiveExport(_DeviceExport):
             self.flush()
 
     def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        # Zeroes are data written like any other: the snapshot must keep what they
-        # overwrite, so they take the same path (a hole would bypass copy-before-write).
+        # Zeroes are data written like any other where the device holds data: the
+        # snapshot must keep what they overwrite, so they take the guest path (a hole
+        # would bypass copy-before-write). A never-written cluster reads as zeroes
+        # already (the invariant sync=top and the copier rely on too): nothing to
+        # write, nothing for a snapshot or a dirty bitmap to record.
         self._check_open()
-        zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
-        at, end = offset, offset + length
-        while at < end:
-            n = min(end - at, ZERO_CHUNK)
-            self.handle.write(at, zeros[:n])
-            at += n
+        c0, c1 = self._clusters(offset, length)
+        cs = self.block_size
+        end = offset + length
+        zeros: memoryview | None = None
+        for a, b, written in runs(self.handle.device.allocated[c0:c1] != 0):
+            if not written:
+                continue
+            at, stop = max((c0 + a) * cs, offset), min((c0 + b) * cs, end)
+            if zeros is None:
+                zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
+            while at < stop:
+                n = min(stop - at, ZERO_CHUNK)
+                self.handle.write(at, zeros[:n])
+                at += n
         if fua:
             self.flush()
+
+    def already_zero(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, offset+length)`` was never written (so zeroing it is free:
+        NBD_CMD_FLAG_FAST_ZERO succeeds)."""
+        self._check_open()
+        c0, c1 = self._clusters(offset, length)
+        return not self.handle.device.allocated[c0:c1].any()
 
     def trim(self, offset: int, length: int) -> None:
         # Advisory (proto.md: the data afterwards is unspecified unless zeroes were
@@ -252,6 +270,12 @@ class FleecingExport(_DeviceExport):
                              "start it before exporting its snapshot")
         self.job = job
         self._seq = job.seq
+        # What the snapshot's allocation was, for the clusters still untouched now
+        # (read needs_copy first: a cluster marked then was not written since the
+        # instant, and ``allocated`` only grows, so a 0 read after it is the instant's).
+        dev = handle.device
+        self._untouched_at_export = dev.needs_copy != 0
+        self._allocated_at_export = dev.allocated != 0
         self._reader = _open_target_reader(job)
         self._claims = Claims(handle.device.meta_name)
         # OFD claims taken through one file description do not exclude each other, so
@@ -346,10 +370,15 @@ class FleecingExport(_DeviceExport):
         view[lo - offset : hi - offset] = got
 
     def _allocation_flags(self, c0: int, c1: int) -> npt.NDArray[np.uint32]:
-        # Still on the device and never written: a hole in the snapshot too. Saved
-        # clusters are reported as data (always a safe answer).
+        # A hole in the snapshot: a cluster never written by the instant. For one still
+        # untouched, ``allocated`` now says so (needs_copy read first, as above); for
+        # one saved since the export began, what we read then; anything saved before
+        # is reported as data (always a safe answer).
         dev = self.handle.device
-        hole = (dev.needs_copy[c0:c1] != 0) & (dev.allocated[c0:c1] == 0)
+        untouched = dev.needs_copy[c0:c1] != 0
+        unwritten_now = dev.allocated[c0:c1] == 0
+        unwritten_then = self._untouched_at_export[c0:c1] & ~self._allocated_at_export[c0:c1]
+        hole = np.where(untouched, unwritten_now, unwritten_then)
         return np.where(hole, STATE_HOLE | STATE_ZERO, 0).astype(np.uint32)
 
     def close(self) -> None:

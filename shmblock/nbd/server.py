@@ -390,11 +390,15 @@ class _Connection:
                 if req.flags & wire.CMD_FLAG_FUA:
                     source.flush()
             elif req.command == wire.CMD_WRITE_ZEROES:
-                if req.flags & wire.CMD_FLAG_FAST_ZERO:
-                    # proto.md: fail fast unless zeroing is faster than writing; ours
-                    # writes zeroes through copy-before-write like data.
+                # proto.md: with FAST_ZERO, fail fast unless zeroing is faster than
+                # writing. Ours writes zeroes through copy-before-write like data,
+                # except where the device was never written (nothing to do: fast).
+                if req.flags & wire.CMD_FLAG_FAST_ZERO and not (
+                        isinstance(source, LiveExport)
+                        and source.already_zero(req.offset, req.length)):
                     return (proto.reply_error(req.cookie, req.command, wire.ENOTSUP,
-                                              "zeroing is not faster than writing"),)
+                                              "zeroing written data is not faster "
+                                              "than writing"),)
                 source.write_zeroes(req.offset, req.length,
                                     bool(req.flags & wire.CMD_FLAG_FUA))
             elif req.command == wire.CMD_BLOCK_STATUS:
