@@ -33,8 +33,10 @@ def buffer_stats(result: Any) -> dict[str, Any] | None:
         getattr(result, "cbw_buffer", None)
     if stats is None:
         return None
-    get = stats.get if isinstance(stats, dict) else (lambda k: getattr(stats, k, None))
-    out = {k: get(k) for k in BUFFER_FIELDS}
+    if isinstance(stats, dict):
+        out = {k: stats.get(k) for k in BUFFER_FIELDS}
+    else:
+        out = {k: getattr(stats, k, None) for k in BUFFER_FIELDS}
     if out["capacity_bytes"]:
         out["peak_share"] = out["peak_bytes"] / out["capacity_bytes"]
     return out

@@ -137,7 +137,7 @@ def tree(procs: dict[int, Proc], root: int) -> set[int]:
 
 
 def _kernel_threads(procs: dict[int, Proc]) -> set[int]:
-    return {p.pid for p in procs.values() if p.pid == KTHREADD or p.ppid == KTHREADD}
+    return {p.pid for p in procs.values() if KTHREADD in (p.pid, p.ppid)}
 
 
 @dataclass(frozen=True, slots=True)

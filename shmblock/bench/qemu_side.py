@@ -152,7 +152,7 @@ class Server:
             client = QMPClient(f"bench-{self.kind}")
             try:
                 await asyncio.wait_for(client.connect(self.qmp_path), QMP_TIMEOUT)
-            except (OSError, asyncio.TimeoutError, Exception) as exc:  # ConnectError
+            except Exception as exc:  # qemu.qmp's ConnectError, OSError, TimeoutError
                 with contextlib.suppress(Exception):
                     await client.disconnect()
                 if time.monotonic() > deadline:
@@ -166,7 +166,7 @@ class Server:
     async def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
         try:
             return await asyncio.wait_for(self.qmp.execute(command, args), QMP_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SideFailure(f"{self.kind}: {command} got no answer in "
                               f"{QMP_TIMEOUT:.0f} s") from None
         except Exception as exc:  # qemu.qmp's ExecuteError and friends
@@ -246,15 +246,16 @@ async def _cell(server: Server, plan: Plan, work: str, nbd_path: str, size: int,
                 await server.execute("blockdev-backup", {"job-id": "bk", "device": "dev",
                                                          "target": "tgt", "sync": "full"})
                 try:
-                    event = await asyncio.wait_for(listener.get(), BACKUP_TIMEOUT)
-                except asyncio.TimeoutError:
+                    event: dict[str, Any] = dict(
+                        await asyncio.wait_for(listener.get(), BACKUP_TIMEOUT))
+                except TimeoutError:
                     raise SideFailure(f"{server.kind}: the backup did not complete in "
                                       f"{BACKUP_TIMEOUT:.0f} s") from None
                 cell["backup_s"] = time.perf_counter() - t0
             finally:
                 server.qmp.remove_listener(listener)
             end_ms = time.time() * 1e3
-            data = event.get("data", {})
+            data: dict[str, Any] = event.get("data") or {}
             if event["event"] != "BLOCK_JOB_COMPLETED" or data.get("error"):
                 raise SideFailure(f"{server.kind}: the backup ended with {event['event']}: "
                                   f"{data.get('error', '')}")

@@ -223,7 +223,7 @@ def _sections(plan: Plan, res: dict[str, Any], target_dir: str, scaling_dir: str
         t0 = time.monotonic()
         try:
             _section(section, plan, res, target_dir, scaling_dir, rep)
-        except Exception as exc:  # noqa: BLE001 - recorded, and the exit code says so
+        except Exception as exc:
             # One broken section must not cost the other sections' minutes: its error is a
             # failure of the run (exit 1), the others still run and are written.
             where = traceback.extract_tb(exc.__traceback__)[-1]
@@ -255,6 +255,8 @@ def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
 
         note("request → snapshot latency")
         res["latency"] = run_latency(plan, target_dir, note)
+        for problem in res["latency"].get("failures", []):
+            res["failures"].append(f"latency section: {problem}")
         rep.step()
     if section == "process":
         from shmblock.bench.wholeprocess import run_whole_process
@@ -281,10 +283,18 @@ def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
         from shmblock.bench.scenarios import run_matrix
 
         res["scenarios"] = [c.to_json() for c in run_matrix(plan, target_dir, note, rep.step)]
+        for c in res["scenarios"]:
+            ver = c.get("verification")
+            if c["backup"] and ver is not None and not ver["verified"]:
+                res["failures"].append(f"scenarios: {c['workload']} × {c['writers']} → "
+                                       f"{c['target']}: the verified backup did not verify: "
+                                       f"{ver}")
     if section == "scaling":
         from shmblock.bench.scaling import run_scaling
 
         res["scaling"] = run_scaling(plan, scaling_dir, note, rep.step)
+        for problem in res["scaling"].get("failures", []):
+            res["failures"].append(f"scaling section: {problem}")
     if section == "incremental":
         from shmblock.bench.incremental import BenchFailure, run_incremental
 
