@@ -216,11 +216,12 @@ class CpuMeter:
 
 def tainted(res: Any, path: str = "") -> list[str]:
     """Every figure of a results tree that carries ``under_load: true``, by its path
-    (``scenarios[3]``, ``foreign_load.peers``, ...): what the report marks as tainted."""
+    (``scenarios[3]``, ``foreign_load.peers``, ...): what the report marks as tainted. A
+    tainted figure covers what is inside it (its runs, its load record)."""
     found: list[str] = []
     if isinstance(res, dict):
         if res.get("under_load") is True:
-            found.append(path or "(top)")
+            return [path or "(top)"]
         for key, value in res.items():
             if isinstance(value, dict | list):
                 found += tainted(value, f"{path}.{key}" if path else str(key))

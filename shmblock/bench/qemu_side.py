@@ -149,6 +149,12 @@ class Server:
             if self.proc.poll() is not None:
                 raise SideFailure(f"{self.kind} exited {self.proc.returncode} before its QMP "
                                   f"socket accepted: {self.log_tail()}")
+            if not os.path.exists(self.qmp_path):  # not listening yet: no client to make
+                if time.monotonic() > deadline:
+                    raise SideFailure(f"{self.kind}: no QMP socket {self.qmp_path} after "
+                                      f"{READY_TIMEOUT:.0f} s: {self.log_tail()}")
+                await asyncio.sleep(0.02)
+                continue
             client = QMPClient(f"bench-{self.kind}")
             try:
                 await asyncio.wait_for(client.connect(self.qmp_path), QMP_TIMEOUT)

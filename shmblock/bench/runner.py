@@ -50,9 +50,14 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def published_dir() -> str:
+    """The repository's ``bench/results`` (a function, so a test can point it elsewhere)."""
+    return os.path.join(_repo_root(), PUBLISHED)
+
+
 def is_published_dir(path: str) -> bool:
     """Whether ``path`` is the repository's ``bench/results`` (or a directory in it)."""
-    published = os.path.realpath(os.path.join(_repo_root(), PUBLISHED))
+    published = os.path.realpath(published_dir())
     real = os.path.realpath(path)
     return real == published or real.startswith(published + os.sep)
 
