@@ -79,7 +79,9 @@ def test_quick_bench_leaves_nothing_behind(quick_run: QuickRun) -> None:
 
 
 def test_quick_bench_exits_ok(quick_run: QuickRun) -> None:
-    assert quick_run.code == 0
+    results = quick_run.out / "results.json"
+    failures = json.loads(results.read_text())["failures"] if results.exists() else "no JSON"
+    assert quick_run.code == 0, failures
 
 
 def test_quick_bench_writes_every_output(quick_run: QuickRun) -> None:

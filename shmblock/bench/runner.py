@@ -172,27 +172,37 @@ def run(args: argparse.Namespace) -> int:
     if "scaling" in res:
         res["scaling"]["target_kind"] = (
             f"{plan.scaling_dir or '/var/tmp'} ({machine.fs_type(plan.scaling_dir or '/var/tmp')})")
-    res["ratios"] = report.ratios(res)
-    res["goals"] = report.goals(res)
-    res["tainted"] = [p for p in tainted(res) if not p.startswith("goals")]
+    res["tainted"] = tainted(res)
     refused = bool(res["tainted"]) and publishing and not plan.allow_load
     if refused:
         # The run is not lost: it is written in the working directory, under a name that
         # says what it is.
         out_dir = tempfile.mkdtemp(prefix="bench-results-under-load-", dir=os.getcwd())
+    json_path = os.path.join(out_dir, "results.json")
+    # The figures first: a fault in the report below must never cost the measurements.
+    report.write_json(json_path, res)
+    res["ratios"] = _reported(res, "ratios", report.ratios, {})
+    res["goals"] = _reported(res, "goals", report.goals, [])
     try:
         res["plots"] = [os.path.basename(p) for p in report.plots(res, out_dir)]
     except ImportError:
         res["plots"] = []
         res["notes"].append("matplotlib is not installed (pip install 'shmblock[bench]'): "
                             "no plots")
-    report.write_json(os.path.join(out_dir, "results.json"), res)
-    write_file_atomic(os.path.join(out_dir, "results.md"), report.markdown(res).encode())
+    except Exception as exc:
+        res["plots"] = []
+        res["failures"].append(f"report: plots: {type(exc).__name__}: {exc}")
+    md = _reported(res, "results.md", report.markdown, "")
+    head = _reported(res, "headline", report.headline, "")
+    report.write_json(json_path, res)
+    write_file_atomic(os.path.join(out_dir, "results.md"), (md or (
+        "# shmblock benchmark results\n\nThe report could not be rendered: see "
+        "`failures` in results.json.\n")).encode())
     if args.json:
-        with open(os.path.join(out_dir, "results.json")) as f:
+        with open(json_path) as f:
             sys.stdout.write(f.read())
     else:
-        print(report.headline(res))
+        print(head)
         print(f"results: {out_dir}/results.json, results.md"
               + "".join(f", {p}" for p in res["plots"]))
     failed = [c for c in res.get("scenarios", [])
@@ -211,6 +221,19 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_LOADED
     return EXIT_FAILED if failed or res["failures"] else EXIT_OK
+
+
+def _reported(res: dict[str, Any], what: str, make: Callable[[dict[str, Any]], Any],
+              empty: Any) -> Any:
+    """``make(res)``, or ``empty`` and a line in ``failures`` if the report code breaks on
+    figures it did not expect (a section that failed half-way)."""
+    try:
+        return make(res)
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        res["failures"].append(f"report: {what}: {type(exc).__name__}: {exc} "
+                               f"({os.path.basename(where.filename)}:{where.lineno})")
+        return empty
 
 
 def _who(load: dict[str, Any]) -> str:
