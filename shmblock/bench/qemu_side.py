@@ -10,7 +10,8 @@ exporting an image of ``plan.qemu_size`` with the same content (half random, hal
   server=on,wait=off --monitor chardev=...``); over QMP a ``file`` node on a raw image in
   the target directory (/dev/shm when it fits) and a ``raw`` node on it, ``nbd-server-start``
   on a Unix socket and a writable ``block-export-add``;
-* **shmblock**: ``shmblock-run serve --qmp PATH`` and the very same QMP script (contract
+* **shmblock**: ``shmblock-run serve --qmp PATH`` (``python -P -m shmblock.cli serve``,
+  this very package) and the very same QMP script (contract
   C2), except the device node: ``{"driver": "shmblock", "filename": <device file>}``.
   Skipped, with a note saying so, when ``shmblock.serve`` is not importable.
 
@@ -47,7 +48,8 @@ import numpy as np
 
 from shmblock.bench.load import CpuMeter
 from shmblock.bench.options import Plan
-from shmblock.bench.wholeprocess import make_device_file, shmblock_command
+from shmblock.bench.wholeprocess import make_device_file
+from shmblock.run import python_module
 
 QMP_TIMEOUT = 30.0
 BACKUP_TIMEOUT = 600.0
@@ -310,8 +312,9 @@ async def _run_server(kind: str, plan: Plan, sockets: str, work: str, image: str
                 "chardev=qmp0"]
         env = None
     else:
-        sb, env = shmblock_command()
-        argv = [*sb, "serve", "--qmp", qmp_path]
+        # The same package as this process (python -P -m, as the engine's workers are
+        # started), not whatever an installed script would import.
+        argv, env = python_module("shmblock.cli", ["serve", "--qmp", qmp_path])
     server = Server(kind, argv, env, qmp_path, log_path)
     try:
         await _setup(server, image, nbd_path)

@@ -14,7 +14,7 @@ first so that neither always finds the page cache warmed by the other. ``--no-ve
 because ``qemu-img convert`` does not verify either; the default ``shmblock-run run``
 (which verifies against digests taken at the snapshot) is timed once per format apart,
 and is the section's point-in-time check. ``shmblock-run`` is the console script next
-to this Python (``python -m shmblock.entry`` when there is none). Each run records the
+to this Python (``python -m shmblock.cli`` when there is none). Each run records the
 CPU other processes used meanwhile.
 """
 
@@ -65,11 +65,12 @@ def make_device_file(path: str, size: int, seed: int) -> int:
 
 
 def shmblock_command() -> tuple[list[str], dict[str, str]]:
-    """``shmblock-run`` as installed beside this Python, else ``python -m``."""
+    """``shmblock-run`` as installed beside this Python (what a user runs), else
+    ``python -m shmblock.cli``."""
     script = os.path.join(os.path.dirname(sys.executable), "shmblock-run")
     if os.access(script, os.X_OK):
         return [script], dict(os.environ)
-    return python_module("shmblock.entry", [])
+    return python_module("shmblock.cli", [])
 
 
 def _timed(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
