@@ -28,6 +28,7 @@ from shmblock.bench import load, report, runner
 from shmblock.bench.bound import cpu_share_bound
 from shmblock.bench.common import BUFFER_FIELDS, buffer_stats
 from shmblock.bench.load import UNDER_LOAD_SHARE, tainted, under_load
+from shmblock.bench.latency import worker_models
 from shmblock.bench.options import Plan, plan_from_args
 from shmblock.bench.qemu_side import run_qemu_side, window_figures
 from shmblock.cli import main
@@ -222,8 +223,11 @@ def test_quick_bench_new_sections(quick_run: QuickRun) -> None:
     """Request → snapshot, whole process, speed, qemu: present, verified, load recorded."""
     res = json.loads((quick_run.out / "results.json").read_text())
     plan = res["plan"]
-    for fmt in ("raw", "qcow2"):
-        f = res["latency"]["formats"][fmt]
+    lat = res["latency"]
+    assert list(lat["models"]) == worker_models() and lat["goal_model"] == worker_models()[-1]
+    assert lat["formats"] == lat["models"][lat["goal_model"]]
+    for fmt, f in ((fmt, f) for m in lat["models"].values() for fmt, f in m.items()):
+        assert fmt in ("raw", "qcow2")
         assert len(f["runs_request_ms"]) == plan["latency_jobs"]
         assert 0 < f["request_p50_ms"] <= f["request_p99_ms"] <= f["request_max_ms"], f
         assert f["verification"]["verified"] is True, f

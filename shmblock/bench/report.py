@@ -199,9 +199,9 @@ def _goal_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         worst_lat = max(f["request_p99_ms"] for f in lat["formats"].values())
         row(f"request → snapshot p99 < {lat['goal_p99_ms']:g} ms",
             f"worst p99 {worst_lat:.1f} ms", worst_lat < lat["goal_p99_ms"],
-            ", ".join(f"{fmt}: p50 {f['request_p50_ms']:.1f} ms, p99 {f['request_p99_ms']:.1f} "
-                      f"ms over {len(f['runs_request_ms'])} jobs"
-                      for fmt, f in lat["formats"].items()))
+            f"{lat.get('goal_model', 'per-job')} worker: " + ", ".join(
+                f"{fmt}: p50 {f['request_p50_ms']:.1f} ms, p99 {f['request_p99_ms']:.1f} ms "
+                f"over {len(f['runs_request_ms'])} jobs" for fmt, f in lat["formats"].items()))
     else:
         row("request → snapshot p99 < 20 ms", "not measured", None)
     proc = res.get("process") or {}
@@ -532,12 +532,16 @@ def _latency_markdown(res: dict[str, Any]) -> list[str]:
     out = ["## Request → snapshot instant", "",
            f"`create_backup` + `start` on an idle {lat['size'] / MiB:.0f} MiB device, "
            f"{lat['jobs']} jobs per format; request = create + start (start returns once the "
-           "snapshot is taken and the writers thawed). Goal p99 < "
-           f"{lat['goal_p99_ms']:g} ms.", "",
-           "| target | request p50 ms | request p99 ms | max ms | create p50 / p99 ms | "
-           "start p50 / p99 ms | verified | others' CPU |", "|---|---|---|---|---|---|---|---|"]
-    for fmt, f in lat["formats"].items():
-        out.append(f"| {fmt} | {f['request_p50_ms']:.1f} | {f['request_p99_ms']:.1f} | "
+           "snapshot is taken and the writers thawed). Worker: a backup process per job, or "
+           "one per device started with it (`Engine(prestart_backup_worker=True)`), when "
+           "the engine has that. Goal p99 < "
+           f"{lat['goal_p99_ms']:g} ms, read on the {lat.get('goal_model', 'per-job')} "
+           "model.", "",
+           "| worker | target | request p50 ms | request p99 ms | max ms | create p50 / p99 ms "
+           "| start p50 / p99 ms | verified | others' CPU |", "|---" * 9 + "|"]
+    models = lat.get("models") or {"per-job": lat["formats"]}
+    for model, fmt, f in ((m, fmt, f) for m, fs in models.items() for fmt, f in fs.items()):
+        out.append(f"| {model} | {fmt} | {f['request_p50_ms']:.1f} | {f['request_p99_ms']:.1f} | "
                    f"{f['request_max_ms']:.1f} | {f['create_p50_ms']:.1f} / "
                    f"{f['create_p99_ms']:.1f} | {f['start_p50_ms']:.2f} / "
                    f"{f['start_p99_ms']:.2f} | {_verified(f.get('verification'))} | "
