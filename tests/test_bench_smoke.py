@@ -27,8 +27,8 @@ import pytest
 from shmblock.bench import load, report, runner
 from shmblock.bench.bound import cpu_share_bound
 from shmblock.bench.common import BUFFER_FIELDS, buffer_stats
-from shmblock.bench.load import UNDER_LOAD_SHARE, tainted, under_load
 from shmblock.bench.latency import worker_models
+from shmblock.bench.load import UNDER_LOAD_SHARE, tainted, under_load
 from shmblock.bench.options import Plan, plan_from_args
 from shmblock.bench.qemu_side import run_qemu_side, window_figures
 from shmblock.cli import main
