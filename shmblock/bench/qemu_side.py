@@ -359,6 +359,9 @@ def run_qemu_side(plan: Plan, target_dir: str, note: Note) -> dict[str, Any]:
                     _run_server(kind, plan, sockets, work, image, note))
             except SideFailure as exc:
                 res["failures"].append(str(exc))
+            except Exception as exc:
+                # One server's fault must not cost the other server's figures.
+                res["failures"].append(f"{kind}: {type(exc).__name__}: {exc}")
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(image)
