@@ -242,6 +242,7 @@ async def _cell(server: Server, plan: Plan, work: str, nbd_path: str, size: int,
                                     prefix, output),
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, start_new_session=True)
+    fio_started = time.monotonic()
     cell: dict[str, Any] = {"server": server.kind, "backup": backup}
     try:
         await asyncio.sleep(lead)
@@ -267,7 +268,10 @@ async def _cell(server: Server, plan: Plan, work: str, nbd_path: str, size: int,
             if event["event"] != "BLOCK_JOB_COMPLETED" or data.get("error"):
                 raise SideFailure(f"{server.kind}: the backup ended with {event['event']}: "
                                   f"{data.get('error', '')}")
-            await asyncio.sleep(TAIL_S)
+            # fio runs at least as long as in the no-backup cell (a short backup must not
+            # stop it before it wrote anything), and a little past the backup's end.
+            ran = time.monotonic() - fio_started
+            await asyncio.sleep(max(TAIL_S, plan.qemu_runtime_s - ran))
             fio.send_signal(signal.SIGINT)
         _, stderr = await asyncio.to_thread(fio.communicate, None,
                                             plan.qemu_runtime_s + 120)
@@ -280,13 +284,20 @@ async def _cell(server: Server, plan: Plan, work: str, nbd_path: str, size: int,
     if fio.returncode and not (backup and os.path.exists(output)):
         raise SideFailure(f"fio against {server.kind} exited {fio.returncode}: "
                           f"{stderr.decode(errors='replace').strip()[-400:]}")
-    times, lats = read_completion_log(prefix + "_clat.1.log")
+    log = prefix + "_clat.1.log"
+    if not os.path.exists(log):
+        raise SideFailure(f"fio against {server.kind} wrote no completion log (exit "
+                          f"{fio.returncode}): {stderr.decode(errors='replace').strip()[-300:]}")
+    times, lats = read_completion_log(log)
     if not backup:
         # The same span as a backup would have: from the lead-in on, as long as the
         # rest of the run (the caller then cuts the backup cell's window likewise).
         end_ms = start_ms + (plan.qemu_runtime_s - lead) * 1e3
     run_end_ms = float(times.max()) if times.size else end_ms
     cell["outlasted_fio"] = bool(end_ms > run_end_ms)
+    # fio starting slower than the lead-in (a loaded machine) would measure a backup
+    # with no guest yet: said, not hidden.
+    cell["guest_running_at_start"] = bool(times.size and times.min() <= start_ms)
     cell["window"] = window_figures(times, lats, start_ms, min(end_ms, run_end_ms))
     cell["fio"] = _fio_summary(output)
     cell.update(meter.record())
@@ -369,6 +380,15 @@ def run_qemu_side(plan: Plan, target_dir: str, note: Note) -> dict[str, Any]:
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+    for kind, cells in res["servers"].items():
+        for c in cells:
+            what = f"{kind}, {'with' if c['backup'] else 'no'} backup"
+            if not c["guest_running_at_start"]:
+                res["notes"].append(f"{what}: fio had completed nothing before the window "
+                                    "began (it started slowly): the window's figures "
+                                    "include its start")
+            if c["outlasted_fio"]:
+                res["notes"].append(f"{what}: the window outlasted fio's run; cut at its end")
     res["summary"] = summarize(res["servers"])
     return res
 
