@@ -245,6 +245,9 @@ async def _cell(server: Server, plan: Plan, work: str, nbd_path: str, size: int,
     fio_started = time.monotonic()
     cell: dict[str, Any] = {"server": server.kind, "backup": backup}
     try:
+        # The lead-in counts from fio's job, not from fio's start (which takes a while on
+        # a loaded machine: starting, parsing, forking its job).
+        cell["fio_start_s"] = await _guest_writing(fio)
         await asyncio.sleep(lead)
         start_ms = time.time() * 1e3
         if backup:
@@ -289,11 +292,10 @@ async def _cell(server: Server, plan: Plan, work: str, nbd_path: str, size: int,
         raise SideFailure(f"fio against {server.kind} wrote no completion log (exit "
                           f"{fio.returncode}): {stderr.decode(errors='replace').strip()[-300:]}")
     times, lats = read_completion_log(log)
+    run_end_ms = float(times.max()) if times.size else start_ms
     if not backup:
-        # The same span as a backup would have: from the lead-in on, as long as the
-        # rest of the run (the caller then cuts the backup cell's window likewise).
-        end_ms = start_ms + (plan.qemu_runtime_s - lead) * 1e3
-    run_end_ms = float(times.max()) if times.size else end_ms
+        # The rest of the run after the same lead-in as the backup cell's.
+        end_ms = run_end_ms
     cell["outlasted_fio"] = bool(end_ms > run_end_ms)
     # fio starting slower than the lead-in (a loaded machine) would measure a backup
     # with no guest yet: said, not hidden.
@@ -310,6 +312,29 @@ async def _cell(server: Server, plan: Plan, work: str, nbd_path: str, size: int,
         if name.startswith(f"{server.kind}-{index}") or name == os.path.basename(target):
             os.unlink(os.path.join(work, name))
     return cell
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError), \
+                    open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+async def _guest_writing(fio: subprocess.Popen[bytes]) -> float:
+    """Wait until fio has forked its job (which then connects and writes at once);
+    seconds it took. SideFailure if fio exits or takes longer than READY_TIMEOUT."""
+    t0 = time.monotonic()
+    while not _children(fio.pid):
+        if fio.poll() is not None:
+            raise SideFailure(f"fio exited {fio.returncode} before its job started")
+        if time.monotonic() - t0 > READY_TIMEOUT:
+            raise SideFailure(f"fio did not start its job in {READY_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - t0
 
 
 async def _run_server(kind: str, plan: Plan, sockets: str, work: str, image: str,
