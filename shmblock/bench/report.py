@@ -610,8 +610,8 @@ def _qemu_markdown(res: dict[str, Any]) -> list[str]:
            "image of the same content exported over NBD (Unix socket); *backup*: a full "
            "backup to a raw file started over QMP with `blockdev-backup`, the window is the "
            "backup's (command → BLOCK_JOB_COMPLETED); *none*: the rest of a run without, "
-           "after the same lead-in. Figures from fio's per-completion log; longest gap: the longest time "
-           "without a completion (the longest stall).", "",
+           "after the same lead-in. Figures from fio's per-completion log; longest gap: the "
+           "longest time without a completion (the longest stall).", "",
            "| server | backup | window s | IOPS | p50 µs | p99 µs | p99.9 µs | max latency ms | "
            "longest gap ms | backup s | others' CPU |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
