@@ -22,8 +22,9 @@ directory, through ``file`` + ``raw`` nodes, until ``BLOCK_JOB_COMPLETED``). Fig
 from fio's completion log, over a window: the backup's, from the command to the event,
 for the backup cell (fio then runs on at least as long as the no-backup run and a little
 past the event, and is stopped with SIGINT); the rest of the run after the same lead-in
-for the no-backup cell. They are guest IOPS, completion latency p50/p99/p99.9, the longest completion latency and the longest gap between two
-completions (the longest stall a guest saw), and the backup's duration. fio's own
+for the no-backup cell. They are guest IOPS, completion latency p50/p99/p99.9, the
+longest completion latency and the longest gap between two completions (the longest
+stall a guest saw), and the backup's duration. fio's own
 whole-run summary is kept beside them. The headline ratios, shmblock over QEMU: IOPS
 retained during the backup (backup-window IOPS ÷ no-backup IOPS, each server against
 itself) and backup duration. The QMP client is the ``qemu.qmp`` library, the one
