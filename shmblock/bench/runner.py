@@ -121,6 +121,9 @@ def _pick_target_dir(plan: Plan) -> tuple[str, str]:
     if "incremental" in plan.sections:
         # Device, two full backups (half of it is data), a reference image, a spare.
         sizes.append(plan.inc_size)
+    # Device file + output (process), image + backup target (qemu), one server at a time.
+    sizes += [plan.process_size * ("process" in plan.sections),
+              plan.qemu_size * ("qemu" in plan.sections)]
     need = 3 * max(sizes) + (512 << 20)
     if shm_free_bytes() >= need:
         return tempfile.mkdtemp(prefix="shmblock-bench-", dir=SHM_DIR), f"{SHM_DIR} (tmpfs)"
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     reporter = Reporter(total, sys.stderr.isatty() and not args.json)
     started = time.monotonic()
     res: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,  # 2: per-cell load, tainted, latency/process/speed/qemu sections
         "command": shlex.join(["shmblock-run", *getattr(args, "argv", [])]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
