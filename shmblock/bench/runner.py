@@ -1,10 +1,16 @@
 """``shmblock-run bench``: run the sections of a plan and write the results.
 
-Sections, in order: machine limits, the QEMU comparison, the scenario matrix, scaling,
-incremental backups against full ones, restore of a chain against ``qemu-img convert``.
-Each records the CPU other processes used while it ran, and is marked *under load* when
-they used more than a small share (:mod:`shmblock.bench.load`). A section whose backup
-fails or does not verify leaves a line in ``failures`` and makes the exit code 1.
+Sections, in order: machine limits, the QEMU comparison (idle copies), request →
+snapshot latency, whole-process runs against ``qemu-img convert``, the scenario matrix,
+guest retention against ``--speed``, scaling, incremental backups against full ones,
+restore of a chain against ``qemu-img convert``, and fio over NBD beside
+qemu-storage-daemon. Each section, and each cell inside it, records the CPU other
+processes used while it ran, and is marked *under load* when they used more than a small
+share (:mod:`shmblock.bench.load`). Results with such figures are not written into the
+repository's ``bench/results/`` unless ``--allow-load`` says so: they go to a directory
+of their own and the exit code is 3 (:data:`EXIT_LOADED`). A section whose backup fails
+or does not verify leaves a line in ``failures`` and makes the exit code 1; a section that
+raises is recorded as failed and the others still run.
 Progress is a rich bar on a terminal (stderr) and nothing otherwise. Everything a
 section creates lives in temporary directories removed at the end, and every engine is
 closed by its ``with`` block, so an interrupted run leaves nothing behind.
@@ -21,22 +27,43 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from shmblock.bench import machine, report
-from shmblock.bench.load import CpuMeter, loadavg, under_load
+from shmblock.bench.load import UNDER_LOAD_SHARE, CpuMeter, loadavg, tainted
 from shmblock.bench.options import Plan, plan_from_args
 from shmblock.device import SHM_DIR, shm_free_bytes
 from shmblock.errors import ShmblockError
 from shmblock.paths import write_file_atomic
 
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_LOADED = 0, 1, 3
+#: seconds of the look at the machine's load before a run meant for bench/results/
+PREFLIGHT_S = 2.0
+#: where published results live, relative to the repository's root
+PUBLISHED = os.path.join("bench", "results")
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def published_dir() -> str:
+    """The repository's ``bench/results`` (a function, so a test can point it elsewhere)."""
+    return os.path.join(_repo_root(), PUBLISHED)
+
+
+def is_published_dir(path: str) -> bool:
+    """Whether ``path`` is the repository's ``bench/results`` (or a directory in it)."""
+    published = os.path.realpath(published_dir())
+    real = os.path.realpath(path)
+    return real == published or real.startswith(published + os.sep)
 
 
 def _git_commit() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = _repo_root()
     try:
         # safe.directory: the benchmark may run as another user than the checkout's owner.
         git = ["git", "-c", f"safe.directory={root}", "-C", root]
@@ -94,6 +121,9 @@ def _pick_target_dir(plan: Plan) -> tuple[str, str]:
     if "incremental" in plan.sections:
         # Device, two full backups (half of it is data), a reference image, a spare.
         sizes.append(plan.inc_size)
+    # Device file + output (process), image + backup target (qemu), one server at a time.
+    sizes += [plan.process_size * ("process" in plan.sections),
+              plan.qemu_size * ("qemu" in plan.sections)]
     need = 3 * max(sizes) + (512 << 20)
     if shm_free_bytes() >= need:
         return tempfile.mkdtemp(prefix="shmblock-bench-", dir=SHM_DIR), f"{SHM_DIR} (tmpfs)"
@@ -106,14 +136,22 @@ def run(args: argparse.Namespace) -> int:
     out_dir = os.path.abspath(args.output)
     os.makedirs(out_dir, exist_ok=True)
     groups = len(plan.workloads) * len(plan.writers)
-    total = (("limits" in plan.sections) + ("peers" in plan.sections)
-             + groups * ("scenarios" in plan.sections)
-             + len(plan.scaling_sizes) * ("scaling" in plan.sections)
-             + ("incremental" in plan.sections) + ("restore" in plan.sections))
+    steps = {"scenarios": groups, "scaling": len(plan.scaling_sizes)}
+    total = sum(steps.get(s, 1) for s in plan.sections)
+    publishing = is_published_dir(out_dir)
+    if publishing and not plan.allow_load:
+        # A look before minutes of work: the same verdict is taken at the end.
+        pre = CpuMeter()
+        time.sleep(PREFLIGHT_S)
+        now = pre.load()
+        if now.under_load:
+            print(f"shmblock-run bench: warning: other processes use {now.foreign_cores:.2f} "
+                  f"cores right now ({_who(now.to_json())}); figures taken under load are not "
+                  f"written into {PUBLISHED}/ without --allow-load", file=sys.stderr)
     reporter = Reporter(total, sys.stderr.isatty() and not args.json)
     started = time.monotonic()
     res: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,  # 2: per-cell load, tainted, latency/process/speed/qemu sections
         "command": shlex.join(["shmblock-run", *getattr(args, "argv", [])]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
@@ -137,21 +175,37 @@ def run(args: argparse.Namespace) -> int:
     if "scaling" in res:
         res["scaling"]["target_kind"] = (
             f"{plan.scaling_dir or '/var/tmp'} ({machine.fs_type(plan.scaling_dir or '/var/tmp')})")
-    res["ratios"] = report.ratios(res)
-    res["goals"] = report.goals(res)
+    res["tainted"] = tainted(res)
+    refused = bool(res["tainted"]) and publishing and not plan.allow_load
+    if refused:
+        # The run is not lost: it is written in the working directory, under a name that
+        # says what it is.
+        out_dir = tempfile.mkdtemp(prefix="bench-results-under-load-", dir=os.getcwd())
+    json_path = os.path.join(out_dir, "results.json")
+    # The figures first: a fault in the report below must never cost the measurements.
+    report.write_json(json_path, res)
+    res["ratios"] = _reported(res, "ratios", report.ratios, {})
+    res["goals"] = _reported(res, "goals", report.goals, [])
     try:
         res["plots"] = [os.path.basename(p) for p in report.plots(res, out_dir)]
     except ImportError:
         res["plots"] = []
         res["notes"].append("matplotlib is not installed (pip install 'shmblock[bench]'): "
                             "no plots")
-    report.write_json(os.path.join(out_dir, "results.json"), res)
-    write_file_atomic(os.path.join(out_dir, "results.md"), report.markdown(res).encode())
+    except Exception as exc:
+        res["plots"] = []
+        res["failures"].append(f"report: plots: {type(exc).__name__}: {exc}")
+    md = _reported(res, "results.md", report.markdown, "")
+    head = _reported(res, "headline", report.headline, "")
+    report.write_json(json_path, res)
+    write_file_atomic(os.path.join(out_dir, "results.md"), (md or (
+        "# shmblock benchmark results\n\nThe report could not be rendered: see "
+        "`failures` in results.json.\n")).encode())
     if args.json:
-        with open(os.path.join(out_dir, "results.json")) as f:
+        with open(json_path) as f:
             sys.stdout.write(f.read())
     else:
-        print(report.headline(res))
+        print(head)
         print(f"results: {out_dir}/results.json, results.md"
               + "".join(f", {p}" for p in res["plots"]))
     failed = [c for c in res.get("scenarios", [])
@@ -161,7 +215,34 @@ def run(args: argparse.Namespace) -> int:
               f"{c['backup_outcome']}: {c['backup_error']}", file=sys.stderr)
     for problem in res["failures"]:
         print(f"shmblock-run bench: {problem}", file=sys.stderr)
+    if refused:
+        print(f"shmblock-run bench: not written into {PUBLISHED}/: other processes used more "
+              f"than {UNDER_LOAD_SHARE:.0%} of the CPUs during {len(res['tainted'])} "
+              f"figure(s) ({', '.join(res['tainted'][:6])}"
+              f"{', ...' if len(res['tainted']) > 6 else ''}); the results are in {out_dir}. "
+              "Re-run alone on the machine, or pass --allow-load to publish them marked.",
+              file=sys.stderr)
+        return EXIT_LOADED
     return EXIT_FAILED if failed or res["failures"] else EXIT_OK
+
+
+def _reported(res: dict[str, Any], what: str, make: Callable[[dict[str, Any]], Any],
+              empty: Any) -> Any:
+    """``make(res)``, or ``empty`` and a line in ``failures`` if the report code breaks on
+    figures it did not expect (a section that failed half-way)."""
+    try:
+        return make(res)
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        res["failures"].append(f"report: {what}: {type(exc).__name__}: {exc} "
+                               f"({os.path.basename(where.filename)}:{where.lineno})")
+        return empty
+
+
+def _who(load: dict[str, Any]) -> str:
+    top = load.get("top") or []
+    return ", ".join(f"{t['name']} (pid {t['pid']}) {t['cores']:.2f}" for t in top) or \
+        "not one process in particular"
 
 
 def _sections(plan: Plan, res: dict[str, Any], target_dir: str, scaling_dir: str,
@@ -171,9 +252,16 @@ def _sections(plan: Plan, res: dict[str, Any], target_dir: str, scaling_dir: str
     for section in plan.sections:
         meter = CpuMeter()
         t0 = time.monotonic()
-        _section(section, plan, res, target_dir, scaling_dir, rep)
-        cores = meter.foreign_cores()
-        res["foreign_load"][section] = {"cpu_cores": cores, "under_load": under_load(cores),
+        try:
+            _section(section, plan, res, target_dir, scaling_dir, rep)
+        except Exception as exc:
+            # One broken section must not cost the other sections' minutes: its error is a
+            # failure of the run (exit 1), the others still run and are written.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            res["failures"].append(f"{section} section: {type(exc).__name__}: {exc} "
+                                   f"({os.path.basename(where.filename)}:{where.lineno})")
+        load = meter.record()
+        res["foreign_load"][section] = {"cpu_cores": load["foreign_cores"], **load,
                                         "seconds": time.monotonic() - t0,
                                         "loadavg_after": loadavg()}
 
@@ -193,14 +281,51 @@ def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
 
         res["peers"] = run_peers(plan, target_dir, note)
         rep.step()
+    if section == "latency":
+        from shmblock.bench.latency import run_latency
+
+        note("request → snapshot latency")
+        res["latency"] = run_latency(plan, target_dir, note)
+        for problem in res["latency"].get("failures", []):
+            res["failures"].append(f"latency section: {problem}")
+        rep.step()
+    if section == "process":
+        from shmblock.bench.wholeprocess import run_whole_process
+
+        res["process"] = run_whole_process(plan, target_dir, note)
+        for problem in res["process"].get("failures", []):
+            res["failures"].append(f"process section: {problem}")
+        rep.step()
+    if section == "speed":
+        from shmblock.bench.speed import run_speed
+
+        res["speed"] = run_speed(plan, target_dir, note)
+        for problem in res["speed"].get("failures", []):
+            res["failures"].append(f"speed section: {problem}")
+        rep.step()
+    if section == "qemu":
+        from shmblock.bench.qemu_side import run_qemu_side
+
+        res["qemu"] = run_qemu_side(plan, target_dir, note)
+        for problem in res["qemu"].get("failures", []):
+            res["failures"].append(f"qemu section: {problem}")
+        rep.step()
     if section == "scenarios":
         from shmblock.bench.scenarios import run_matrix
 
         res["scenarios"] = [c.to_json() for c in run_matrix(plan, target_dir, note, rep.step)]
+        for c in res["scenarios"]:
+            ver = c.get("verification")
+            if c["backup"] and ver is not None and not ver["verified"]:
+                res["failures"].append(f"scenarios: {c['workload']} × {c['writers']} → "
+                                       f"{c['target']}: the verified backup did not verify: "
+                                       f"{ver}")
     if section == "scaling":
         from shmblock.bench.scaling import run_scaling
 
         res["scaling"] = run_scaling(plan, scaling_dir, note, rep.step)
+        for problem in res["scaling"].get("failures", []):
+            res["failures"].append(f"scaling section: {problem}")
     if section == "incremental":
         from shmblock.bench.incremental import BenchFailure, run_incremental
 

@@ -15,7 +15,16 @@ it — device included — is gone when it exits, before the next size starts. T
    (:meth:`Engine.freeze`) plus the cost of initialising the maps at that size, measured
    on a scratch map of the same size; and a few real snapshot starts (``sync=none`` jobs,
    :attr:`JobResult.freeze_s`) as a cross-check;
-4. prints one JSON object on stdout.
+4. with the writers still running, one more full backup with ``verify=True``: the
+   point-in-time check of the size, untimed; its freeze and its verification copy are
+   reported apart (``verification``), never in the freeze figures above. A size whose
+   verification copy does not fit in memory (a 16 GiB device needs 16 GiB more) says so
+   instead (``verification.skipped``);
+5. prints one JSON object on stdout.
+
+The parent runs the sizes one after the other, each only when the device fits in
+/dev/shm and in available memory; a largest size that does not fit (16 GiB on a smaller
+machine) is replaced by 8 GiB, with a note.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from shmblock.bench.options import Plan
 from shmblock.device import SHM_DIR, shm_free_bytes
 from shmblock.engine import Engine
 from shmblock.run import python_module
+from shmblock.verify import NotEnoughMemoryError, check_capture_memory, mem_available
 
 SAMPLE_EVERY = 0.01
 CHILD_TIMEOUT = 1800.0
@@ -191,19 +201,58 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 "real_snapshot_median_ms": statistics.median(real) * 1e3 if real else None,
             })
         out["freeze"] = freezes
+        out["verification"] = _verify(engine, dev, args.target_dir)
         engine.stop_writers()
     return out
+
+
+def _verify(engine: Engine, dev: Any, target_dir: str) -> dict[str, Any]:
+    """One verified full backup while the writers run (see the module docstring)."""
+    try:
+        check_capture_memory(dev.size)
+    except NotEnoughMemoryError as exc:
+        return {"verified": None, "skipped": str(exc)}
+    path = os.path.join(target_dir, f"scaling-verify-{dev.size}.raw")
+    job = engine.create_backup(dev, path, format="raw", verify=True)
+    job.start()
+    result = job.wait(CHILD_TIMEOUT)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return {"verified": result.verified is True and result.outcome.value == "completed",
+            "outcome": result.outcome.value, "error": result.error or result.verify_error,
+            "freeze_ms": result.freeze_s * 1e3, "verify_copy_ms": result.verify_copy_s * 1e3,
+            "backup_s": result.duration_s}
+
+
+#: a largest size that does not fit is replaced by this one
+FALLBACK_SIZE = 8 << 30
+
+
+def fits(size: int) -> str:
+    """Why a device of ``size`` cannot run here now ("" when it can)."""
+    need = size + (256 << 20)
+    if shm_free_bytes() < need:
+        return f"{SHM_DIR} has {shm_free_bytes() >> 20} MiB free, needs {need >> 20} MiB"
+    avail = mem_available()
+    # The device's pages, the backup's page cache is reclaimable; a margin for the rest.
+    if avail is not None and avail < size + (1 << 30):
+        return f"{avail >> 20} MiB of memory available, needs {(size + (1 << 30)) >> 20} MiB"
+    return ""
 
 
 def run_scaling(plan: Plan, scaling_dir: str, note: Callable[[str], None],
                 step: Callable[[], None]) -> dict[str, Any]:
     """Run the child for every size, one after the other; collect what they print."""
     res: dict[str, Any] = {"sizes": [], "notes": [], "target_dir": scaling_dir}
-    for size in plan.scaling_sizes:
-        need = size + (256 << 20)
-        if shm_free_bytes() < need:
-            res["notes"].append(f"{size} bytes skipped: {SHM_DIR} has "
-                                f"{shm_free_bytes()} bytes free, needs {need}")
+    for wanted in plan.scaling_sizes:
+        size, why = wanted, fits(wanted)
+        if why and size > FALLBACK_SIZE and size == max(plan.scaling_sizes) \
+                and not fits(FALLBACK_SIZE):
+            res["notes"].append(f"{size >> 30} GiB replaced by {FALLBACK_SIZE >> 30} GiB: "
+                                f"{why}")
+            size, why = FALLBACK_SIZE, ""
+        if why:
+            res["notes"].append(f"{size >> 20} MiB skipped: {why}")
             step()
             continue
         note(f"scaling: {size >> 20} MiB device")
@@ -230,8 +279,16 @@ def run_scaling(plan: Plan, scaling_dir: str, note: Callable[[str], None],
         if proc.returncode != 0:
             res["notes"].append(f"{size} bytes failed (exit {proc.returncode}): "
                                 f"{stderr.strip()[-500:]}")
+            res.setdefault("failures", []).append(
+                f"{size >> 20} MiB: the child failed (exit {proc.returncode}): "
+                f"{stderr.strip()[-300:]}")
         else:
-            res["sizes"].append(json.loads(stdout.strip().splitlines()[-1]))
+            got = json.loads(stdout.strip().splitlines()[-1])
+            ver = got.get("verification") or {}
+            if ver.get("verified") is False:
+                res.setdefault("failures", []).append(
+                    f"{size >> 20} MiB: the verified backup did not verify: {ver}")
+            res["sizes"].append(got)
         step()
     return res
 

@@ -15,6 +15,14 @@ longest stall in the window, the share of writer time spent in copy-before-write
 for backup windows the freeze at snapshot start and the job's duration and throughput.
 The backup worker is started (and the target opened) before the snapshot instant, as
 :meth:`Engine.create_backup` intends, so job time is copying time.
+
+Every cell also records the CPU other processes used during it (``load``,
+:mod:`shmblock.bench.load`), the copy-before-write buffer's occupancy when the engine
+reports it (``cbw_buffer``, contract C1; ``None`` from an engine without the buffer),
+and, for backup cells, a verification: once the timed backups are done, one more
+backup per target with ``verify=True`` (the writers still running) checks that the
+point-in-time copy is exact. Its freeze and its verification copy are reported apart
+(``verification``); the timed cell's figures never include a verification copy.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from shmblock.bench.common import buffer_stats
 from shmblock.bench.content import fill
+from shmblock.bench.load import CpuMeter
 from shmblock.bench.options import Plan
 from shmblock.bench.sampling import Sample, lifetime_max_stall_us, sample, window
-from shmblock.engine import Engine
+from shmblock.engine import DeviceHandle, Engine
 from shmblock.errors import JobError
 
 JOB_TIMEOUT = 600.0
@@ -66,6 +76,11 @@ class Cell:
     clusters_copied: int | None = None
     cbw_clusters: int | None = None
     bytes_written: int | None = None
+    cbw_buffer: dict[str, Any] | None = None  # C1 occupancy; None: engine has no buffer
+    verification: dict[str, Any] | None = None  # the untimed verified backup (see above)
+    foreign_cores: float = 0.0
+    under_load: bool = False
+    load: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -89,13 +104,16 @@ def run_group(plan: Plan, workload: str, writers: int, target_dir: str,
                              seed=plan.seed)
         time.sleep(plan.warmup_s)
         note(f"{workload} × {writers}: no backup")
+        meter = CpuMeter()
         s0 = sample(engine, dev)
         time.sleep(plan.idle_window_s)
         s1 = sample(engine, dev)
-        cells.append(_cell(workload, writers, "", plan, s0, s1))
+        cells.append(_with_load(_cell(workload, writers, "", plan, s0, s1), meter))
+        timed: dict[str, Cell] = {}
         for fmt in plan.targets:
             note(f"{workload} × {writers}: backup to {fmt}")
             path = os.path.join(target_dir, f"scenario-{workload}-{writers}.{EXT[fmt]}")
+            meter = CpuMeter()
             job = engine.create_backup(dev, path, format=fmt)
             # The writers ran on while the worker started; measure from the snapshot on.
             job.start()
@@ -113,12 +131,45 @@ def run_group(plan: Plan, workload: str, writers: int, target_dir: str,
             cell.clusters_copied = result.clusters_copied
             cell.cbw_clusters = result.cbw_clusters
             cell.bytes_written = result.bytes_written
-            cells.append(cell)
+            cell.cbw_buffer = buffer_stats(result)
+            cells.append(_with_load(cell, meter))
+            timed[fmt] = cell
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             time.sleep(plan.settle_s)
+        for fmt, cell in timed.items():
+            note(f"{workload} × {writers}: verified backup to {fmt}")
+            path = os.path.join(target_dir, f"scenario-{workload}-{writers}-verify.{EXT[fmt]}")
+            cell.verification = verified_backup(engine, dev, path, fmt)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         engine.stop_writers()
     return cells
+
+
+def verified_backup(engine: Engine, dev: DeviceHandle, path: str, fmt: str,
+                    **options: Any) -> dict[str, Any]:
+    """One untimed backup with ``verify=True``: is the point-in-time copy exact?
+
+    The device is copied inside the freeze for the digests, so this job's freeze is
+    longer by that copy (``verify_copy_ms``, reported apart) and its digest thread
+    competes with the writers: that is why the timed cells never verify.
+    """
+    job = engine.create_backup(dev, path, format=fmt, verify=True, **options)
+    job.start()
+    result = job.wait(JOB_TIMEOUT)
+    return {"verified": result.verified is True and result.outcome.value == "completed",
+            "outcome": result.outcome.value, "error": result.error or result.verify_error,
+            "freeze_ms": result.freeze_s * 1e3, "verify_copy_ms": result.verify_copy_s * 1e3,
+            "backup_s": result.duration_s}
+
+
+def _with_load(cell: Cell, meter: CpuMeter) -> Cell:
+    load = meter.record()
+    cell.foreign_cores = load["foreign_cores"]
+    cell.under_load = load["under_load"]
+    cell.load = load
+    return cell
 
 
 def _cell(workload: str, writers: int, target: str, plan: Plan, s0: Sample, s1: Sample) -> Cell:
