@@ -16,6 +16,7 @@ an all-zero chunk, which is stored as nothing), so every backup restores on its 
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import re
@@ -49,7 +50,7 @@ class ChunkCorrupt(RepoError):
     """A chunk's bytes do not hash to its name (or it is missing)."""
 
 
-def digest_of(alg: str, data: bytes | memoryview) -> str:
+def digest_of(alg: str, data: bytes | bytearray | memoryview) -> str:
     if alg == "sha256":
         return hashlib.sha256(data).hexdigest()
     if alg == "blake2b":
@@ -89,7 +90,6 @@ def id_time(backup_id: str) -> float:
         raise UsageError(f"{backup_id!r} is not a backup id (<time>-<host>-<8 hex>)")
     stamp = m.group(1)
     base = time.strptime(stamp[:15], "%Y%m%dT%H%M%S")
-    import calendar
     return calendar.timegm(base) + int(stamp[16:22]) / 1e6
 
 

@@ -282,7 +282,7 @@ class RepoTarget(Target):
         with self._lock:
             known = digest in self._parent_refs or digest in self._known
         if not known and not self.repo.has_chunk(digest):
-            self.repo.put_chunk(digest, data)
+            self.repo.put_chunk(digest, memoryview(data))
             with self._lock:
                 self.stats["uploaded_chunks"] += 1
                 self.stats["uploaded_bytes"] += length

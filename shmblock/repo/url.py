@@ -108,7 +108,9 @@ def open_store(url: RepoUrl, timeout: float = 30.0) -> ObjectStore:
     if url.scheme == "mem":
         with _memory_lock:
             return _memory_stores.setdefault(url.location, MemoryStore())
-    from shmblock.repo import s3
+    import importlib
+    # shmblock.repo.s3 (boto3) is imported only for an s3:// repository.
+    s3 = importlib.import_module("shmblock.repo.s3")
     opts: dict[str, object] = {}
     if url.param("endpoint"):
         opts["endpoint_url"] = url.param("endpoint")
@@ -116,4 +118,5 @@ def open_store(url: RepoUrl, timeout: float = 30.0) -> ObjectStore:
         opts["addressing_style"] = url.param("addressing")
     if url.param("region"):
         opts["region"] = url.param("region")
-    return s3.open_store(f"s3://{url.location}", timeout=timeout, **opts)  # type: ignore[no-any-return]
+    store: ObjectStore = s3.open_store(f"s3://{url.location}", timeout=timeout, **opts)
+    return store
