@@ -77,7 +77,7 @@ GRACE = 120.0
 LOCK_WAIT = 120.0
 CONDEMNED_KEY = "gc/condemned.json"
 
-Hook = Callable[[str], None]
+Hook = Callable[[str], object]
 
 
 @dataclass
