@@ -55,7 +55,7 @@ def full_then_incremental_of_a_live_device(repo: Repo, tmp_path: Path) -> None:
     refs = []
     for i, sync in enumerate(("full", "incremental", "incremental")):
         ref = tmp_path / f"ref{i}.raw"
-        args = ["run", "--device-file", disk, "--duration", "1.5", "--rate", "400",
+        args: list[str | Path] = ["run", "--device-file", disk, "--duration", "1.5", "--rate", "400",
                 "--writers", "2", "--target", f"{repo.url}?chunk-size=1M", "--sync", sync,
                 "--bitmap", "b0", "--reference-image", ref, "--verify", "--seed", str(i)]
         if i == 0:
@@ -130,11 +130,11 @@ def hosts_rounds_prune_gc(repo: Repo, tmp_path: Path, rounds: int = 5) -> None:
     uploaded = [r["stats"]["uploaded_bytes"] for r in rows]  # type: ignore[index]
     assert min(uploaded) < 8 << 20  # incrementals upload a part of the device
     for row in rows:
-        out = tmp_path / "restored.raw"
-        proc = run_cli("restore", f"{repo.url}/{row['id']}", out, "--force", env=repo.env,
-                       timeout=240)
+        restored = tmp_path / "restored.raw"
+        proc = run_cli("restore", f"{repo.url}/{row['id']}", restored, "--force",
+                       env=repo.env, timeout=240)
         assert proc.returncode == 0, proc.stderr
-        compare(out, Path(refs[str(row["id"])]))
+        compare(restored, Path(refs[str(row["id"])]))
     proc = run_cli("backups", "verify", repo.url, "--json", env=repo.env, timeout=240)
     assert proc.returncode == 0 and json.loads(proc.stdout)["ok"], proc.stdout
 
