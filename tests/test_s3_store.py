@@ -119,6 +119,15 @@ def test_path_style_is_the_default_with_an_endpoint() -> None:
         assert store.addressing_style == "virtual"
 
 
+def test_payload_is_signed_only_without_tls() -> None:
+    with S3Store("s3://bkt", endpoint_url="http://127.0.0.1:1") as store:
+        assert store.sign_payload
+        assert store._client.meta.config.s3["payload_signing_enabled"] is True  # type: ignore[attr-defined]
+    with S3Store("s3://bkt", endpoint_url="https://s3.example.org") as store:
+        assert not store.sign_payload
+        assert store._client.meta.config.s3["payload_signing_enabled"] is False  # type: ignore[attr-defined]
+
+
 def test_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with S3Store("s3://bkt") as store:

@@ -125,12 +125,16 @@ class S3Store:
             "path" if addressing_style == "path" or (not addressing_style and endpoint)
             else "virtual" if addressing_style == "virtual" else "auto")
         self.addressing_style = style
+        self.sign_payload = not (endpoint or "https:").startswith("https:")
         config = botocore.config.Config(
             connect_timeout=connect_timeout, read_timeout=timeout,
             # One retry loop, ours (bounded in count and time, see _call).
             retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=max_connections,
-            s3={"addressing_style": style},
+            # SigV4 hashes the whole body into the signature; over TLS that duplicates
+            # what TLS already guarantees and doubled the client's CPU per byte (README,
+            # "Dependencies and why"), so only plain-HTTP endpoints get it.
+            s3={"addressing_style": style, "payload_signing_enabled": self.sign_payload},
             # Checksums only when an operation requires them: the flexible-checksum
             # headers newer botocore adds by default are not understood by every
             # S3-compatible store, and our chunks are content-addressed and verified.
