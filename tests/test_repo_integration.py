@@ -55,7 +55,8 @@ def full_then_incremental_of_a_live_device(repo: Repo, tmp_path: Path) -> None:
     refs = []
     for i, sync in enumerate(("full", "incremental", "incremental")):
         ref = tmp_path / f"ref{i}.raw"
-        args: list[str | Path] = ["run", "--device-file", disk, "--duration", "1.5", "--rate", "400",
+        args: list[str | Path] = [
+                "run", "--device-file", disk, "--duration", "1.5", "--rate", "400",
                 "--writers", "2", "--target", f"{repo.url}?chunk-size=1M", "--sync", sync,
                 "--bitmap", "b0", "--reference-image", ref, "--verify", "--seed", str(i)]
         if i == 0:

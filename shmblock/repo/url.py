@@ -10,7 +10,8 @@
 Query parameters of a backup target (all optional): ``device`` (the device id the
 backup is filed under; default the device's name), ``host`` (default the host name),
 ``chunk-size`` (bytes, a multiple of the cluster size; default 4 MiB), ``digest``
-(sha256, blake2b), ``threads`` (parallel uploads, default 4), ``spool`` (directory of the
+(sha256, blake2b), ``threads`` (parallel uploads, default 4), ``deadline`` (seconds
+one S3 request may take with its retries and back-off, default 300), ``spool`` (directory of the
 local spool file; default the system's temporary directory). The engine adds ``sync``,
 ``bitmap`` and ``bitmap-mode`` from the job's options.
 
@@ -62,7 +63,7 @@ class RepoUrl:
 
 
 KNOWN_PARAMS = {"device", "host", "chunk-size", "digest", "threads", "spool", "endpoint",
-                "addressing", "region", "sync", "bitmap", "bitmap-mode"}
+                "addressing", "region", "deadline", "sync", "bitmap", "bitmap-mode"}
 
 
 def parse_repo_url(url: str) -> RepoUrl:
@@ -118,5 +119,14 @@ def open_store(url: RepoUrl, timeout: float = 30.0) -> ObjectStore:
         opts["addressing_style"] = url.param("addressing")
     if url.param("region"):
         opts["region"] = url.param("region")
+    deadline = url.param("deadline")
+    if deadline is not None:
+        try:
+            opts["deadline"] = float(deadline)
+        except ValueError:
+            raise UsageError(f"repository option deadline={deadline!r} must be seconds") \
+                from None
+        if not 0 < opts["deadline"] <= 86400:  # type: ignore[operator]
+            raise UsageError(f"repository option deadline={deadline!r} must be 0-86400 s")
     store: ObjectStore = s3.open_store(f"s3://{url.location}", timeout=timeout, **opts)
     return store
