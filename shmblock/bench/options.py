@@ -17,7 +17,7 @@ WORKLOAD_CHOICES = ("random", "first-touch", "zipf", "sequential", "mixed")
 TARGET_CHOICES = ("raw", "qcow2")
 #: smallest device of the incremental and restore sections: 128 clusters of 64 KiB
 MIN_SECTION_SIZE = 8 << 20
-SECTIONS = ("limits", "peers", "scenarios", "scaling", "incremental", "restore")
+SECTIONS = ("limits", "peers", "scenarios", "scaling", "incremental", "restore", "repo")
 
 
 @dataclass

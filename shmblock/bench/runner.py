@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     total = (("limits" in plan.sections) + ("peers" in plan.sections)
              + groups * ("scenarios" in plan.sections)
              + len(plan.scaling_sizes) * ("scaling" in plan.sections)
-             + ("incremental" in plan.sections) + ("restore" in plan.sections))
+             + ("incremental" in plan.sections) + ("restore" in plan.sections)
+             + ("repo" in plan.sections))
     reporter = Reporter(total, sys.stderr.isatty() and not args.json)
     started = time.monotonic()
     res: dict[str, Any] = {
@@ -213,6 +214,14 @@ def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
             if not res["incremental"]["verification"]["ok"]:
                 res["failures"].append("incremental section: the chain did not verify: "
                                        f"{res['incremental']['verification']}")
+        rep.step()
+    if section == "repo":
+        from shmblock.bench.repo import RepoBenchFailure, run_repo
+
+        try:
+            res["repo"] = run_repo(plan, target_dir, note)
+        except (RepoBenchFailure, ShmblockError, OSError, subprocess.SubprocessError) as exc:
+            res["failures"].append(f"repo section: {exc}")
         rep.step()
     if section == "restore":
         from shmblock.bench.incremental import BenchFailure
