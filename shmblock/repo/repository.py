@@ -73,8 +73,9 @@ log = logging.getLogger("shmblock.repo")
 LEASE_TTL = 600.0
 #: A lease or lock counts as gone only this long after its expiry (clock skew).
 GRACE = 120.0
-#: How long a backup waits for a running gc sweep before it fails.
-LOCK_WAIT = 120.0
+#: How long a backup waits for a running gc sweep before it fails (below the engine's
+#: 30 s for a worker to get ready, so the job fails naming the sweep, not a timeout).
+LOCK_WAIT = 20.0
 CONDEMNED_KEY = "gc/condemned.json"
 
 Hook = Callable[[str], object]
