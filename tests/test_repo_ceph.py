@@ -111,3 +111,19 @@ def test_corrupted_chunk_is_named_by_verify_and_refused_by_restore(
     proc = run_cli("restore", f"{s3_repo.url}/{row['id']}", tmp_path / "out.raw",
                    env=s3_repo.env)
     assert proc.returncode == 1 and "is corrupt" in proc.stderr, proc.stderr
+
+
+def test_wrong_credentials_and_a_missing_bucket_are_one_clear_line(
+        s3_repo: Repo, s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    bad_key = {**s3_repo.env, "AWS_SECRET_ACCESS_KEY": "not-the-key"}
+    missing = s3_repo.url.replace(s3_bucket.bucket, s3_bucket.bucket + "-missing")
+    for env, url, word in ((bad_key, s3_repo.url, "denied"),
+                           (s3_repo.env, missing, "bucket")):
+        proc = run_cli("backups", "list", url, env=env, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert word in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        proc = run_cli("run", "--size", "8M", "--duration", "0.3", "--target",
+                       f"{url}?deadline=10", cwd=tmp_path, env=env, timeout=180)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert word in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
