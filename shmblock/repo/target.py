@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import tempfile
@@ -53,6 +54,17 @@ from shmblock.repo.url import default_host, open_store, parse_repo_url
 from shmblock.targets.base import Buffer, Target
 
 log = logging.getLogger("shmblock.repo")
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free a stored chunk's spool space (fallocate(2) PUNCH_HOLE); False if unsupported."""
+    result: int = _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE,
+                                  offset, length)
+    return result == 0
 
 DEFAULT_THREADS = 4
 BITMAP_SYNCS = ("incremental", "bitmap")
@@ -136,7 +148,8 @@ class RepoTarget(Target):
         self._ended = False
         self.stats = {"chunks": self.nchunks, "uploaded_chunks": 0, "uploaded_bytes": 0,
                       "dedup_chunks": 0, "zero_chunks": 0, "parent_chunks": 0,
-                      "received_bytes": 0}
+                      "received_bytes": 0, "spool_peak_bytes": 0}
+        self._spooled = 0  # bytes in the spool now (written, not yet punched out)
         try:
             self.repo = store or Repository(open_store(url, timeout), url.repo)
             self.parent = self._find_parent()
@@ -146,6 +159,7 @@ class RepoTarget(Target):
             self.received = np.zeros(self.clusters, dtype=np.bool_)
             self.counts = np.zeros(self.nchunks, dtype=np.int64)
             self.submitted = np.zeros(self.nchunks, dtype=np.bool_)
+            self._chunk_bytes = np.zeros(self.nchunks, dtype=np.int64)  # spooled, per chunk
             spool_dir = url.param("spool") or tempfile.gettempdir()
             self._spool_fd = os.open(spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC,
                                      0o600)
@@ -229,6 +243,13 @@ class RepoTarget(Target):
         while done < len(view):
             done += os.pwrite(self._spool_fd, view[done:], offset + done)
         self.stats["received_bytes"] += len(view)
+        with self._lock:
+            end = offset + len(view)
+            for i in range(offset // self.chunk_size, -(-end // self.chunk_size)):
+                lo, hi = i * self.chunk_size, (i + 1) * self.chunk_size
+                self._chunk_bytes[i] += min(hi, end) - max(lo, offset)
+            self._spooled += len(view)
+            self.stats["spool_peak_bytes"] = max(self.stats["spool_peak_bytes"], self._spooled)
         self._arrived(offset, len(view))
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -247,6 +268,13 @@ class RepoTarget(Target):
             return
         try:
             self._store_chunk_unchecked(i)
+            # Stored: its spool space goes, so the spool holds only chunks in flight
+            # and chunks still waiting for clusters, not the whole backup.
+            lo = i * self.chunk_size
+            if punch_hole(self._spool_fd, lo, min(self.chunk_size, self.size - lo)):
+                with self._lock:
+                    self._spooled -= int(self._chunk_bytes[i])
+                    self._chunk_bytes[i] = 0
         except BaseException as exc:
             with self._lock:
                 if self._error is None:
