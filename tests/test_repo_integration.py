@@ -182,3 +182,40 @@ def test_bad_repository_usage_is_one_clear_line(file_repo: Repo, tmp_path: Path)
     assert proc.returncode == 2 and "retention policy" in proc.stderr
     proc = run_cli("restore", file_repo.url, tmp_path / "x.raw")
     assert proc.returncode == 2 and "--backup ID" in proc.stderr, proc.stderr
+
+
+def test_backups_cli_json_and_restore_into_a_live_device(file_repo: Repo,
+                                                         tmp_path: Path) -> None:
+    from shmblock import cli
+    from shmblock.engine import Engine
+    from shmblock.job import Outcome
+    from shmblock.restore import restore_to_device
+
+    with Engine() as engine:
+        dev = engine.create_device(8 << 20, 64 << 10, name="vm1")
+        dev.fill(0.5, seed=3)
+        ids = []
+        for _ in range(3):
+            result = engine.backup(dev, f"{file_repo.url}?chunk-size=1M").wait(120.0)
+            assert result.outcome is Outcome.COMPLETED, result.error
+            ids.append(result.target.split("?", 1)[0].rsplit("/", 1)[1])
+        expected = dev.read(0, 8 << 20)
+        dev.write(0, b"\xff" * (64 << 10))
+        restored = restore_to_device(dev, f"{file_repo.url}/{ids[0]}")
+        assert restored.verified is True
+        assert dev.read(0, 8 << 20) == expected
+    rows = backups(file_repo, "--device", "vm1")
+    assert [r["id"] for r in rows] == ids and rows[1]["stats"]["uploaded_chunks"] == 0  # type: ignore[index]
+    assert backups(file_repo, "--device", "other") == []
+    proc = run_cli("backups", "prune", file_repo.url, "--keep-last", "1", "--dry-run", "--json")
+    assert json.loads(proc.stdout) == {"dry_run": True, "removed": [
+        {"device": "vm1", "id": i} for i in ids[:2]]}
+    assert len(backups(file_repo)) == 3
+    assert cli.main(["backups", "prune", file_repo.url, "--keep-within", "1h"]) == 0
+    assert len(backups(file_repo)) == 3  # all are newer than an hour
+    proc = run_cli("backups", "gc", file_repo.url, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["deleted"] == 0, proc.stdout
+    proc = run_cli("backups", "gc", file_repo.url, "--wait", "-1")
+    assert proc.returncode == 2 and "--wait" in proc.stderr
+    proc = run_cli("backups", "show", file_repo.url)
+    assert proc.returncode == 2 and "show needs a backup" in proc.stderr
