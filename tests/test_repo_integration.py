@@ -144,7 +144,7 @@ def hosts_rounds_prune_gc(repo: Repo, tmp_path: Path, rounds: int = 5) -> None:
 
 def test_two_hosts_three_devices_rounds_with_prune_and_gc(file_repo: Repo,
                                                           tmp_path: Path) -> None:
-    hosts_rounds_prune_gc(file_repo, tmp_path, rounds=4)
+    hosts_rounds_prune_gc(file_repo, tmp_path, rounds=3)
 
 
 def test_a_corrupt_chunk_is_named_by_verify_and_refused_by_restore(file_repo: Repo,
