@@ -175,13 +175,19 @@ def build_parser() -> ArgumentParser:
                     "nbd+unix:///export?socket=PATH")
     rs.add_argument("dest", metavar="DEST", help="the device file to write (a raw image "
                     "that --device-file can map)")
-    rs.add_argument("--format", choices=("raw", "qcow2", "nbd"),
+    rs.add_argument("--format", choices=("raw", "qcow2", "nbd", "repo"),
                     help="source format (default: nbd for a URI, else probed)")
+    rs.add_argument("--backup", metavar="ID", help="SOURCE is a repository (s3://bucket/"
+                    "prefix): restore its backup ID (see `shmblock-run backups list`)")
     rs.add_argument("--force", action="store_true",
                     help="replace an existing DEST (of the backup's size)")
     rs.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="re-read both and compare them cluster by cluster (default on)")
     rs.add_argument("--json", action="store_true", help="print the result as JSON")
+    from shmblock.cli_backups import add_arguments as add_backups_arguments
+    add_backups_arguments(sub.add_parser(
+        "backups", help="list, show, verify, prune or gc the backups of a repository "
+        "(s3://bucket/prefix)"))
     from shmblock.cli_bitmap import add_arguments as add_bitmap_arguments
     add_bitmap_arguments(sub.add_parser(
         "bitmap", help="add, remove, clear, enable, disable, merge or list the persistent "
@@ -563,6 +569,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                     tasks[phase] = bar.add_task(phase, total=total)
                 bar.update(tasks[phase], completed=done)
 
+        if args.backup:
+            args.source = args.source.split("?", 1)[0].rstrip("/") + "/" + args.backup
         try:
             result = restore(args.source, args.dest, format=args.format,
                              overwrite=args.force, verify=args.verify, progress=progress)
@@ -619,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cleanup(args)
         if args.command == "restore":
             return cmd_restore(args)
+        if args.command == "backups":
+            from shmblock.cli_backups import cmd_backups
+            return cmd_backups(args)
         if args.command == "bitmap":
             from shmblock.cli_bitmap import cmd_bitmap
             return cmd_bitmap(args)

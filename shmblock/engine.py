@@ -32,6 +32,7 @@ This module is the façade; each concept has its own room:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import secrets
@@ -312,6 +313,14 @@ class Engine:
             device.check_bitmap(opts.bitmap)
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
             raise JobError(f"device {device.name} already has a backup job")
+        if opts.spec.format == "repo":
+            # A repository backup: the worker's target URL carries the job's sync mode,
+            # bitmap, device id and a fresh backup id (shmblock.repo.target).
+            from shmblock.repo.target import job_target
+            target = job_target(opts.spec.target, sync=opts.sync, bitmap=opts.bitmap,
+                                bitmap_mode=opts.bitmap_mode, device_name=device.name,
+                                device_file=device.device.backing_file)
+            opts = dataclasses.replace(opts, spec=dataclasses.replace(opts.spec, target=target))
         spec = opts.spec
         # Before anything starts: no output may be a device's file, another output or a
         # running job's file (shmblock.paths).

@@ -106,7 +106,7 @@ from shmblock.targets.qcow2_format import (
 if TYPE_CHECKING:
     from shmblock.engine import DeviceHandle
 
-SOURCE_FORMATS = ("raw", "qcow2", "nbd")
+SOURCE_FORMATS = ("raw", "qcow2", "nbd", "repo")
 #: bytes read and written per step: large enough that syscalls and numpy calls are noise,
 #: small enough that the buffer stays in a few hundred pages of cache
 CHUNK = 8 << 20
@@ -182,6 +182,19 @@ def inspect_source(source: str, fmt: str | None = None,
     if fmt is not None and fmt not in SOURCE_FORMATS:
         raise UsageError(f"unknown source format {fmt!r} (expected one of "
                          f"{', '.join(SOURCE_FORMATS)})")
+    from shmblock.repo.url import is_repo_url
+    if is_repo_url(source) or fmt == "repo":
+        # A backup in a repository (s3://bucket/prefix/<backup-id>): one manifest, no
+        # chain; every chunk is checked against its digest as it is read.
+        from shmblock.repo.source import open_backup
+        try:
+            with contextlib.closing(open_backup(source, timeout=timeout)) as backup:
+                m = backup.manifest
+        except UsageError:
+            raise
+        except ShmblockError as exc:
+            raise ChainError(f"cannot read backup {source!r}: {exc}") from exc
+        return [ChainLink(source, "repo", m.size, m.chunk_size)]
     if is_nbd_uri(source):
         if fmt not in (None, "nbd"):
             raise UsageError(f"{source!r} is an NBD URI; its format can only be nbd")
@@ -304,6 +317,10 @@ def allocation(links: list[ChainLink], grain: int) -> BoolArray:
     if links[0].format == "nbd":
         found[:] = True  # no allocation information over our NBD client
         return found
+    if links[0].format == "repo":
+        from shmblock.repo.source import open_backup
+        with contextlib.closing(open_backup(links[0].path)) as backup:
+            return backup.allocated(grain)
     for link in links:
         if link.format == "raw":
             for a, b in _raw_extents(link.path, min(link.size, size)):
@@ -388,6 +405,11 @@ def open_source(links: list[ChainLink], timeout: float = NBD_TIMEOUT) -> Iterato
     if top.format == "nbd":
         with _open_nbd(top.path, timeout) as nbd:
             yield nbd
+        return
+    if top.format == "repo":
+        from shmblock.repo.source import open_backup
+        with contextlib.closing(open_backup(top.path, timeout=timeout)) as backup:
+            yield backup
         return
     reader: _Reader
     try:
@@ -584,7 +606,7 @@ def check_destination(dest: str, links: list[ChainLink], overwrite: bool) -> Non
     # First: "the same file as the backup" says more than any size or existence rule.
     files = paths.with_parts("destination", dest)
     files += [("the backup" if i == 0 else f"link {i + 1} of the backup's chain", link.path)
-              for i, link in enumerate(links) if link.format != "nbd"]
+              for i, link in enumerate(links) if link.format not in ("nbd", "repo")]
     paths.check_distinct(files)
     size = links[0].size
     try:
@@ -612,7 +634,7 @@ def _check_free_space(dest: str, links: list[ChainLink], needed: int) -> None:
     or a sparse raw image. An NBD export gives no allocation, so nothing is refused (its
     zeros are never written, and a full disk still fails cleanly as ENOSPC).
     """
-    if links[0].format == "nbd":
+    if links[0].format in ("nbd", "repo"):
         return
     st = os.statvfs(os.path.dirname(os.path.abspath(dest)))
     free = st.f_bavail * st.f_frsize
@@ -699,7 +721,8 @@ def restore_to_device(handle: DeviceHandle, source: str, *, format: str | None =
     if backing:
         paths.check_distinct([(f"the file of device {handle.name}", backing)]
                              + [(f"link {i + 1} of the backup's chain", link.path)
-                                for i, link in enumerate(links) if link.format != "nbd"])
+                                for i, link in enumerate(links)
+                                if link.format not in ("nbd", "repo")])
     grain = max(_grain(links), handle.cluster_size)
     result = RestoreResult(source, links[0].format, f"device {handle.name}", size, links,
                            grain, tail_bytes_untouched=handle.size - size)
@@ -726,7 +749,8 @@ def summary_lines(result: RestoreResult) -> list[str]:
     """The human summary the CLI prints."""
     from shmblock.units import format_rate, format_size
 
-    chain = " → ".join(os.path.basename(link.path) if link.format != "nbd" else link.path
+    chain = " → ".join(os.path.basename(link.path) if link.format not in ("nbd", "repo")
+                       else link.path
                        for link in result.chain)
     lines = [f"restore  {result.source} ({result.format}, {len(result.chain)} link(s): "
              f"{chain}) → {result.destination}",

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# The real single-node Ceph (session-scoped, started only for tests that ask for it).
+from tests.ceph import ceph_cluster, ceph_s3, pytest_terminal_summary, s3_bucket  # noqa: F401
+
 SHM = Path("/dev/shm")
 
 

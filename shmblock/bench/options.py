@@ -18,7 +18,7 @@ TARGET_CHOICES = ("raw", "qcow2")
 #: smallest device of the incremental and restore sections: 128 clusters of 64 KiB
 MIN_SECTION_SIZE = 8 << 20
 SECTIONS = ("limits", "peers", "latency", "process", "scenarios", "speed", "scaling",
-            "incremental", "restore", "qemu")
+            "incremental", "restore", "qemu", "repo")
 
 
 @dataclass

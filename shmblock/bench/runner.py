@@ -339,6 +339,14 @@ def _section(section: str, plan: Plan, res: dict[str, Any], target_dir: str,
                 res["failures"].append("incremental section: the chain did not verify: "
                                        f"{res['incremental']['verification']}")
         rep.step()
+    if section == "repo":
+        from shmblock.bench.repo import RepoBenchFailure, run_repo
+
+        try:
+            res["repo"] = run_repo(plan, target_dir, note)
+        except (RepoBenchFailure, ShmblockError, OSError, subprocess.SubprocessError) as exc:
+            res["failures"].append(f"repo section: {exc}")
+        rep.step()
     if section == "restore":
         from shmblock.bench.incremental import BenchFailure
         from shmblock.bench.restore import run_restore

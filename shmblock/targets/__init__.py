@@ -7,6 +7,8 @@ that dispatches on a target's format (and :class:`TargetSpec` the one that names
 
 * ``nbd://host[:port]/export`` and ``nbd+unix:///export?socket=PATH`` → NBD client
   (the NBD URI standard, doc/uri.md of the NBD project);
+* ``s3://bucket/prefix``, ``file:///dir`` → a backup repository
+  (:mod:`shmblock.repo.target`: content-addressed chunks plus a manifest);
 * anything else is a file path (an existing one must be a regular file): ``qcow2``
   when the format says so (or the name ends in ``.qcow2`` and no format is given),
   else ``raw``.
@@ -22,7 +24,7 @@ from shmblock.errors import UsageError
 from shmblock.paths import PART_SUFFIX, check_output
 from shmblock.targets.base import Target
 
-FORMATS = ("raw", "qcow2", "nbd")
+FORMATS = ("raw", "qcow2", "nbd", "repo")
 
 
 def is_nbd_uri(target: str) -> bool:
@@ -51,7 +53,7 @@ class TargetSpec:
     @property
     def is_file(self) -> bool:
         """A file target (raw, qcow2), written to :attr:`part` and renamed on commit."""
-        return self.format != "nbd"
+        return self.format not in ("nbd", "repo")
 
     @property
     def file(self) -> str | None:
@@ -74,6 +76,10 @@ class TargetSpec:
         """Validate a target string and format; raises UsageError naming the problem."""
         if not target:
             raise UsageError("the backup target is empty")
+        from shmblock.repo.url import is_repo_url
+
+        if is_repo_url(target) or fmt == "repo":
+            return cls._parse_repo(target, fmt, backing_file)
         nbd = is_nbd_uri(target)
         if fmt is None:
             fmt = "nbd" if nbd else ("qcow2" if target.endswith(".qcow2") else "raw")
@@ -97,6 +103,18 @@ class TargetSpec:
             check_output("target", target)
         return cls(target, fmt, backing_file, backing_format)
 
+    @classmethod
+    def _parse_repo(cls, target: str, fmt: str | None, backing_file: str | None) -> TargetSpec:
+        from shmblock.repo.url import parse_repo_url
+
+        if fmt not in (None, "repo"):
+            raise UsageError(f"{target!r} is a repository URL; its format can only be repo")
+        if backing_file is not None:
+            raise UsageError("a repository target has no backing file (an incremental "
+                             "finds its parent backup in the repository)")
+        parse_repo_url(target)  # UsageError naming the problem
+        return cls(target, "repo")
+
 
 def open_target(spec: TargetSpec, size: int, cluster_size: int, timeout: float = 30.0) -> Target:
     """Open (create or connect to) the target for a device of ``size`` bytes."""
@@ -114,6 +132,10 @@ def open_target(spec: TargetSpec, size: int, cluster_size: int, timeout: float =
             backing_file=spec.backing_file,
             backing_format=spec.backing_format,
         )
+    if spec.format == "repo":
+        from shmblock.repo.target import RepoTarget
+
+        return RepoTarget(spec.target, size, cluster_size, timeout=timeout)
     from shmblock.targets.nbd import NbdTarget
 
     return NbdTarget(spec.target, size, cluster_size, timeout=timeout)
@@ -148,6 +170,10 @@ def open_reader(spec: TargetSpec, size: int, cluster_size: int, timeout: float =
         from shmblock.targets.qcow2_format import Qcow2Reader
 
         return Qcow2Reader(spec.target)
+    if spec.format == "repo":
+        from shmblock.repo.source import open_backup
+
+        return open_backup(spec.target, timeout=timeout)
     from shmblock.targets.nbd import NbdTarget
 
     return NbdTarget(spec.target, size, cluster_size, timeout=timeout)
