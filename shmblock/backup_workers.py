@@ -118,6 +118,7 @@ class DeviceWorker:
                 self.proc.stdin.close()
 
     def kill(self) -> None:
+        self.close_stdin()
         if self.proc.poll() is None:
             self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):

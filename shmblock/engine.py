@@ -178,6 +178,8 @@ class Engine:
             return old, ""
         why = "" if old is None else \
             f"the device's backup worker had died ({old.exit_reason()}) after {old.jobs} jobs"
+        if old is not None:
+            old.close_stdin()  # the dead one's pipe
         if why:
             log.warning("device %s: %s; starting a new one", device.name, why)
         return self._new_worker(device), why
@@ -422,6 +424,7 @@ class Engine:
             if not worker.assign(argv, token, ready):
                 # It died between jobs, just now: the broken pipe says so.
                 restarted = f"the device's backup worker had died ({worker.exit_reason()})"
+                worker.close_stdin()
                 worker = self._new_worker(device)
                 if not worker.assign(argv, token, ready):
                     raise JobError(f"backup of {device.name} to {spec.target} could not "
