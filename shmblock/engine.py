@@ -149,7 +149,8 @@ class Engine:
         geometry = Geometry(size, cluster_size, max_writers + 1)
         meta, data = self.names.meta(name), self.names.data(name)
         self.run.record_segments([meta] if backing_file else [meta, data])
-        device = Device.create(meta, data, geometry, self.names.run_id, backing_file, prefault)
+        device = Device.create(meta, data, geometry, self.names.run_id, backing_file, prefault,
+                               scan=False)
         handle = DeviceHandle(self, name, device, io_writer=max_writers)
         self.devices[name] = handle
         self._next_writer[name] = 0
@@ -158,6 +159,10 @@ class Engine:
             # goes on (start_backup_worker waits, if wanted); the first job's line
             # waits in its stdin until it is ready.
             self._new_worker(handle)
+        if backing_file:
+            # After the spawn, so the worker's start-up and this read of the file run
+            # side by side; both are done before the device is used.
+            device.scan_allocated()
         return handle
 
     # -- backup workers ---------------------------------------------------------------------
