@@ -524,9 +524,11 @@ class Engine:
                     job.proc.kill()
                     job.proc.wait()
             for worker in self.backup_workers.values():
-                worker.close()  # EOF: it leaves between jobs
+                worker.close_stdin()  # EOF: it leaves between jobs, while we go on
             self.stop_writers()
         finally:
+            for worker in self.backup_workers.values():
+                worker.close()  # waits for it (SIGKILL after WORKER_EXIT_TIMEOUT)
             self.pump.stop()
             for h in self.devices.values():
                 with contextlib.suppress(ShmblockError):

@@ -21,7 +21,7 @@ import logging
 import os
 import select
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
@@ -168,5 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def leave(status: int) -> NoReturn:
+    """Exit without the interpreter's teardown of numpy and every module.
+
+    Everything of ours is closed by then (main's ExitStack: queues, claims, the
+    device's mapping). The teardown took 0.1-0.3 s on this machine, and the supervisor
+    waits for it at the end of every run (Engine.close reaps its workers).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
