@@ -117,6 +117,9 @@ class BackupJob:
     covered: npt.NDArray[np.bool_] | None = None
     seq: int = 0  # the device's CTL_JOB_SEQ of this job's snapshot (0: never started)
     token: str = field(default="", repr=False)  # the secret shared with its worker
+    #: ``proc`` is the device's worker, which outlives the job (per-device workers,
+    #: :mod:`shmblock.backup_workers`): not waited for, not killed at the job's end
+    shared_worker: bool = False
     part_identity: tuple[int, int] | None = None  # (dev, ino) of the worker's .part
     publish_error: str = ""  # the rename in commit failed (practically never)
     _final_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -282,11 +285,12 @@ class BackupJob:
     def _finalise(self) -> JobResult:
         t = self.tracker
         assert t.outcome is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=STOP_TIMEOUT)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if not self.shared_worker:  # a worker of its own exits after the job
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
         self.end(t.outcome)
         start = t.running_since or t.started
         result = JobResult(

@@ -391,7 +391,9 @@ def execute(args: argparse.Namespace, bar: Any) -> RunSummary:
     check_run_options(args)
     options = backup_options(args)
     check_output_paths(args, options.spec)
-    with Engine() as engine:
+    # One backup worker per device, started with it: its start-up overlaps the
+    # device's set-up instead of following it (shmblock.backup_workers).
+    with Engine(prestart_backup_worker=True) as engine:
         dev = engine.create_device(args.size, args.cluster_size, backing_file=args.device_file,
                                    max_writers=max(args.writers, 1))
         if args.prefill:

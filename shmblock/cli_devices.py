@@ -188,7 +188,9 @@ def execute(args: argparse.Namespace, bar: Any) -> DevicesSummary:
     args.backup_at = checked.backup_at
     options = backups(args, specs, names)
     mode = args.completion_mode or "individual"
-    with Engine() as engine:
+    # One backup worker per device, started with it: its start-up overlaps the
+    # device's set-up instead of following it (shmblock.backup_workers).
+    with Engine(prestart_backup_worker=True) as engine:
         devs = []
         for i, spec in enumerate(specs):
             dev = engine.create_device(spec.size, args.cluster_size, name=spec.name,

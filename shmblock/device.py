@@ -55,6 +55,7 @@ or attach a device on any other architecture.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import platform
@@ -212,6 +213,7 @@ class Device:
         run_id: str,
         backing_file: str | None = None,
         prefault: bool = True,
+        scan: bool = True,
     ) -> Device:
         """Create a new device (exclusive create); unlinks what it made if anything fails.
 
@@ -219,6 +221,8 @@ class Device:
         memory (created sparse if missing; an existing file must have the device size).
         ``prefault``: reserve every page now with ``posix_fallocate``, so a full
         /dev/shm fails here with ENOSPC instead of SIGBUS on a later first touch.
+        ``scan`` False: the caller runs :meth:`scan_allocated` of a device file itself
+        (the engine starts the device's backup worker first, to overlap the two).
         Raises UnsupportedPlatformError on a CPU other than x86-64.
         """
         check_memory_ordering()
@@ -271,7 +275,7 @@ class Device:
             for name in made:
                 _unlink_quietly(name)
             raise
-        if backing_file:
+        if backing_file and scan:
             device.scan_allocated()
         return device
 
@@ -494,13 +498,48 @@ class Device:
     # -- maintenance ----------------------------------------------------------------------
 
     def scan_allocated(self, chunk_clusters: int = 256) -> None:
-        """Mark every cluster with non-zero contents allocated (file-backed devices)."""
+        """Mark every cluster with non-zero contents allocated (file-backed devices).
+
+        Only the file's data extents are read: a hole reads as zeros, and reading it
+        through the mapping would fault in a zero page per 4 KiB for nothing.
+        """
         cs = self.cluster_size
         per = cs // 8
-        for start in range(0, self.clusters, chunk_clusters):
-            stop = min(start + chunk_clusters, self.clusters)
-            words = self.data[start * cs : stop * cs].view(np.uint64).reshape(-1, per)
-            self.allocated[start:stop] |= words.any(axis=1).astype(np.uint8)
+        for lo, hi in self._data_extents():
+            for start in range(lo // cs, -(-hi // cs), chunk_clusters):
+                stop = min(start + chunk_clusters, -(-hi // cs), self.clusters)
+                words = self.data[start * cs : stop * cs].view(np.uint64).reshape(-1, per)
+                self.allocated[start:stop] |= words.any(axis=1).astype(np.uint8)
+
+    def _data_extents(self) -> list[tuple[int, int]]:
+        """[start, end) byte ranges of the device file that may hold data (lseek(2)
+        SEEK_DATA/SEEK_HOLE); the whole device where the file system cannot say."""
+        whole = [(0, self.size)]
+        if self.backing_file is None:
+            return whole
+        try:
+            fd = os.open(self.backing_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return whole
+        extents: list[tuple[int, int]] = []
+        try:
+            if os.fstat(fd).st_size != self.size:
+                return whole
+            offset = 0
+            while offset < self.size:
+                try:
+                    start = os.lseek(fd, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no data after offset
+                        break
+                    return whole
+                offset = min(os.lseek(fd, start, os.SEEK_HOLE), self.size)
+                extents.append((start, offset))
+        except OSError:
+            return whole
+        finally:
+            os.close(fd)
+        return extents
 
     def iter_chunks(self, chunk: int) -> Iterator[tuple[int, U8Array]]:
         """(offset, view) pairs covering the contents in ``chunk``-byte pieces."""

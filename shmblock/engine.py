@@ -21,6 +21,8 @@ beating concludes its job as failed and frees the writers (invariant 6).
 This module is the façade; each concept has its own room:
 
 * :mod:`shmblock.run` — the run's names, registry record, queues and spawned processes;
+* :mod:`shmblock.backup_workers` — the backup-worker processes, one per job or one per
+  device (``prestart_backup_worker``), and how a job is handed to one;
 * :mod:`shmblock.pump` — the supervisor queue's receiver and the children's watcher;
 * :mod:`shmblock.freeze` — quiescing the writers for a snapshot instant;
 * :mod:`shmblock.snapshot` — what a sync mode covers, the maps at the instant and at
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import secrets
 import subprocess
@@ -45,6 +48,7 @@ import protocol
 from shmblock import layout as L
 from shmblock import transaction as transactions
 from shmblock.backup_job import STOP_TIMEOUT, STUCK_MARGIN, BackupJob
+from shmblock.backup_workers import DeviceWorker, new_ready_number
 from shmblock.device import DEFAULT_CLUSTER_SIZE, DEFAULT_MAX_WRITERS, Device, Geometry
 from shmblock.device_handle import DeviceHandle, WriterProcess
 from shmblock.errors import JobError, PeerGone, ShmblockError, StateError, UsageError
@@ -82,13 +86,22 @@ __all__ = [
 
 READY_TIMEOUT = 30.0
 
+log = logging.getLogger("shmblock.engine")
+
 
 class Engine:
     """One run of shmblock: devices, writers, backup jobs; cleans up everything it made."""
 
     def __init__(self, run_id: str | None = None,
-                 on_event: Callable[[str, JobEvent], None] | None = None) -> None:
+                 on_event: Callable[[str, JobEvent], None] | None = None, *,
+                 prestart_backup_worker: bool = False) -> None:
+        """``prestart_backup_worker``: start each device's backup worker with the device
+        and keep it for the device's jobs (:mod:`shmblock.backup_workers`), so a job's
+        snapshot follows its request within milliseconds; else a worker per job."""
         self.run = Run(run_id)
+        self.prestart_backup_worker = prestart_backup_worker
+        #: device name → its backup worker (per-device mode only)
+        self.backup_workers: dict[str, DeviceWorker] = {}
         self.devices: dict[str, DeviceHandle] = {}
         self.writers: list[WriterProcess] = []
         self.jobs: dict[str, BackupJob] = {}
@@ -137,11 +150,66 @@ class Engine:
         geometry = Geometry(size, cluster_size, max_writers + 1)
         meta, data = self.names.meta(name), self.names.data(name)
         self.run.record_segments([meta] if backing_file else [meta, data])
-        device = Device.create(meta, data, geometry, self.names.run_id, backing_file, prefault)
+        device = Device.create(meta, data, geometry, self.names.run_id, backing_file, prefault,
+                               scan=False)
         handle = DeviceHandle(self, name, device, io_writer=max_writers)
         self.devices[name] = handle
         self._next_writer[name] = 0
+        if self.prestart_backup_worker:
+            # Not waited for: it imports, attaches and maps the device while the caller
+            # goes on (start_backup_worker waits, if wanted); the first job's line
+            # waits in its stdin until it is ready.
+            self._new_worker(handle)
+        if backing_file:
+            # After the spawn, so the worker's start-up and this read of the file run
+            # side by side; both are done before the device is used.
+            device.scan_allocated()
         return handle
+
+    # -- backup workers ---------------------------------------------------------------------
+
+    def _new_worker(self, device: DeviceHandle) -> DeviceWorker:
+        device.backup_queue()  # created (once) before the worker attaches to it
+        worker = DeviceWorker(self.run, device.device.meta_name, device.name,
+                              persistent=self.prestart_backup_worker)
+        if self.prestart_backup_worker:
+            self.backup_workers[device.name] = worker
+        return worker
+
+    def _worker_for(self, device: DeviceHandle) -> tuple[DeviceWorker, str]:
+        """The worker for the device's next job, and why it is new if it replaces a dead
+        one ('' otherwise)."""
+        old = self.backup_workers.get(device.name)
+        if old is not None and old.alive:
+            return old, ""
+        why = "" if old is None else \
+            f"the device's backup worker had died ({old.exit_reason()}) after {old.jobs} jobs"
+        if old is not None:
+            old.close_stdin()  # the dead one's pipe
+        if why:
+            log.warning("device %s: %s; starting a new one", device.name, why)
+        return self._new_worker(device), why
+
+    def start_backup_worker(self, device: DeviceHandle, timeout: float = READY_TIMEOUT
+                            ) -> None:
+        """Make sure ``device``'s backup worker runs and is attached (per-device mode).
+
+        Pays the worker's start-up (interpreter, imports, mapping the device) now, not
+        at the first job. JobError if it does not start; UsageError without
+        ``prestart_backup_worker``.
+        """
+        self._require_open()
+        if not self.prestart_backup_worker:
+            raise UsageError("start_backup_worker needs Engine(prestart_backup_worker=True)")
+        worker, _ = self._worker_for(device)
+        ready = new_ready_number()
+        self.pump.expect_ready(ready)
+        if not worker.ping(ready) or not self.pump.wait_ready(
+                "backup", ready, worker.proc, time.monotonic() + timeout):
+            reason = worker.exit_reason()
+            worker.kill()
+            raise JobError(f"the backup worker of device {device.name} did not start "
+                           f"({reason})")
 
     # -- writers ----------------------------------------------------------------------
 
@@ -360,23 +428,44 @@ class Engine:
             self.record.add_part(part)
         bitmap_use = None if opts.bitmap is None else \
             device.use_bitmap(opts.bitmap, opts.bitmap_mode or "", job_id)
+        # The job goes to the device's worker on its private stdin, with a fresh number
+        # for its Ready (shmblock.backup_workers); a worker found dead is replaced.
+        ready = new_ready_number()
+        self.pump.expect_ready(ready)
+        argv = opts.worker(device.device.meta_name, device.name, job_id).to_argv()
         try:
-            proc = self.run.spawn("workers.backup", opts.worker(
-                device.device.meta_name, device.name, job_id).to_argv(), secret=token)
+            worker, restarted = self._worker_for(device)
+            if not worker.assign(argv, token, ready):
+                # It died between jobs, just now: the broken pipe says so.
+                restarted = f"the device's backup worker had died ({worker.exit_reason()})"
+                worker.close_stdin()
+                worker = self._new_worker(device)
+                if not worker.assign(argv, token, ready):
+                    raise JobError(f"backup of {device.name} to {spec.target} could not "
+                                   f"start: its backup worker {worker.exit_reason()}")
         except BaseException:
             if bitmap_use is not None:
                 device.release_bitmap(bitmap_use.name, job_id)
             raise
+        proc = worker.proc
         job = BackupJob(self, job_id, device, spec, opts.sync, proc, queue, tracker,
                         options=opts, speed=opts.speed, bitmap=bitmap_use,
                         stuck_timeout=self.stuck_timeout if self.stuck_timeout is not None
-                        else 2 * opts.target_timeout + STUCK_MARGIN, token=token)
+                        else 2 * opts.target_timeout + STUCK_MARGIN, token=token,
+                        shared_worker=worker.persistent)
         self.jobs[job_id] = job
-        if not self.pump.wait_ready("backup", 0, proc, time.monotonic() + READY_TIMEOUT):
+        if restarted:
+            tracker.note("worker-restarted", reason=restarted)
+        if not self.pump.wait_ready(
+                "backup", ready, proc, time.monotonic() + READY_TIMEOUT,
+                give_up=lambda: tracker.concluded or job_id in self.pump.pending_failures):
             reason = self.pump.pending_failures.pop(job_id, "") or self.pump.failure()
             if not reason:
                 reason = f"the backup worker exited with code {proc.poll()}" \
                     if proc.poll() is not None else "the backup worker did not start in time"
+            if worker.persistent and worker.alive and not tracker.concluded:
+                # Alive but silent: the next job gets a fresh process, not this queue.
+                worker.kill()
             tracker.conclude(Outcome.FAILED, reason)
             job.wait(STOP_TIMEOUT)
             raise JobError(f"backup of {device.name} to {spec.target} could not start: {reason}")
@@ -440,11 +529,15 @@ class Engine:
             for job in self.jobs.values():
                 with contextlib.suppress(JobError):
                     job.wait(STOP_TIMEOUT)
-                if job.proc.poll() is None:
+                if not job.shared_worker and job.proc.poll() is None:
                     job.proc.kill()
                     job.proc.wait()
+            for worker in self.backup_workers.values():
+                worker.close_stdin()  # EOF: it leaves between jobs, while we go on
             self.stop_writers()
         finally:
+            for worker in self.backup_workers.values():
+                worker.close()  # waits for it (SIGKILL after WORKER_EXIT_TIMEOUT)
             self.pump.stop()
             for h in self.devices.values():
                 with contextlib.suppress(ShmblockError):

@@ -3,7 +3,10 @@
 Theory of operation. Workers report to one supervisor queue, which any process of this
 user can write to; the pump checks every message against what the engine asked for:
 
-* ``Ready`` counts only for the pid of the process being waited for (:meth:`wait_ready`);
+* ``Ready`` counts only for the pid of the process being waited for (:meth:`wait_ready`),
+  and a backup worker's only for a number the engine handed it on its private stdin
+  (:meth:`expect_ready`, :mod:`shmblock.backup_workers`): one with another number is
+  rejected on arrival;
 * ``Frozen`` counts only for an epoch being frozen right now and only with the writer's
   token (:mod:`shmblock.freeze` waits on them);
 * ``Job*`` reports count only with the job's token (handed to its worker on stdin); the
@@ -60,6 +63,8 @@ class Pump:
         self.frozen: set[tuple[int, int]] = set()  # (epoch, writer) that answered
         self.freezing: dict[int, DeviceHandle] = {}  # epoch → device, freezes in progress
         self.ready: dict[tuple[str, int], int] = {}
+        #: the backup Ready numbers handed to workers and not yet answered
+        self.expected_ready: set[int] = set()
         self.pending_failures: dict[str, str] = {}
         # job id → the secret its worker got on stdin; Job* messages must carry it.
         self.job_tokens: dict[str, str] = {}
@@ -136,14 +141,30 @@ class Pump:
             job.end(Outcome.FAILED)
             job.tracker.conclude(Outcome.FAILED, reason)
 
+    def expect_ready(self, ready: int) -> None:
+        """A backup worker is about to be handed ``ready``; its Ready will name it."""
+        with self.cond:
+            self.expected_ready.add(ready)
+
     def wait_ready(self, role: str, ident: int, proc: subprocess.Popen[bytes],
-                   deadline: float) -> bool:
-        """Wait for the Ready of ``proc``; False if it exits, times out or the pump died.
+                   deadline: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Wait for the Ready of ``proc``; False if it exits, times out, the pump died
+        or ``give_up()`` (a persistent worker reported the job failed instead).
 
         A Ready counts only when it names the pid of ``proc``: anyone can write to the
         supervisor queue, and a forged Ready would have the job started before its
         worker listens.
         """
+        try:
+            return self._wait_ready(role, ident, proc, deadline, give_up)
+        finally:
+            if role == "backup":  # a number is used once: a late Ready for it is stale
+                with self.cond:
+                    self.expected_ready.discard(ident)
+                    self.ready.pop((role, ident), None)
+
+    def _wait_ready(self, role: str, ident: int, proc: subprocess.Popen[bytes],
+                    deadline: float, give_up: Callable[[], bool]) -> bool:
         with self.cond:
             while self.ready.get((role, ident)) != proc.pid:
                 if (role, ident) in self.ready:
@@ -153,7 +174,7 @@ class Pump:
                                 "not %d", role, ident, pid, proc.pid)
                     continue
                 if proc.poll() is not None or time.monotonic() > deadline \
-                        or self.failure():
+                        or self.failure() or give_up():
                     return False
                 self.cond.wait(0.05)
             self.ready.pop((role, ident))
@@ -166,6 +187,9 @@ class Pump:
             self._frozen(msg)
         elif isinstance(msg, protocol.Ready):
             with self.cond:
+                if msg.role == "backup" and msg.ident not in self.expected_ready:
+                    self.reject(msg, f"no backup worker was handed Ready number {msg.ident}")
+                    return
                 self.ready[(msg.role, msg.ident)] = msg.pid
                 self.cond.notify_all()
         elif isinstance(msg, protocol.WriterDone):

@@ -43,20 +43,23 @@ class Run:
         self.record.segments += names
         self.record.save()
 
-    def spawn(self, module: str, args: list[str], secret: str | None = None
-              ) -> subprocess.Popen[bytes]:
+    def spawn(self, module: str, args: list[str], secret: str | None = None,
+              keep_stdin: bool = False) -> subprocess.Popen[bytes]:
         """Start ``python -P -m module --run RUN --prefix PREFIX *args`` and record it.
 
-        ``secret`` (a job's or writer's token) goes to the child's stdin, never argv.
+        ``secret`` (a writer's token) goes to the child's stdin, never argv.
+        ``keep_stdin``: the child's stdin stays an open pipe for the caller to write
+        (a backup worker's jobs, :mod:`shmblock.backup_workers`).
         """
         argv, env = python_module(module, ["--run", self.names.run_id,
                                            "--prefix", self.names.prefix, *args])
         # So a worker can tell that we died before it got going (workers.common).
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
         proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
+            argv, env=env,
+            stdin=subprocess.DEVNULL if secret is None and not keep_stdin else subprocess.PIPE,
             start_new_session=False)
-        if proc.stdin is not None:
+        if proc.stdin is not None and not keep_stdin:
             # The worker's token goes through a pipe: argv is readable by every user in
             # /proc, the environment by every process of ours for the worker's whole
             # life; the pipe is empty once the worker has read it. A write of a few

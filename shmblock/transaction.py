@@ -375,7 +375,7 @@ def _stop_created(jobs: list[BackupJob]) -> None:
     for job in jobs:
         with contextlib.suppress(ShmblockError):
             job.wait(STOP_TIMEOUT)
-        if job.proc.poll() is None:
+        if not job.shared_worker and job.proc.poll() is None:
             job.proc.kill()
             job.proc.wait()
 
