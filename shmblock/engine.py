@@ -166,6 +166,29 @@ class Engine:
             device.scan_allocated()
         return handle
 
+    def remove_device(self, device: DeviceHandle, timeout: float = STOP_TIMEOUT) -> None:
+        """Forget ``device``: its backup worker ends, its segments are unlinked.
+
+        UsageError while guest writers of it run or a job of it has not concluded.
+        """
+        self._require_open()
+        if self.devices.get(device.name) is not device:
+            raise UsageError(f"device {device.name!r} is not a device of this engine")
+        if any(w.device is device and w.alive for w in self.writers):
+            raise UsageError(f"device {device.name!r} is busy: guest writers are running")
+        if any(j.device is device and not j.tracker.concluded for j in self.jobs.values()):
+            raise UsageError(f"device {device.name!r} is busy: a backup job of it runs")
+        worker = self.backup_workers.pop(device.name, None)
+        if worker is not None:
+            worker.close_stdin()
+            worker.close(timeout)
+        del self.devices[device.name]
+        with contextlib.suppress(ShmblockError):
+            device.close()
+        device.device.unlink()
+        with contextlib.suppress(ShmblockError):
+            device.device.close()
+
     # -- backup workers ---------------------------------------------------------------------
 
     def _new_worker(self, device: DeviceHandle) -> DeviceWorker:

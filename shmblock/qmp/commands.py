@@ -46,7 +46,7 @@ from shmblock import transaction as txn
 from shmblock.backup_job import BackupJob
 from shmblock.device import DEFAULT_CLUSTER_SIZE
 from shmblock.device_handle import DeviceHandle
-from shmblock.errors import ShmblockError, StateError
+from shmblock.errors import ShmblockError, StateError, UsageError
 from shmblock.job import JobEvent, JobState, Outcome
 from shmblock.options import BackupOptions
 from shmblock.qmp import schema
@@ -416,13 +416,11 @@ class Monitor:
         return {node.filename} if node.filename else set()
 
     def _remove_device(self, dev: DeviceHandle) -> None:
-        """Forget a device no job or writer uses (the engine has no verb for it)."""
-        if any(w.device is dev and w.alive for w in self.engine.writers):
-            raise QmpError(f"Node '{dev.name}' is busy: guest writers are running")
-        dev.close()
-        dev.device.unlink()
-        dev.device.close()
-        self.engine.devices.pop(dev.name, None)
+        """Forget a device no job or writer uses (its backup worker ends too)."""
+        try:
+            self.engine.remove_device(dev)
+        except UsageError as exc:
+            raise QmpError(f"Node '{dev.name}' is busy: {exc}") from exc
         self._deleted_devices.add(dev.name)
 
     # -- backups ------------------------------------------------------------------------------

@@ -192,7 +192,9 @@ class Server:
                 self.qmp_port = tcp.getsockname()[1]
                 self._listeners.append(tcp)
             if self.engine is None:
-                self.engine = Engine()
+                # One backup worker per device, started with it: a job's snapshot follows
+                # blockdev-backup within milliseconds (shmblock.backup_workers).
+                self.engine = Engine(prestart_backup_worker=True)
             self.monitor = Monitor(self.engine, self._emit, _nbd_factory(),
                                    on_quit=self._quit)
             self._main.start()
