@@ -41,7 +41,7 @@ from shmblock.targets.raw import RawTarget
 from tests.helpers import CS, begin_job, new_device, pattern, run_names
 
 N = 8
-GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, slots_per_writer=2)
+GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, buffer_slots=4)
 STEP_TIMEOUT = 10.0
 
 Tracer = Callable[[FrameType, str, Any], Any]
