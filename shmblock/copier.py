@@ -15,13 +15,14 @@ microseconds).
   still-marked clusters straight from the shared mapping with one target write, clears
   them, and drops the claims. (Skipping a stretch already all zero needs no claim: 0 is
   final for the job.)
-* **Copy requests** come from writers that hold *no* claim while they wait (request mode,
-  or stage mode with the copy-before-write buffer full). :meth:`Copier.serve_request`
-  treats them like a one-cluster background copy: try the claim, re-check ``needs_copy`` under it, save,
-  clear, release. A request can be stale — its writer timed out or died, or it was left
-  in the queue by an earlier job — and meanwhile a stage-mode writer may have saved the
-  cluster and written new data: the re-check under the claim sees 0 and copies nothing.
-  A request carries the job it belongs to; one from another job is not served at all.
+* * **Copy requests** come from writers that hold *no* claim while they wait (request
+  mode, or stage mode with the copy-before-write buffer full).
+  :meth:`Copier.serve_request` treats them like a one-cluster background copy: try the
+  claim, re-check ``needs_copy`` under it, save, clear, release. A request can be stale
+  — its writer timed out or died, or it was left in the queue by an earlier job — and
+  meanwhile a stage-mode writer may have saved the cluster and written new data: the
+  re-check under the claim sees 0 and copies nothing. A request carries the job it
+  belongs to; one from another job is not served at all.
 * **The copy-before-write buffer** (:mod:`shmblock.cbw_buffer`) holds old contents that
   writers saved themselves. The worker drains it before any background work, every
   FULL slot at once, in cluster order: runs of consecutive clusters are gathered into one

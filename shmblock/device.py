@@ -16,8 +16,9 @@ so no process ever does a read-modify-write of shared bits and no lock is needed
     the exclusive claim on c (:mod:`shmblock.claims`): a guest writer that copied them
     into a slot of the copy-before-write buffer, or the backup worker that wrote them to
     the target. A writer that reads 0 may write c without a claim: 0 never goes back
-    to 1 during a job, and the next job sets it only while writers are frozen. When a job ends (completed,
-    failed or cancelled) the ending party clears the whole map, so writers run free.
+    to 1 during a job, and the next job sets it only while writers are frozen. When a
+    job ends (completed, failed or cancelled) the ending party clears the whole map, so
+    writers run free.
 ``allocated[c]``
     Stores of 1 by every guest write (idempotent: any number of writers may store it
     concurrently); read by ``sync=top`` at snapshot start and to skip never-written

@@ -7,6 +7,8 @@ does, and in-process where the point is one party's arithmetic.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import subprocess
@@ -105,7 +107,7 @@ def test_engine_refuses_a_buffer_larger_than_the_device_has(tmp_path: Path) -> N
     with Engine() as engine:
         dev = engine.create_device(4 << 20)  # 64 clusters: the whole device
         opts = BackupOptions(TargetSpec.parse(str(tmp_path / "b.raw")), cbw_buffer=8 << 20)
-        with pytest.raises(UsageError, match="cbw-buffer 8.0 MiB is more than"):
+        with pytest.raises(UsageError, match=r"cbw-buffer 8\.0 MiB is more than"):
             engine.create_backup(dev, opts)
         assert not engine.jobs, "the job was refused before its worker started"
 
@@ -128,10 +130,10 @@ def test_backpressure_is_graded() -> None:
     assert f(0.0) == f(0.25) == f(0.5) == 0.0
     levels = [0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
     delays = [f(u) for u in levels]
-    assert all(a < b for a, b in zip(delays, delays[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(delays))
     assert delays[-1] == cbw_buffer.BP_MAX_DELAY
     # graded: no step bigger than a third of the maximum between these levels
-    assert max(b - a for a, b in zip(delays, delays[1:], strict=False)) \
+    assert max(b - a for a, b in itertools.pairwise(delays)) \
         < cbw_buffer.BP_MAX_DELAY / 3
 
 
@@ -153,7 +155,7 @@ def test_a_writers_cost_grows_with_occupancy(device: Device, claims: Claims) -> 
         finally:
             producer.close()
     assert owed[0] == 0.0 and owed[1] > 0.0  # 9/16 is past half full
-    assert all(a < b for a, b in zip(owed[1:], owed[2:], strict=False)), owed
+    assert all(a < b for a, b in itertools.pairwise(owed[1:])), owed
 
 
 def test_debt_is_paid_in_real_sleeps_and_oversleep_is_credit(device: Device,
@@ -258,7 +260,7 @@ def test_long_runs_are_split_at_the_gather_size(tmp_path: Path,
             target.abort()
 
 
-# -- producers and the consumer, in real processes ---------------------------------------------------
+# -- producers and the consumer, in real processes -------------------------------------
 
 WRITER = """
 import sys, time
@@ -421,7 +423,7 @@ def test_the_worker_frees_a_dead_writers_reservations(tmp_path: Path) -> None:
             target.abort()
 
 
-# -- a whole job ------------------------------------------------------------------------------------
+# -- a whole job --------------------------------------------------------------------------
 
 
 def test_a_full_buffer_falls_back_to_the_worker_and_the_backup_is_exact(tmp_path: Path) -> None:
@@ -453,8 +455,6 @@ def test_a_full_buffer_falls_back_to_the_worker_and_the_backup_is_exact(tmp_path
 
 
 def test_run_summary_reports_the_buffer(tmp_path: Path) -> None:
-    import json
-
     proc = run_cli("run", "--size", "16M", "--writers", "2", "--duration", "1.0",
                    "--backup-at", "0.3", "--speed", "4M", "--target", "b.raw",
                    "--format", "raw", "--cbw-buffer", "256K", "--json", "s.json",

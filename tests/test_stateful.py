@@ -4,22 +4,22 @@ One process plays every part. Two :class:`GuestIO` writers write to a small devi
 through the real write path; a :class:`Copier` (the backup worker's hands) copies to a
 real :class:`RawTarget`; a thread stands in for the worker's inbox and serves copy
 requests through the worker's real :class:`CopyRequests` book, so the request path
-(``cbw_mode=request``, or stage mode with the copy-before-write buffer full) runs for real: the writer
-blocks on its reply queue, holding no claim, while the "worker" saves the cluster under
-the claim. The worker can be stalled, which makes writes that need it time out and
-exercises ``on-cbw-error``; when it wakes up it serves those requests late, long after
-their writers gave up, and a request parked when a job ends may be left over for the
-next job (a writer sent it after the worker drained its queue).
+(``cbw_mode=request``, or stage mode with the copy-before-write buffer full) runs for
+real: the writer blocks on its reply queue, holding no claim, while the "worker" saves
+the cluster under the claim. The worker can be stalled, which makes writes that need it
+time out and exercises ``on-cbw-error``; when it wakes up it serves those requests late,
+long after their writers gave up, and a request parked when a job ends may be left over
+for the next job (a writer sent it after the worker drained its queue).
 
 Interleavings. The worker's claims and target are wrapped so that a guest write can be
 scheduled to run *inside* a worker operation — background copy, the late serving of
 stale requests, a staging drain, the end of the job — at the n-th claim or target call
 of that operation, exactly where a second process could run. The write runs there if it
 would not have to wait (every cluster it must save is unclaimed, stage mode, enough
-buffer slots held by the writer or free); otherwise it runs when the operation is over, as a blocked writer would. This is
-how the model generates the race of issue 7 item 1 (a stale copy request served after a
-stage-mode writer staged the cluster, cleared it and wrote new data) and background
-copy between reading the map and taking the claim.
+buffer slots held by the writer or free); otherwise it runs when the operation is over,
+as a blocked writer would. This is how the model generates the race of issue 7 item 1 (a
+stale copy request served after a stage-mode writer staged the cluster, cleared it and
+wrote new data) and background copy between reading the map and taking the claim.
 
 The model is plain numpy: the guest's writes applied to a zeroed array, and at job start
 a copy of it -- the snapshot. After every step the machine checks the invariants of
