@@ -112,7 +112,7 @@ MUTANTS: dict[str, Mutant] = {
         "the buffer is drained in slot order, not cluster order (no coalescing)"),
     "none-finish-without-stop": Mutant(
         "shmblock/copier.py",
-        '        if sync == "none":\n            self.stop_copy_before_write()\n',
+        "        if not background:\n            self.stop_copy_before_write()\n",
         "",
         ("tests/test_interleavings.py", "-k", "sync_none_completes"),
         "sync=none ends without stopping copy-before-write first (a late stage is lost)"),
