@@ -67,6 +67,10 @@ from shmblock.targets.base import Target
 DEFAULT_CHUNK = 1 << 20
 #: Longest run of buffered clusters gathered into one target write.
 DRAIN_RUN_BYTES = 4 << 20
+#: A long drain (a full buffer is up to 256 MiB) stops this often for
+#: :attr:`Copier.between_runs`: writers that found the buffer full wait for their copy
+#: requests, and must not wait for the whole drain.
+DRAIN_SERVICE_BYTES = 8 << 20
 #: How often the drain looks for dead writers' reservations to free.
 UPKEEP_EVERY = 1.0
 
@@ -133,6 +137,9 @@ class Copier:
         self._next_upkeep = 0.0
         #: slots drained in this job (the buffer's ``saves``)
         self.buffer_saves = 0
+        #: called every DRAIN_SERVICE_BYTES of a long drain (the job loop serves its
+        #: copy requests there); may raise to end the job
+        self.between_runs: Callable[[], None] | None = None
 
     def begin(self) -> None:
         """The job's snapshot is taken (the maps are set): remember which job it is."""
@@ -252,9 +259,13 @@ class Copier:
         finally:
             self.claims.release(cluster, c1 - cluster)
 
-    def drain_staging(self) -> int:
+    def drain_staging(self, service: bool = True) -> int:
         """Write every FULL buffer slot to the target, in cluster order with adjacent
-        clusters coalesced into one write, and free them; returns slots drained."""
+        clusters coalesced into one write, and free them; returns slots drained.
+
+        ``service``: call :attr:`between_runs` every DRAIN_SERVICE_BYTES (not in the
+        final drain of :meth:`finish`, where the job's outcome is being decided).
+        """
         device = self.device
         state = device.slot_state
         full = np.flatnonzero(state == L.SLOT_FULL)
@@ -272,6 +283,8 @@ class Copier:
         bounds = [0, *breaks.tolist(), uclusters.size]
         staging = device.staging
         max_run = max(DRAIN_RUN_BYTES // self.cs, 1)
+        service_every = max(DRAIN_SERVICE_BYTES // self.cs, 1)
+        since_service = 0
         for i in range(len(bounds) - 1):
             for a in range(bounds[i], bounds[i + 1], max_run):
                 b = min(a + max_run, bounds[i + 1])
@@ -284,9 +297,17 @@ class Copier:
                     self._write_range(c0, c0 + b - a, source=flat, view=flat.data)
                 # Freed as soon as the target has them: writers waiting for room go on.
                 state[uslots[a:b]] = L.SLOT_FREE
+                # Counted as they go: between_runs may end the job.
+                self.cbw_clusters += b - a
+                self.buffer_saves += b - a
+                device.ctl[L.CTL_BUF_SAVES] = self.buffer_saves
+                since_service += b - a
+                if service and self.between_runs is not None \
+                        and since_service >= service_every and b < uclusters.size:
+                    since_service = 0
+                    self.between_runs()
         state[slots[~first]] = L.SLOT_FREE  # duplicates: the same bytes, written once
-        self.cbw_clusters += int(uslots.size)
-        self.buffer_saves += int(full.size)
+        self.buffer_saves += int(full.size - uslots.size)
         device.ctl[L.CTL_BUF_SAVES] = self.buffer_saves
         self._upkeep(True)
         return int(full.size)
@@ -326,7 +347,7 @@ class Copier:
         background = snapshot.has_background_copy(sync)
         if not background:
             self.stop_copy_before_write()
-        self.drain_staging()
+        self.drain_staging(service=False)
         if background and self.marked_clusters():
             raise JobError(f"{self.marked_clusters()} clusters left unsaved")
         self.settle()

@@ -65,7 +65,7 @@ MUTANTS: dict[str, Mutant] = {
         "a .part is published without the fsync before the rename"),
     "finish-no-drain": Mutant(
         "shmblock/copier.py",
-        "            self.stop_copy_before_write()\n        self.drain_staging()\n",
+        "            self.stop_copy_before_write()\n        self.drain_staging(service=False)\n",
         "            self.stop_copy_before_write()\n",
         ("tests/test_stateful.py", "-k", "finish_drains_what_writers_staged"),
         "the worker's finish() loses its final staging drain"),

@@ -260,6 +260,41 @@ def test_long_runs_are_split_at_the_gather_size(tmp_path: Path,
             target.abort()
 
 
+def test_a_long_drain_lets_the_job_loop_serve_requests(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers that found the buffer full wait for copy requests: a drain of a full
+    buffer stops every DRAIN_SERVICE_BYTES for the loop to serve them (not after its
+    last run, and not in the final drain of finish())."""
+    monkeypatch.setattr("shmblock.copier.DRAIN_SERVICE_BYTES", 3 * CS)
+    with new_device(Geometry(N * CS, cluster_size=CS, max_writers=2, buffer_slots=16)) as dev, \
+            Claims(dev.meta_name) as claims:
+        fill(dev)
+        begin_job(dev, "none")
+        target = CountingTarget(str(tmp_path / "t.raw"), dev.size, CS)
+        copier = Copier(dev, target, claims)
+        calls: list[int] = []
+        copier.between_runs = lambda: calls.append(len(target.writes))
+
+        def stage(clusters: list[int]) -> None:
+            for slot, c in enumerate(clusters):
+                dev.staging[slot] = dev.data[c * CS : (c + 1) * CS]
+                dev.slot_cluster[slot] = c
+                dev.slot_state[slot] = L.SLOT_FULL
+
+        try:
+            copier.begin()
+            stage([1, 3, 5, 7, 9, 11, 13])  # seven runs of one cluster
+            assert copier.drain_staging() == 7
+            assert calls == [3, 6]  # after 3 and 6 clusters; none after the last
+            calls.clear()
+            stage([20, 22, 24, 26])
+            copier.finish("none")
+            assert calls == [] and not dev.slot_state.any()
+        finally:
+            copier.close()
+            target.abort()
+
+
 # -- producers and the consumer, in real processes -------------------------------------
 
 WRITER = """
