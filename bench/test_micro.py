@@ -320,11 +320,10 @@ def test_guest_write_cbw_stage(benchmark: Any, device: Device, guest: GuestIO) -
     backup worker would."""
     buf = np.frombuffer(np.random.default_rng(3).bytes(4096), dtype=np.uint8)
     clusters = itertools.cycle(range(0, device.clusters, 7))
-    slots = device.writer_slots(0)
 
     def setup() -> tuple[tuple[int], dict[str, Any]]:
         c = next(clusters)
-        device.slot_state[slots.start : slots.stop] = L.SLOT_FREE
+        device.slot_state[:] = L.SLOT_FREE
         device.needs_copy[c] = 1
         return (c,), {}
 

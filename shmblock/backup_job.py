@@ -57,8 +57,8 @@ import numpy as np
 import numpy.typing as npt
 
 import protocol
+from shmblock import cbw_buffer, snapshot
 from shmblock import layout as L
-from shmblock import snapshot
 from shmblock.errors import (
     JobError,
     PeerGone,
@@ -126,6 +126,7 @@ class BackupJob:
     _end_lock: threading.Lock = field(default_factory=threading.Lock)
     _ended: bool = False
     _part_fd: int | None = None  # the .part, opened and checked by prepare()
+    cbw_buffer: cbw_buffer.BufferStats | None = None  # read by end()
 
     def __post_init__(self) -> None:
         # The lifecycle calls these when it decides the outcome (see the module docstring).
@@ -300,7 +301,7 @@ class BackupJob:
             clusters_copied=t.final.get("clusters_copied", 0),
             cbw_clusters=t.final.get("cbw_clusters", 0),
             duration_s=max(t.ended - start, 0.0), freeze_s=self.freeze_s,
-            verify_copy_s=self.verify_copy_s)
+            verify_copy_s=self.verify_copy_s, cbw_buffer=self.cbw_buffer)
         if self.publish_error:  # the job concluded completed, but its file is not there
             result.outcome, result.error = Outcome.FAILED, self.publish_error
         if self.capture is not None:
@@ -343,6 +344,7 @@ class BackupJob:
         opts = self.options
         snapshot.configure(self.device.device, opts.cbw_mode, opts.cbw_timeout,
                            opts.on_cbw_error)
+        cbw_buffer.configure(self.device.device, opts.cbw_buffer, opts.cbw_mode)
         # Built before the freeze: a message that cannot be built (a bad speed) must
         # fail before the snapshot, not leave a snapshot that no worker copies.
         return protocol.JobStart(job=self.job, sync=snapshot.wire_sync(self.sync),
@@ -419,6 +421,7 @@ class BackupJob:
             dev = self.device.device
             if not dev.closed and int(dev.ctl[L.CTL_JOB_SEQ]) == self.seq:
                 self.covered = snapshot.covered(dev, self.sync, self.covered)
+                self.cbw_buffer = cbw_buffer.stats(dev)
             # The worker died without releasing the snapshot (SIGKILL): do it for it.
             snapshot.release_if_current(self.device.device, self.seq)
 

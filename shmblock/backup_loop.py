@@ -247,6 +247,8 @@ class BackupLoop:
         self.target = self._open_target()
         self.copier = Copier(self.device, self.target, self.claims, self.chunk)
         self._requests = CopyRequests(self.copier, self._answer)
+        # A long drain of the copy-before-write buffer serves requests on the way.
+        self.copier.between_runs = lambda: self.service_inbox(0.0)
 
     def wait_for_start(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

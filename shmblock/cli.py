@@ -140,8 +140,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     bk.add_argument("--speed", type=size_arg("speed", MAX_SPEED), default=0,
                     help="background copy limit in bytes per second, 0 = unlimited")
     bk.add_argument("--cbw-mode", choices=CBW_MODES, default="stage",
-                    help="stage: writers save old data to shared staging slots (fast); "
-                    "request: writers ask the backup worker and wait")
+                    help="stage: writers save old data into the shared copy-before-write "
+                    "buffer (fast); request: writers ask the backup worker and wait")
+    bk.add_argument("--cbw-buffer", type=size_arg("cbw buffer"), default=None, metavar="SIZE",
+                    help="copy-before-write buffer this job may use (default: all the "
+                    "device has, 1/8 of it within 64 clusters..256M); 0 = request path only")
     bk.add_argument("--cbw-timeout", type=positive_float, default=5.0,
                     help="seconds a guest write waits for copy-before-write (default 5)")
     bk.add_argument("--on-cbw-error", choices=ON_CBW_ERROR, default="break-guest-write")
@@ -296,7 +299,7 @@ def backup_options(args: argparse.Namespace) -> BackupOptions:
         sync=args.sync, speed=args.speed, cbw_mode=args.cbw_mode,
         cbw_timeout=args.cbw_timeout, on_cbw_error=args.on_cbw_error, verify=args.verify,
         reference_image=args.reference_image, bitmap=args.bitmap,
-        bitmap_mode=args.bitmap_mode)
+        bitmap_mode=args.bitmap_mode, cbw_buffer=args.cbw_buffer)
     check_run_bitmap(args)
     return options
 
@@ -478,6 +481,11 @@ def print_summary(s: RunSummary, out: Any = sys.stdout) -> None:
         w(f"         {b['clusters_copied']} clusters saved, {b['cbw_clusters']} by "
           f"copy-before-write, {format_size(b['bytes_written'])} of data written, "
           f"freeze {b['freeze_ms']:.1f} ms{copy}\n")
+        if b.get("cbw_buffer"):
+            cb = b["cbw_buffer"]
+            w(f"         cbw buffer {format_size(cb['capacity_bytes'])}: peak "
+              f"{format_size(cb['peak_bytes'])}, full {cb['full_seconds']:.3f} s, "
+              f"{cb['saves']} saves, {cb['fallbacks']} to the worker when full\n")
     else:
         w(f": {b['error']}\n")
     if b["verified"] is True:
@@ -501,6 +509,7 @@ def print_summary(s: RunSummary, out: Any = sys.stdout) -> None:
 def write_json(path: str, summary: RunSummary) -> None:
     data = asdict(summary)
     data["ok"] = summary.ok
+    data["cbw_buffer"] = data["backup"].get("cbw_buffer")  # contract C1: also at the top
     # A private temporary name (never a symlink followed), then a rename: shmblock.paths.
     paths.write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 

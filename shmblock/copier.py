@@ -15,17 +15,23 @@ microseconds).
   still-marked clusters straight from the shared mapping with one target write, clears
   them, and drops the claims. (Skipping a stretch already all zero needs no claim: 0 is
   final for the job.)
-* **Copy requests** come from writers that hold *no* claim while they wait (request mode,
-  or stage mode with every slot full). :meth:`Copier.serve_request` treats them like a
-  one-cluster background copy: try the claim, re-check ``needs_copy`` under it, save,
-  clear, release. A request can be stale — its writer timed out or died, or it was left
-  in the queue by an earlier job — and meanwhile a stage-mode writer may have saved the
-  cluster and written new data: the re-check under the claim sees 0 and copies nothing.
-  A request carries the job it belongs to; one from another job is not served at all.
-* **Staging slots** hold old contents that writers saved themselves; draining writes the
-  slot to the target and frees it. ``needs_copy`` was cleared by the writer already,
-  after the slot was FULL, so a worker that sees a cluster unmarked and then drains finds
-  its slot.
+* * **Copy requests** come from writers that hold *no* claim while they wait (request
+  mode, or stage mode with the copy-before-write buffer full).
+  :meth:`Copier.serve_request` treats them like a one-cluster background copy: try the
+  claim, re-check ``needs_copy`` under it, save, clear, release. A request can be stale
+  — its writer timed out or died, or it was left in the queue by an earlier job — and
+  meanwhile a stage-mode writer may have saved the cluster and written new data: the
+  re-check under the claim sees 0 and copies nothing. A request carries the job it
+  belongs to; one from another job is not served at all.
+* **The copy-before-write buffer** (:mod:`shmblock.cbw_buffer`) holds old contents that
+  writers saved themselves. The worker drains it before any background work, every
+  FULL slot at once, in cluster order: runs of consecutive clusters are gathered into one
+  contiguous scratch area and written with one target write per run (a raw target: one
+  ``pwrite``), then their slots are freed. ``needs_copy`` was cleared by the writer
+  already, after the slot was FULL, so a worker that sees a cluster unmarked and then
+  drains finds its slot. Two FULL slots for one cluster (a writer died between FULL and
+  clearing the map, and another saved the cluster again) hold the same bytes — nobody
+  wrote the cluster in between — and it is written once.
 
 Ending a job (:meth:`Copier.finish`): for ``sync=none`` nothing ever unmarks every
 cluster, so the copier first stops copy-before-write (clears ``needs_copy``) and waits
@@ -51,14 +57,22 @@ import numpy as np
 import numpy.typing as npt
 
 import protocol
+from shmblock import cbw_buffer, snapshot
 from shmblock import layout as L
-from shmblock import snapshot
 from shmblock.claims import Claims
 from shmblock.device import Device
 from shmblock.errors import CopyBeforeWriteError, JobError
 from shmblock.targets.base import Target
 
 DEFAULT_CHUNK = 1 << 20
+#: Longest run of buffered clusters gathered into one target write.
+DRAIN_RUN_BYTES = 4 << 20
+#: A long drain (a full buffer is up to 256 MiB) stops this often for
+#: :attr:`Copier.between_runs`: writers that found the buffer full wait for their copy
+#: requests, and must not wait for the whole drain.
+DRAIN_SERVICE_BYTES = 8 << 20
+#: How often the drain looks for dead writers' reservations to free.
+UPKEEP_EVERY = 1.0
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -119,6 +133,13 @@ class Copier:
         self._view = device.data_view()
         self._nc = device.needs_copy
         self._saved = device.saved
+        self._scratch: npt.NDArray[np.uint8] | None = None  # drain gather area
+        self._next_upkeep = 0.0
+        #: slots drained in this job (the buffer's ``saves``)
+        self.buffer_saves = 0
+        #: called every DRAIN_SERVICE_BYTES of a long drain (the job loop serves its
+        #: copy requests there); may raise to end the job
+        self.between_runs: Callable[[], None] | None = None
 
     def begin(self) -> None:
         """The job's snapshot is taken (the maps are set): remember which job it is."""
@@ -238,21 +259,76 @@ class Copier:
         finally:
             self.claims.release(cluster, c1 - cluster)
 
-    def drain_staging(self) -> int:
-        """Write every FULL staging slot to the target and free it; returns slots drained."""
-        state = self.device.slot_state
+    def drain_staging(self, service: bool = True) -> int:
+        """Write every FULL buffer slot to the target, in cluster order with adjacent
+        clusters coalesced into one write, and free them; returns slots drained.
+
+        ``service``: call :attr:`between_runs` every DRAIN_SERVICE_BYTES (not in the
+        final drain of :meth:`finish`, where the job's outcome is being decided).
+        """
+        device = self.device
+        state = device.slot_state
         full = np.flatnonzero(state == L.SLOT_FULL)
         if full.size == 0:
+            self._upkeep(False)
             return 0
-        staging = self.device.staging
-        clusters = self.device.slot_cluster
-        for s in full.tolist():
-            c = int(clusters[s])
-            row = staging[s]
-            self._write_range(c, c + 1, source=row, view=memoryview(row))
-            state[s] = L.SLOT_FREE
-        self.cbw_clusters += full.size
+        clusters = device.slot_cluster[full]
+        order = np.argsort(clusters, kind="stable")
+        slots, clusters = full[order], clusters[order]
+        first = np.ones(clusters.size, dtype=np.bool_)
+        first[1:] = clusters[1:] != clusters[:-1]
+        uslots, uclusters = slots[first], clusters[first].astype(np.int64)
+        # Run boundaries: where the next cluster is not this one + 1.
+        breaks = np.flatnonzero(np.diff(uclusters) != 1) + 1
+        bounds = [0, *breaks.tolist(), uclusters.size]
+        staging = device.staging
+        max_run = max(DRAIN_RUN_BYTES // self.cs, 1)
+        service_every = max(DRAIN_SERVICE_BYTES // self.cs, 1)
+        since_service = 0
+        for i in range(len(bounds) - 1):
+            for a in range(bounds[i], bounds[i + 1], max_run):
+                b = min(a + max_run, bounds[i + 1])
+                c0 = int(uclusters[a])
+                if b - a == 1:
+                    row = staging[int(uslots[a])]
+                    self._write_range(c0, c0 + 1, source=row, view=memoryview(row))
+                else:
+                    flat = self._gather(uslots[a:b])
+                    self._write_range(c0, c0 + b - a, source=flat, view=flat.data)
+                # Freed as soon as the target has them: writers waiting for room go on.
+                state[uslots[a:b]] = L.SLOT_FREE
+                # Counted as they go: between_runs may end the job.
+                self.cbw_clusters += b - a
+                self.buffer_saves += b - a
+                device.ctl[L.CTL_BUF_SAVES] = self.buffer_saves
+                since_service += b - a
+                if service and self.between_runs is not None \
+                        and since_service >= service_every and b < uclusters.size:
+                    since_service = 0
+                    self.between_runs()
+        state[slots[~first]] = L.SLOT_FREE  # duplicates: the same bytes, written once
+        self.buffer_saves += int(full.size - uslots.size)
+        device.ctl[L.CTL_BUF_SAVES] = self.buffer_saves
+        self._upkeep(True)
         return int(full.size)
+
+    def _gather(self, slots: npt.NDArray[np.intp]) -> npt.NDArray[np.uint8]:
+        """Copy buffer ``slots`` one after another into the scratch area; a flat view."""
+        cs = self.cs
+        k = int(slots.size)
+        if self._scratch is None:
+            self._scratch = np.empty((max(DRAIN_RUN_BYTES // cs, 1), cs), dtype=np.uint8)
+        out = self._scratch[:k]
+        np.take(self.device.staging, slots, axis=0, out=out)
+        return out.reshape(-1)
+
+    def _upkeep(self, freed: bool) -> None:
+        """After a drain: end a full interval at once; free dead writers' slots now and
+        then."""
+        now = time.monotonic()
+        if (freed and self.device.ctl[L.CTL_BUF_FULL_SINCE_NS]) or now >= self._next_upkeep:
+            self._next_upkeep = now + UPKEEP_EVERY
+            cbw_buffer.worker_upkeep(self.device, self.claims)
 
     def settle(self) -> None:
         """Wait until the target has acknowledged every write sent so far.
@@ -271,7 +347,7 @@ class Copier:
         background = snapshot.has_background_copy(sync)
         if not background:
             self.stop_copy_before_write()
-        self.drain_staging()
+        self.drain_staging(service=False)
         if background and self.marked_clusters():
             raise JobError(f"{self.marked_clusters()} clusters left unsaved")
         self.settle()
@@ -296,6 +372,7 @@ class Copier:
         """Drop the views of the device mapping (so the device can be closed)."""
         self._view.release()
         del self._data, self._nc, self._saved
+        self._scratch = None
 
     def marked_clusters(self) -> int:
         """How many clusters the snapshot still needs."""

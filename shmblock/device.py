@@ -14,10 +14,11 @@ so no process ever does a read-modify-write of shared bits and no lock is needed
     every writer of the device is frozen (no write in flight). During a job it only goes
     1 → 0, and only by the party that saved cluster c's snapshot contents, while holding
     the exclusive claim on c (:mod:`shmblock.claims`): a guest writer that copied them
-    into its staging slot, or the backup worker that wrote them to the target. A writer
-    that reads 0 may write c without a claim: 0 never goes back to 1 during a job, and
-    the next job sets it only while writers are frozen. When a job ends (completed,
-    failed or cancelled) the ending party clears the whole map, so writers run free.
+    into a slot of the copy-before-write buffer, or the backup worker that wrote them to
+    the target. A writer that reads 0 may write c without a claim: 0 never goes back
+    to 1 during a job, and the next job sets it only while writers are frozen. When a
+    job ends (completed, failed or cancelled) the ending party clears the whole map, so
+    writers run free.
 ``allocated[c]``
     Stores of 1 by every guest write (idempotent: any number of writers may store it
     concurrently); read by ``sync=top`` at snapshot start and to skip never-written
@@ -35,14 +36,17 @@ so no process ever does a read-modify-write of shared bits and no lock is needed
     mapped ``MAP_SHARED`` by every process), so they survive the death of every
     process; :attr:`Device.bitmap_store` is this process's handle on it (the owner's
     for the creator, a writer's for every process that attaches).
-``slot_state[s]``, ``slot_cluster[s]``
-    Staging slots are partitioned per writer: writer w owns slots
-    ``[w*k, (w+1)*k)``. A slot is FREE → FULL only by its writer (after the data and
-    ``slot_cluster`` are stored), FULL → FREE only by the backup worker (after the data
-    is on the target). Single producer, single consumer per slot: no compare-and-swap.
-    Writers store the slot data, then FULL, then clear ``needs_copy``; x86-64 keeps
-    stores in order (TSO), so a worker that sees ``needs_copy == 0`` everywhere and then
-    drains every FULL slot has every saved cluster.
+``slot_state[s]``, ``slot_cluster[s]``, ``staging[s]``
+    The copy-before-write buffer, shared by every writer of the device
+    (:mod:`shmblock.cbw_buffer` has its theory of operation). A slot goes FREE → HELD+w
+    only under the buffer's lock (a writer reserving a batch), HELD+w → FULL only by
+    writer w (after the data and ``slot_cluster`` are stored), FULL → FREE only by the
+    backup worker (after the data is on the target), HELD+w → FREE by writer w, or under
+    the lock once w is dead. Each transition has one party that may make it, so no
+    compare-and-swap is needed. Writers store the slot data, then FULL, then clear
+    ``needs_copy``; x86-64 keeps stores in order (TSO), so a worker that sees
+    ``needs_copy == 0`` everywhere and then drains every FULL slot has every saved
+    cluster.
 
 Memory ordering: the maps, slots and control words are plain numpy stores and loads with
 no fences, which is only correct where the CPU keeps stores in program order and loads
@@ -75,7 +79,19 @@ from shmblock.stats import STATS_WORDS
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 DEFAULT_MAX_WRITERS = 16
-DEFAULT_SLOTS_PER_WRITER = 32
+#: The copy-before-write buffer by default: an eighth of the device, at least 64 clusters
+#: (a burst of first writes from several writers) and at most 256 MiB (it lives in
+#: shared memory next to the device); never more than the device (docs/architecture.md).
+BUFFER_FRACTION = 8
+BUFFER_MIN_CLUSTERS = 64
+BUFFER_MAX_BYTES = 256 << 20
+
+
+def default_buffer_slots(size: int, cluster_size: int) -> int:
+    """The default size of a device's copy-before-write buffer, in clusters."""
+    clusters = size // cluster_size
+    slots = max(clusters // BUFFER_FRACTION, BUFFER_MIN_CLUSTERS)
+    return max(min(slots, BUFFER_MAX_BYTES // cluster_size, clusters), 1)
 SHM_DIR = "/dev/shm"
 
 U8Array = npt.NDArray[np.uint8]
@@ -95,7 +111,7 @@ def check_memory_ordering() -> None:
     machine = platform.machine()
     if machine not in TSO_MACHINES:
         raise UnsupportedPlatformError(
-            f"shmblock needs an x86-64 CPU, this one is {machine or 'unknown'!r}: staging "
+            f"shmblock needs an x86-64 CPU, this one is {machine or 'unknown'!r}: guest "
             "writers store a slot's data, then mark it FULL, then clear needs_copy with "
             "plain stores and no memory fences, which only x86-64 (TSO) keeps in order; "
             "on a weakly ordered CPU the backup worker could save stale data"
@@ -109,7 +125,8 @@ class Geometry:
     size: int
     cluster_size: int = DEFAULT_CLUSTER_SIZE
     max_writers: int = DEFAULT_MAX_WRITERS
-    slots_per_writer: int = DEFAULT_SLOTS_PER_WRITER
+    #: clusters the copy-before-write buffer holds; None: :func:`default_buffer_slots`
+    buffer_slots: int | None = None
 
     def __post_init__(self) -> None:
         cs = self.cluster_size
@@ -121,8 +138,12 @@ class Geometry:
             )
         if not 1 <= self.max_writers <= 1024:
             raise UsageError(f"max writers {self.max_writers} must be between 1 and 1024")
-        if not 1 <= self.slots_per_writer <= 1024:
-            raise UsageError(f"staging slots per writer {self.slots_per_writer} out of range")
+        if self.buffer_slots is None:
+            object.__setattr__(self, "buffer_slots", default_buffer_slots(self.size, cs))
+        elif not 0 <= self.buffer_slots <= self.clusters:
+            raise UsageError(
+                f"copy-before-write buffer of {self.buffer_slots} clusters must be from 0 "
+                f"to the device's {self.clusters} clusters")
 
     @property
     def clusters(self) -> int:
@@ -130,7 +151,13 @@ class Geometry:
 
     def layout(self) -> L.Layout:
         return L.Layout(self.size, self.cluster_size, self.max_writers,
-                        self.slots_per_writer, STATS_WORDS)
+                        self.slots, STATS_WORDS)
+
+    @property
+    def slots(self) -> int:
+        """Clusters the copy-before-write buffer holds (the default filled in)."""
+        assert self.buffer_slots is not None
+        return self.buffer_slots
 
 
 def shm_free_bytes(directory: str = SHM_DIR) -> int:
@@ -172,7 +199,7 @@ class Device:
     allocated: U8Array
     saved: U8Array
     dirty: U8Array  # shape (MAX_BITMAPS, clusters)
-    slot_state: U8Array
+    slot_state: npt.NDArray[np.uint16]
     slot_cluster: U64Array
     stats: U64Array  # shape (max_writers, STATS_WORDS)
     staging: U8Array  # shape (slots, cluster_size)
@@ -259,13 +286,15 @@ class Device:
             L.HEADER_STRUCT.pack_into(
                 meta_map, 0, L.MAGIC, L.VERSION, L.HEADER_SIZE, geometry.size,
                 geometry.cluster_size, geometry.clusters, geometry.max_writers,
-                geometry.slots_per_writer, L.MAX_BITMAPS,
+                geometry.slots, L.MAX_BITMAPS,
                 L.FLAG_FILE_BACKED if backing_file else 0,
                 run_id.encode(), data_name.encode(),
                 os.path.abspath(backing_file).encode() if backing_file else b"",
             )
             device = cls(meta_name, geometry, run_id, meta_map, data_map, data_name,
                          backing_file, owner=True, bitmap_store=store)
+            # A job configures its part of the buffer; until then (tests) all of it.
+            device.ctl[L.CTL_BUF_LIMIT] = geometry.slots
             device.load_bitmap_directory()
         except BaseException:
             if store is not None:
@@ -421,7 +450,8 @@ class Device:
             self.dirty = np.lib.stride_tricks.as_strided(
                 u8(lay.dirty_offset, L.MAX_BITMAPS * lay.map_bytes),
                 shape=(L.MAX_BITMAPS, n), strides=(lay.map_bytes, 1), writeable=True)
-        self.slot_state = u8(lay.slot_state_offset, lay.slots)
+        self.slot_state = np.frombuffer(meta, dtype=np.uint16, count=lay.slots,
+                                        offset=lay.slot_state_offset)
         self.slot_cluster = np.frombuffer(meta, dtype=np.uint64, count=lay.slots,
                                           offset=lay.slot_cluster_offset)
         self.stats = np.frombuffer(
@@ -452,11 +482,6 @@ class Device:
         """A memoryview of the whole contents, for ``os.pwrite`` straight from the mapping."""
         assert self._data_map is not None
         return memoryview(self._data_map)
-
-    def writer_slots(self, writer: int) -> range:
-        """The staging slots owned by ``writer``."""
-        k = self.geometry.slots_per_writer
-        return range(writer * k, (writer + 1) * k)
 
     # -- dirty bitmaps ------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import protocol
+from shmblock import cbw_buffer
 from shmblock import layout as L
 from shmblock import transaction as transactions
 from shmblock.backup_job import STOP_TIMEOUT, STUCK_MARGIN, BackupJob
@@ -402,6 +403,7 @@ class Engine:
                  group: tuple[JobTxn, threading.Condition] | None = None) -> BackupJob:
         if opts.bitmap is not None:  # unknown or busy: refused before anything starts
             device.check_bitmap(opts.bitmap)
+        cbw_buffer.limit_slots(device.device, opts.cbw_buffer)  # more than the device has
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
             raise JobError(f"device {device.name} already has a backup job")
         if opts.spec.format == "repo":

@@ -13,10 +13,13 @@ their old contents (or no job runs), and the write goes straight to shared memor
 c without any claim. For each cluster c still marked (DESIGN.md invariant 2):
 
 * *stage* mode: claim c (an OFD lock the kernel drops if we die), re-check
-  ``needs_copy[c]``, copy the old contents into one of this writer's staging slots,
-  mark the slot FULL, clear ``needs_copy[c]`` — in that order, so whoever sees c
-  unmarked finds the slot — release. The backup worker drains the slot to the target.
-* *request* mode, or every slot of this writer full: hold **no** claim (a writer that
+  ``needs_copy[c]``, copy the old contents into a slot of the device's shared
+  copy-before-write buffer (:mod:`shmblock.cbw_buffer`: slots reserved in batches under
+  a lock, kept privately), mark the slot FULL, clear ``needs_copy[c]`` — in that order,
+  so whoever sees c unmarked finds the slot — release; then pay the buffer's graded
+  back-pressure (nothing below half full). The backup worker drains the buffer to the
+  target in cluster order.
+* *request* mode, or the buffer full: hold **no** claim (a writer that
   waited while holding one would make every stale request unsafe to serve), send
   COPY_REQ carrying the device's job number, wait for COPY_DONE; the worker saves c
   under the claim. Then re-check ``needs_copy[c]`` and ask again until it is 0 or the
@@ -48,6 +51,7 @@ import numpy.typing as npt
 import protocol
 from shmblock import layout as L
 from shmblock import stats as S
+from shmblock.cbw_buffer import Producer
 from shmblock.claims import Claims
 from shmblock.device import Device
 from shmblock.errors import CopyBeforeWriteError, QueueTimeout, TransportError, UsageError
@@ -97,10 +101,7 @@ class GuestIO:
         store = device.bitmap_store
         self._note_write = None if store is None else store.note_write
         self._ctl = device.ctl
-        self._slot_state = device.slot_state
-        self._slot_cluster = device.slot_cluster
-        self._staging = device.staging
-        self._slots = device.writer_slots(writer)
+        self._buffer = Producer(device, writer, self._claims)
         self._row = device.stats[writer]
         # -1: the first write always looks at the control queue (a Freeze may be there).
         self._epoch_seen = -1
@@ -219,29 +220,20 @@ class GuestIO:
             try:
                 if not nc[c]:
                     return  # saved by someone else while we waited for the claim
-                slot = self._free_slot()
-                if slot is not None:
-                    cs = self._cs
-                    # Order matters (see the module docstring): data, FULL, then unmark.
-                    self._staging[slot] = self._data[c * cs : (c + 1) * cs]
-                    self._slot_cluster[slot] = c
-                    self._slot_state[slot] = L.SLOT_FULL
+                # Order matters (see the module docstring): data, FULL, then unmark.
+                saved = self._buffer.save(c, deadline)
+                if saved:
                     nc[c] = 0
                     self._cbw_saves += 1
-                    if self._ctl[L.CTL_WORKER_IDLE]:
-                        self._ring_doorbell()
-                    return
             finally:
                 self._claims.release(c, 1)
-        # Slots full, or request mode: ask the worker, holding no claim while we wait.
+            if saved:
+                if self._ctl[L.CTL_WORKER_IDLE]:
+                    self._ring_doorbell()
+                self._buffer.pace()  # graded back-pressure, never under a claim
+                return
+        # Buffer full, or request mode: ask the worker, holding no claim while we wait.
         self._request_copy(c, deadline)
-
-    def _free_slot(self) -> int | None:
-        state = self._slot_state
-        for s in self._slots:
-            if state[s] == L.SLOT_FREE:
-                return s
-        return None
 
     def _backup(self) -> Queue:
         job_seq = int(self._ctl[L.CTL_JOB_SEQ])
@@ -264,7 +256,8 @@ class GuestIO:
     def _request_copy(self, c: int, deadline: float) -> None:
         """Ask the backup worker to save c until ``needs_copy[c]`` is 0 or the deadline."""
         if self._reply is None:
-            raise CopyBeforeWriteError("staging slots are full and this writer has no reply queue")
+            raise CopyBeforeWriteError(
+                "the copy-before-write buffer is full and this writer has no reply queue")
         job = int(self._ctl[L.CTL_JOB_SEQ])
         nc = self._nc
         while nc[c]:
@@ -382,6 +375,7 @@ class GuestIO:
             return
         self.flush_stats()
         self._row[S.W_RUNNING] = 0
+        self._buffer.close()
         self._claims.close()
         if self._backup_queue is not None:
             self._backup_queue.close()
@@ -389,4 +383,3 @@ class GuestIO:
         # Drop our views of the mapping so the device can be closed (else BufferError).
         del self._data, self._nc, self._alloc, self._dirty, self._ctl, self._row
         self._note_write = None
-        del self._slot_state, self._slot_cluster, self._staging

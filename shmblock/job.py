@@ -129,9 +129,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from shmblock.errors import StateError, UsageError
+
+if TYPE_CHECKING:
+    from shmblock.cbw_buffer import BufferStats
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +256,8 @@ class JobResult:
     verify_copy_s: float = 0.0  # the verification copy, also taken while frozen
     verified: bool | None = None
     verify_error: str = ""
+    #: the copy-before-write buffer's use (contract C1); None if the job never started
+    cbw_buffer: BufferStats | None = None
 
     @property
     def ok(self) -> bool:

@@ -9,10 +9,12 @@ except its contents::
                   allocated    one byte per cluster
                   saved        one byte per cluster
                   dirty[i]     one byte per cluster, for each of MAX_BITMAPS bitmaps
-                  slot_state   one byte per staging slot (FREE / FULL)
-                  slot_cluster one uint64 per staging slot: which cluster it holds
+                  slot_state   one uint16 per copy-before-write buffer slot (FREE, FULL,
+                               or HELD + w: reserved by writer w; shmblock.cbw_buffer)
+                  slot_cluster one uint64 per buffer slot: which cluster it holds
                   stats        one row of uint64 words per writer (see shmblock.stats)
-                  staging      slots × cluster_size bytes of saved old contents
+                  staging      the copy-before-write buffer: buffer_slots × cluster_size
+                               bytes of saved old contents, shared by every writer
 
 Every region starts on a 4 KiB boundary. The layout is a pure function of the geometry
 in the header, so an attaching process recomputes it and checks the segment size.
@@ -24,14 +26,15 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"SHMBLKv1"
-VERSION = 1
+# 2: one shared copy-before-write buffer (buffer_slots) instead of slots per writer
+VERSION = 2
 HEADER_SIZE = 4096
 PAGE = 4096
 MAX_BITMAPS = 8
 BITMAP_NAME_BYTES = 64
 
 # magic, version, header size, device size, cluster size, clusters, max writers,
-# slots per writer, max bitmaps, flags, run id, data segment name, backing file path
+# copy-before-write buffer slots, max bitmaps, flags, run id, data segment name, backing file path
 HEADER_FMT = "<8sIIQIQIIII16s128s1024s"
 HEADER_STRUCT = struct.Struct(HEADER_FMT)
 FLAG_FILE_BACKED = 1
@@ -58,11 +61,22 @@ CTL_BITMAP_MASK = 11  # bit i set: dirty bitmap i is enabled and records guest w
 CTL_JOB_SEQ = 12  # incremented for every job started on the device
 CTL_JOB_RELEASED = 13  # CTL_JOB_SEQ of the last job that ended needing no more saves
 
+# The copy-before-write buffer's per-job words (shmblock.cbw_buffer), kept at the far end
+# of the control area, away from the words above. Reset by cbw_buffer.configure before
+# the freeze; the HELD/FULL accounting words are only written under the buffer's lock.
+CTL_BUF_LIMIT = 48  # slots this job may use (0: request path only)
+CTL_BUF_PEAK = 49  # most slots held at once (under the lock)
+CTL_BUF_FULL_NS = 50  # nanoseconds the buffer was full (under the lock)
+CTL_BUF_FULL_SINCE_NS = 51  # CLOCK_MONOTONIC when it was last found full; 0: not full
+CTL_BUF_FALLBACKS = 52  # saves that went the request path because it was full (lock)
+CTL_BUF_SAVES = 53  # slots the backup worker drained (written by the worker only)
+
 CBW_MODES = ("stage", "request")
 ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
 
 SLOT_FREE = 0
 SLOT_FULL = 1
+SLOT_HELD = 2  # SLOT_HELD + w: reserved by writer w, not yet published
 
 
 def _align(n: int, to: int = PAGE) -> int:
@@ -76,7 +90,7 @@ class Layout:
     device_size: int
     cluster_size: int
     max_writers: int
-    slots_per_writer: int
+    buffer_slots: int
     stats_words: int
 
     @property
@@ -85,7 +99,7 @@ class Layout:
 
     @property
     def slots(self) -> int:
-        return self.max_writers * self.slots_per_writer
+        return self.buffer_slots
 
     @property
     def map_bytes(self) -> int:
@@ -113,7 +127,7 @@ class Layout:
 
     @property
     def slot_cluster_offset(self) -> int:
-        return self.slot_state_offset + _align(self.slots)
+        return self.slot_state_offset + _align(self.slots * 2)
 
     @property
     def stats_offset(self) -> int:

@@ -76,6 +76,10 @@ class BackupOptions:
     #: QEMU's ``BlockdevOnError`` for background copying: report, ignore, stop, enospc.
     on_source_error: str = "report"
     on_target_error: str = "report"
+    #: bytes of the device's copy-before-write buffer this job may use (None: all of it,
+    #: 0: the request path only); more than the device has is refused when the job is
+    #: created (shmblock.cbw_buffer)
+    cbw_buffer: int | None = None
 
     def __post_init__(self) -> None:
         if self.sync not in SYNC_MODES:
@@ -95,6 +99,11 @@ class BackupOptions:
                 f"target timeout {self.target_timeout!r} must be positive, in seconds")
         if self.chunk <= 0:
             raise UsageError(f"background copy chunk {self.chunk} must be positive")
+        if self.cbw_buffer is not None and (
+                isinstance(self.cbw_buffer, bool) or not isinstance(self.cbw_buffer, int)
+                or self.cbw_buffer < 0):
+            raise UsageError(f"cbw-buffer {self.cbw_buffer!r:.40} must be a size in bytes, 0 "
+                             "(request path only) or more")
         if self.job_id is not None:
             check_job_id(self.job_id)
         for name in ("auto_finalize", "auto_dismiss"):

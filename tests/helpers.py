@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shmblock import cbw_buffer as cbw_buffer_module
 from shmblock import snapshot
 from shmblock.device import Device, Geometry
 from shmblock.names import RunNames, new_run_id
@@ -64,13 +65,15 @@ def shm_names(prefix: str | None = None) -> list[str]:
 
 
 def begin_job(device: Device, sync: str = "full", cbw_mode: str = "stage",
-              on_cbw_error: str = "break-guest-write", cbw_timeout: float = 5.0) -> int:
+              on_cbw_error: str = "break-guest-write", cbw_timeout: float = 5.0,
+              cbw_buffer: int | None = None) -> int:
     """Set the maps for a job the way the supervisor does while writers are frozen.
 
     In-process tests have no write in flight when they call this, which is all the
     freeze guarantees. Returns the job's number.
     """
     snapshot.configure(device, cbw_mode, cbw_timeout, on_cbw_error)
+    cbw_buffer_module.configure(device, cbw_buffer, cbw_mode)
     return snapshot.take(device, sync)
 
 

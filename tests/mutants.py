@@ -65,7 +65,7 @@ MUTANTS: dict[str, Mutant] = {
         "a .part is published without the fsync before the rename"),
     "finish-no-drain": Mutant(
         "shmblock/copier.py",
-        "            self.stop_copy_before_write()\n        self.drain_staging()\n",
+        "            self.stop_copy_before_write()\n        self.drain_staging(service=False)\n",
         "            self.stop_copy_before_write()\n",
         ("tests/test_stateful.py", "-k", "finish_drains_what_writers_staged"),
         "the worker's finish() loses its final staging drain"),
@@ -80,19 +80,39 @@ MUTANTS: dict[str, Mutant] = {
         "background copy reads needs_copy before it takes the claim"),
     "clear-before-store": Mutant(
         "shmblock/guest.py",
-        "                    self._staging[slot] = self._data[c * cs : (c + 1) * cs]\n"
-        "                    self._slot_cluster[slot] = c\n"
-        "                    self._slot_state[slot] = L.SLOT_FULL\n"
+        "                saved = self._buffer.save(c, deadline)\n"
+        "                if saved:\n"
         "                    nc[c] = 0\n",
-        "                    nc[c] = 0\n"
-        "                    self._staging[slot] = self._data[c * cs : (c + 1) * cs]\n"
-        "                    self._slot_cluster[slot] = c\n"
-        "                    self._slot_state[slot] = L.SLOT_FULL\n",
-        ("tests/test_interleavings.py", "-k", "every_line_of_a_stage_mode_save"),
-        "a writer clears needs_copy before its staged data is stored"),
+        "                nc[c] = 0\n"
+        "                saved = self._buffer.save(c, deadline)\n"
+        "                if saved:\n",
+        ("tests/test_interleavings.py", "-k", "worker_at_every_line_of_a_stage_mode_save"),
+        "a writer clears needs_copy before its saved data is stored in the buffer"),
+    "publish-before-data": Mutant(
+        "shmblock/cbw_buffer.py",
+        "        self._staging[slot] = self.device.data[cluster * cs : (cluster + 1) * cs]\n"
+        "        self._cluster[slot] = cluster\n"
+        "        self._state[slot] = L.SLOT_FULL\n",
+        "        self._state[slot] = L.SLOT_FULL\n"
+        "        self._staging[slot] = self.device.data[cluster * cs : (cluster + 1) * cs]\n"
+        "        self._cluster[slot] = cluster\n",
+        ("tests/test_interleavings.py", "-k", "drain_at_every_line_of_a_stage_mode_save"),
+        "a writer marks its buffer slot FULL before the slot holds the data"),
+    "reclaim-live-writer": Mutant(
+        "shmblock/cbw_buffer.py",
+        "        if w == own or not claims.try_claim(ALIVE_BASE + w):\n",
+        "        if w == own:\n",
+        ("tests/test_cbw_buffer.py", "-k", "offset_order or killed_while_holding"),
+        "buffer slots reserved by a live writer are freed as if it were dead"),
+    "drain-unsorted": Mutant(
+        "shmblock/copier.py",
+        '        order = np.argsort(clusters, kind="stable")\n',
+        "        order = np.arange(clusters.size)\n",
+        ("tests/test_cbw_buffer.py", "-k", "offset_order or saved_twice or gather_size"),
+        "the buffer is drained in slot order, not cluster order (no coalescing)"),
     "none-finish-without-stop": Mutant(
         "shmblock/copier.py",
-        '        if sync == "none":\n            self.stop_copy_before_write()\n',
+        "        if not background:\n            self.stop_copy_before_write()\n",
         "",
         ("tests/test_interleavings.py", "-k", "sync_none_completes"),
         "sync=none ends without stopping copy-before-write first (a late stage is lost)"),

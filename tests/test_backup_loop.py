@@ -27,7 +27,7 @@ from shmblock.targets.raw import RawTarget
 from tests.helpers import CS, begin_job, new_device, pattern, run_names
 
 N = 32
-GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, slots_per_writer=2)
+GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, buffer_slots=4)
 TOKEN = "ab" * 16
 
 

@@ -15,7 +15,7 @@ from shmblock.device import Device, Geometry
 from shmblock.errors import CopyBeforeWriteError, DeviceError
 from tests.helpers import CS, new_device, run_names
 
-GEO = Geometry(64 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+GEO = Geometry(64 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
 
 
 @pytest.fixture

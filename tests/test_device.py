@@ -20,7 +20,7 @@ from shmblock.errors import AttachError, DeviceError, NoSpaceError, UsageError
 from shmblock.names import RunNames
 from tests.helpers import CS, create_device, destroy, new_device, pattern, run_names, shm_names
 
-GEO = Geometry(16 * CS, cluster_size=CS, max_writers=2, slots_per_writer=2)
+GEO = Geometry(16 * CS, cluster_size=CS, max_writers=2, buffer_slots=4)
 
 
 def mapped_paths() -> str:
@@ -55,8 +55,8 @@ def device(names: RunNames) -> Iterator[Device]:
         ({"size": 4096, "cluster_size": 8192}, "positive multiple"),
         ({"size": 4096, "cluster_size": 4096, "max_writers": 0}, "max writers"),
         ({"size": 4096, "cluster_size": 4096, "max_writers": 1025}, "max writers"),
-        ({"size": 4096, "cluster_size": 4096, "slots_per_writer": 0}, "staging slots"),
-        ({"size": 4096, "cluster_size": 4096, "slots_per_writer": 1025}, "staging slots"),
+        ({"size": 4096, "cluster_size": 4096, "buffer_slots": -1}, "copy-before-write buffer"),
+        ({"size": 4096, "cluster_size": 4096, "buffer_slots": 2}, "copy-before-write buffer"),
     ],
 )
 def test_geometry_validation(kwargs: dict[str, int], match: str) -> None:
@@ -70,16 +70,28 @@ def test_geometry_limits_accepted() -> None:
     g = Geometry(64 << 20)
     assert g.cluster_size == 64 << 10
     assert g.clusters == 1024
+    assert Geometry(4096, cluster_size=4096, buffer_slots=0).slots == 0
+
+
+@pytest.mark.parametrize(("size", "slots"), [
+    (1 << 20, 16),  # a tiny device: the whole device (never more)
+    (64 << 20, 128),  # an eighth...
+    (8 << 20, 64),  # ...but at least 64 clusters
+    (1 << 30, 2048),  # 128 MiB
+    (16 << 30, 4096),  # at most 256 MiB
+])
+def test_default_buffer_size(size: int, slots: int) -> None:
+    assert Geometry(size).slots == slots
 
 
 def test_layout_regions_are_page_aligned_and_disjoint() -> None:
-    lay = Geometry(1000 * CS, cluster_size=CS, max_writers=3, slots_per_writer=5).layout()
+    lay = Geometry(1000 * CS, cluster_size=CS, max_writers=3, buffer_slots=15).layout()
     regions = [
         (lay.needs_copy_offset, lay.clusters),
         (lay.allocated_offset, lay.clusters),
         (lay.saved_offset, lay.clusters),
         (lay.dirty_offset, L.MAX_BITMAPS * lay.map_bytes),
-        (lay.slot_state_offset, lay.slots),
+        (lay.slot_state_offset, lay.slots * 2),
         (lay.slot_cluster_offset, lay.slots * 8),
         (lay.stats_offset, lay.max_writers * lay.stats_words * 8),
         (lay.staging_offset, lay.slots * lay.cluster_size),
@@ -124,7 +136,6 @@ def test_create_attach_round_trip(device: Device, names: RunNames) -> None:
         assert device.stats[1, 2] == 99
         assert device.slot_cluster[1] == 12
         assert device.dirty[4, 7] == 1 and device.dirty.sum() == 1
-        assert device.writer_slots(1) == range(2, 4)
         with pytest.raises(DeviceError, match="only the process that created"):
             other.unlink()
     finally:
@@ -184,7 +195,7 @@ def header(geometry: Geometry, run_id: str, data_name: bytes, *,
         buf, 0, L.MAGIC, version, L.HEADER_SIZE, geometry.size,
         cluster_size or geometry.cluster_size,
         geometry.clusters if clusters is None else clusters,
-        geometry.max_writers, geometry.slots_per_writer, L.MAX_BITMAPS, flags,
+        geometry.max_writers, geometry.slots, L.MAX_BITMAPS, flags,
         run_id.encode(), data_name, backing)
     return bytes(buf)
 
@@ -427,7 +438,7 @@ def test_file_backed_existing_file_marks_allocated(tmp_path: Path, names: RunNam
 
 
 def test_file_backed_existing_file_scans_in_chunks(tmp_path: Path, names: RunNames) -> None:
-    geo = Geometry(600 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    geo = Geometry(600 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
     path = tmp_path / "disk.raw"
     image = np.zeros(geo.size, np.uint8)
     marked = [0, 255, 256, 257, 511, 512, 599]  # around the 256-cluster scan chunks
@@ -496,13 +507,18 @@ def test_bitmap_names(device: Device, names: RunNames) -> None:
         assert other.bitmap_names() == expected
     finally:
         other.close()
-    # names live apart from the control words
-    assert not device.ctl.any()
+    # names live apart from the control words (all zero but the buffer's size)
+    ctl = device.ctl.copy()
+    assert ctl[L.CTL_BUF_LIMIT] == GEO.slots
+    ctl[L.CTL_BUF_LIMIT] = 0
+    assert not ctl.any()
 
 
 @pytest.mark.parametrize("index", [-1, L.MAX_BITMAPS, 100])
 def test_bitmap_index_out_of_range(device: Device, index: int) -> None:
     with pytest.raises(UsageError, match="bitmap index"):
         device.set_bitmap_name(index, "oops")
-    assert not device.ctl.any()
+    ctl = device.ctl.copy()
+    ctl[L.CTL_BUF_LIMIT] = 0  # the buffer's size, set at creation
+    assert not ctl.any()
     assert device.bitmap_names() == {}

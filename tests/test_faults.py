@@ -38,6 +38,8 @@ from shmblock.engine import DeviceHandle, Engine
 from shmblock.errors import CopyBeforeWriteError, PeerGone, UsageError
 from shmblock.job import Outcome
 from shmblock.names import list_records
+from shmblock.options import BackupOptions
+from shmblock.targets import TargetSpec
 from shmblock.verify import SnapshotCapture
 from tests.helpers import small_tmpfs
 from tests.procs import (
@@ -291,8 +293,10 @@ def test_stopped_worker_break_guest_write(tmp_path: Path, cbw_mode: str) -> None
     with Engine() as engine:
         dev = engine.create_device(size)
         fill(dev, snapshot)
-        job = engine.backup(dev, str(target), speed=CLUSTER, cbw_mode=cbw_mode,
-                            cbw_timeout=timeout, verify=True)
+        # A buffer of 16 clusters, so that it fills within the 40 writes.
+        opts = BackupOptions(TargetSpec.parse(str(target)), speed=CLUSTER, cbw_mode=cbw_mode,
+                             cbw_timeout=timeout, verify=True, cbw_buffer=16 * CLUSTER)
+        job = engine.backup(dev, opts)
         succeeded: list[int] = []
         failed: list[tuple[int, float]] = []
         with stopped(job.proc.pid):
@@ -313,9 +317,9 @@ def test_stopped_worker_break_guest_write(tmp_path: Path, cbw_mode: str) -> None
         if cbw_mode == "request":
             assert not succeeded, "no write can save a cluster through a stopped worker"
         else:
-            # Each guest I/O handle has its own staging slots; only when they are full
-            # does a write need the worker.
-            assert len(succeeded) == dev.device.geometry.slots_per_writer
+            # Writes save into the copy-before-write buffer; only when it is full does
+            # a write need the worker.
+            assert len(succeeded) == 16
         assert len(failed) == 2
         unthrottle(job)
         result = job.wait(60.0)

@@ -27,7 +27,7 @@ from shmblock.transport import BACKUP_RECEIVES, WRITER_REPLY_RECEIVES, Queue
 from tests.helpers import CS, begin_job, end_job, new_device, pattern, run_names
 
 N = 16
-GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, slots_per_writer=2)
+GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, buffer_slots=4)
 
 
 @dataclass
@@ -71,9 +71,9 @@ def fill_device(device: Device) -> bytes:
 
 
 def fill_slots(device: Device, writer: int) -> None:
-    for s in device.writer_slots(writer):
-        device.slot_state[s] = L.SLOT_FULL
-        device.slot_cluster[s] = 0
+    """Fill the copy-before-write buffer (shared by every writer: ``writer`` is moot)."""
+    device.slot_state[:] = L.SLOT_FULL
+    device.slot_cluster[:] = 0
 
 
 def cluster(device: Device, c: int) -> bytes:
@@ -214,8 +214,7 @@ def test_stage_mode_saves_old_contents_in_a_slot(env: Env) -> None:
     begin_job(dev, "full", cbw_mode="stage")
     g = env.guest(writer=1)
     g.write(5 * CS + 10, b"\x00" * 20)
-    slots = list(dev.writer_slots(1))
-    full = [s for s in slots if dev.slot_state[s] == L.SLOT_FULL]
+    full = [s for s in range(dev.geometry.slots) if dev.slot_state[s] == L.SLOT_FULL]
     assert len(full) == 1
     s = full[0]
     assert dev.slot_cluster[s] == 5
@@ -225,8 +224,8 @@ def test_stage_mode_saves_old_contents_in_a_slot(env: Env) -> None:
     after = bytearray(before)
     after[5 * CS + 10 : 5 * CS + 30] = bytes(20)
     assert dev.data.tobytes() == bytes(after)
-    # writer 0's slots are untouched
-    assert all(dev.slot_state[s] == L.SLOT_FREE for s in dev.writer_slots(0))
+    # no other slot is taken (a buffer of 4 slots: batches of one)
+    assert int((dev.slot_state != L.SLOT_FREE).sum()) == 1
     # writing the same cluster again needs no save
     g.write(5 * CS, b"\x01")
     assert int((dev.slot_state == L.SLOT_FULL).sum()) == 1
@@ -243,7 +242,7 @@ def test_stage_mode_multi_cluster_write(env: Env) -> None:
     g = env.guest()
     g.write(2 * CS + 1, b"\x07" * (2 * CS))  # clusters 2, 3, 4
     staged = {int(dev.slot_cluster[s]): dev.staging[s].tobytes()
-              for s in dev.writer_slots(0) if dev.slot_state[s] == L.SLOT_FULL}
+              for s in range(dev.geometry.slots) if dev.slot_state[s] == L.SLOT_FULL}
     assert staged == {2: before[2 * CS : 3 * CS], 4: before[4 * CS : 5 * CS]}
     assert dev.needs_copy[2:5].tolist() == [0, 0, 0]
     assert dev.data[2 * CS + 1 : 4 * CS + 1].tobytes() == b"\x07" * (2 * CS)
@@ -297,7 +296,7 @@ def test_break_guest_write_multi_cluster_is_all_or_nothing(env: Env) -> None:
     dev = env.device
     before = fill_device(dev)
     begin_job(dev, "full", cbw_mode="stage", cbw_timeout=0.05)
-    dev.slot_state[0] = L.SLOT_FULL  # one of writer 0's two slots left
+    dev.slot_state[1:] = L.SLOT_FULL  # one slot of the buffer left
     g = env.guest()
     with pytest.raises(CopyBeforeWriteError):
         g.write(6 * CS, b"\xff" * (2 * CS))

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shmblock import cbw_buffer as cbw_buffer_module
 from shmblock import copier as copier_module
 from shmblock import guest as guest_module
 from shmblock.claims import Claims
@@ -41,18 +42,19 @@ from shmblock.targets.raw import RawTarget
 from tests.helpers import CS, begin_job, new_device, pattern, run_names
 
 N = 8
-GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, slots_per_writer=2)
+GEO = Geometry(N * CS, cluster_size=CS, max_writers=2, buffer_slots=4)
 STEP_TIMEOUT = 10.0
 
 Tracer = Callable[[FrameType, str, Any], Any]
 
 
 class Stepper:
-    """Run ``work`` in a thread that stops before every line it runs in ``source``."""
+    """Run ``work`` in a thread that stops before every line it runs in ``source`` (a
+    module's file, or several: a guest's save runs in guest.py and cbw_buffer.py)."""
 
-    def __init__(self, work: Callable[[], object], source: str) -> None:
+    def __init__(self, work: Callable[[], object], source: str | tuple[str, ...]) -> None:
         self._work = work
-        self._source = source
+        self._source = (source,) if isinstance(source, str) else source
         self._go = threading.Semaphore(0)
         self._paused = threading.Semaphore(0)
         self._free = False
@@ -72,7 +74,7 @@ class Stepper:
         return self._local
 
     def _global(self, frame: FrameType, event: str, arg: Any) -> Tracer | None:
-        if event == "call" and frame.f_code.co_filename == self._source:
+        if event == "call" and frame.f_code.co_filename in self._source:
             return self._local
         return None
 
@@ -125,7 +127,7 @@ class Rig:
         self.guest = GuestIO(device, 0, run_names().backup_queue("dev0"))
         self.steppers: list[Stepper] = []
 
-    def stepped(self, work: Callable[[], object], source: str) -> Stepper:
+    def stepped(self, work: Callable[[], object], source: str | tuple[str, ...]) -> Stepper:
         stepper = Stepper(work, source)
         self.steppers.append(stepper)
         return stepper
@@ -189,7 +191,7 @@ def test_the_worker_at_every_line_of_a_stage_mode_save(
     every line of a stage-mode save of cluster 5. A writer that cleared needs_copy[5]
     before its slot was FULL would let the pass skip 5 and the job complete without it.
     """
-    source = guest_module.__file__
+    source = (guest_module.__file__, cbw_buffer_module.__file__)
     n = 0
     while True:
         rig = rigs(1, False)
@@ -203,6 +205,29 @@ def test_the_worker_at_every_line_of_a_stage_mode_save(
         assert writer.error is None, writer.error
         if not rig.copier.background_done:
             rig.complete_and_check()  # the writer let go of its claim
+        if not alive:
+            break
+        n += 1
+    assert n > 10, "the save was not traced line by line"
+
+
+def test_a_drain_at_every_line_of_a_stage_mode_save(
+        rigs: Callable[[int, bool], Rig]) -> None:
+    """The worker drains the copy-before-write buffer at every line of a stage-mode save
+    of cluster 5 (in guest.py and cbw_buffer.py). A writer that published its slot (FULL)
+    before storing the data and the cluster number would have the drain write stale
+    bytes for 5, free the slot, and the backup would keep them."""
+    source = (guest_module.__file__, cbw_buffer_module.__file__)
+    n = 0
+    while True:
+        rig = rigs(1, False)
+        writer = rig.stepped(functools.partial(rig.guest.write, 5 * CS + 1, b"\xa5" * 100),
+                             source)
+        alive = all(writer.step() for _ in range(n))
+        rig.copier.drain_staging()
+        writer.finish()
+        assert writer.error is None, writer.error
+        rig.complete_and_check()
         if not alive:
             break
         n += 1
@@ -242,7 +267,7 @@ def test_sync_none_completes_at_every_line_of_a_stage_mode_save(
     before the job completes -- finish() stops copy-before-write and waits for the
     writer's claim before its last drain (before, a cluster staged after the last drain
     was dropped with the staging slots)."""
-    source = guest_module.__file__
+    source = (guest_module.__file__, cbw_buffer_module.__file__)
     n = 0
     while True:
         rig = rigs(1, False)

@@ -418,7 +418,7 @@ def test_verification_of_a_forged_backup_is_a_verification_error(
         tmp_path: Path, forged: list[tuple[int | None, str, int]], error: str) -> None:
     """The end-to-end property: verify_target reports a hostile qcow2 backup as a failed
     verification, it does not crash the run with OverflowError."""
-    geo = Geometry(16 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    geo = Geometry(16 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
     path = tmp_path / "b.qcow2"
     with new_device(geo) as dev:
         dev.data[: 4 * CS] = 7

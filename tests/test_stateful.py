@@ -4,22 +4,22 @@ One process plays every part. Two :class:`GuestIO` writers write to a small devi
 through the real write path; a :class:`Copier` (the backup worker's hands) copies to a
 real :class:`RawTarget`; a thread stands in for the worker's inbox and serves copy
 requests through the worker's real :class:`CopyRequests` book, so the request path
-(``cbw_mode=request``, or stage mode with every slot full) runs for real: the writer
-blocks on its reply queue, holding no claim, while the "worker" saves the cluster under
-the claim. The worker can be stalled, which makes writes that need it time out and
-exercises ``on-cbw-error``; when it wakes up it serves those requests late, long after
-their writers gave up, and a request parked when a job ends may be left over for the
-next job (a writer sent it after the worker drained its queue).
+(``cbw_mode=request``, or stage mode with the copy-before-write buffer full) runs for
+real: the writer blocks on its reply queue, holding no claim, while the "worker" saves
+the cluster under the claim. The worker can be stalled, which makes writes that need it
+time out and exercises ``on-cbw-error``; when it wakes up it serves those requests late,
+long after their writers gave up, and a request parked when a job ends may be left over
+for the next job (a writer sent it after the worker drained its queue).
 
 Interleavings. The worker's claims and target are wrapped so that a guest write can be
 scheduled to run *inside* a worker operation — background copy, the late serving of
 stale requests, a staging drain, the end of the job — at the n-th claim or target call
 of that operation, exactly where a second process could run. The write runs there if it
-would not have to wait (every cluster it must save is unclaimed, stage mode, slots
-free); otherwise it runs when the operation is over, as a blocked writer would. This is
-how the model generates the race of issue 7 item 1 (a stale copy request served after a
-stage-mode writer staged the cluster, cleared it and wrote new data) and background
-copy between reading the map and taking the claim.
+would not have to wait (every cluster it must save is unclaimed, stage mode, enough
+buffer slots held by the writer or free); otherwise it runs when the operation is over,
+as a blocked writer would. This is how the model generates the race of issue 7 item 1 (a
+stale copy request served after a stage-mode writer staged the cluster, cleared it and
+wrote new data) and background copy between reading the map and taking the claim.
 
 The model is plain numpy: the guest's writes applied to a zeroed array, and at job start
 a copy of it -- the snapshot. After every step the machine checks the invariants of
@@ -30,7 +30,7 @@ DESIGN.md that this level can see:
 * a cluster still marked ``needs_copy`` still holds its snapshot contents (nobody wrote
   it without saving it first);
 * a cluster no longer marked has its snapshot contents on the target or in exactly one
-  FULL staging slot, and ``saved`` says which;
+  FULL slot of the copy-before-write buffer, and ``saved`` says which;
 * when a job finishes (through the copier's own ``finish``, with no drain of the
   model's before it), the committed file is the snapshot, byte for byte, for every
   cluster the sync mode covers (invariant 1), and every cluster was saved exactly once.
@@ -85,8 +85,8 @@ from tests.helpers import CS, begin_job, create_device, destroy, run_names
 CLUSTERS = 24
 SIZE = CLUSTERS * CS
 WRITERS = 2
-SLOTS_PER_WRITER = 2  # few, so they fill up and writers fall back to copy requests
-GEO = Geometry(SIZE, cluster_size=CS, max_writers=WRITERS, slots_per_writer=SLOTS_PER_WRITER)
+BUFFER_SLOTS = 4  # few, so the buffer fills up and writers fall back to copy requests
+GEO = Geometry(SIZE, cluster_size=CS, max_writers=WRITERS, buffer_slots=BUFFER_SLOTS)
 
 #: The worker's inbox: one request is in flight at a time in this model.
 QUEUE_DEPTH = 4
@@ -153,12 +153,17 @@ class HookedClaims(Claims):
         self.hooks = hooks
         self.spread = 0  # which cluster of a multi-cluster claim to aim at
 
+    # The buffer's lock and alive bytes (far past the clusters) are not interleaving
+    # points: the worker only ever tries them, and holds them for a scan of the slots.
+
     def try_claim(self, cluster: int, count: int = 1) -> bool:
-        self.hooks.point(cluster + self.spread % count)
+        if cluster < CLUSTERS:
+            self.hooks.point(cluster + self.spread % count)
         return super().try_claim(cluster, count)
 
     def claim(self, cluster: int, count: int, deadline: float) -> None:
-        self.hooks.point(cluster + self.spread % count)
+        if cluster < CLUSTERS:
+            self.hooks.point(cluster + self.spread % count)
         super().claim(cluster, count, deadline)
 
 
@@ -295,7 +300,7 @@ class Shared:
     needs_copy: U8Array
     allocated: U8Array
     saved: U8Array
-    slot_state: U8Array
+    slot_state: npt.NDArray[np.uint16]
     slot_cluster: npt.NDArray[np.uint64]
     staging: U8Array
     broken: bool
@@ -430,7 +435,8 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
         with self.w.lock:
             drained = self.job.copier.drain_staging()
         assert drained == full
-        assert (Shared.of(self.dev).slot_state == L.SLOT_FREE).all()
+        # Drained slots are free; slots a writer reserved and has not filled stay held.
+        assert not (Shared.of(self.dev).slot_state == L.SLOT_FULL).any()
 
     @rule(cancel=st.integers(0, 3), leave_requests=st.booleans())
     def end(self, cancel: int, leave_requests: bool) -> None:
@@ -459,7 +465,7 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
             assert copier.background_done
             copier.finish(job.sync)
             shared = Shared.of(dev)
-            assert (shared.slot_state == L.SLOT_FREE).all(), "finish() left staged clusters"
+            assert not (shared.slot_state == L.SLOT_FULL).any(), "finish() left saved clusters"
             if shared.broken:
                 # The snapshot is broken: the worker fails the job.
                 assert job.broken
@@ -609,8 +615,12 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
             return True
         if int(ctl[L.CTL_CBW_MODE]) != 0:
             return False
-        free = [s for s in dev.writer_slots(writer) if dev.slot_state[s] == L.SLOT_FREE]
-        if len(free) < len(marked):
+        # The writer's own reservations first, then a batch from the free slots (under
+        # the buffer's lock, which nobody holds between rules).
+        state = dev.slot_state
+        held = int(np.count_nonzero(state == L.SLOT_HELD + writer))
+        free = int(np.count_nonzero(state[: int(ctl[L.CTL_BUF_LIMIT])] == L.SLOT_FREE))
+        if held + free < len(marked):
             return False
         assert self.probe is not None
         for c in marked:
@@ -628,8 +638,8 @@ class CopyBeforeWriteMachine(RuleBasedStateMachine):
     @rule(writes=st.lists(st.tuples(st.integers(0, WRITERS - 1), OFFSETS, LENGTHS, VALUES),
                           min_size=2, max_size=6))
     def guest_burst(self, writes: list[tuple[int, int, int, int]]) -> None:
-        """Several writes in a row: staging slots fill up and writers fall back to
-        copy requests."""
+        """Several writes in a row: the buffer fills up and writers fall back to copy
+        requests."""
         for write in writes:
             self._write(*write)
 

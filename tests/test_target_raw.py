@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from shmblock.errors import TargetUnreachable
+from shmblock.targets import raw as raw_module
 from shmblock.targets.base import Target
 from shmblock.targets.raw import RawTarget
 from tests.target_conformance import CLUSTER, SIZE, FileTargetTests, TargetTests, pattern
@@ -58,3 +62,73 @@ def test_partial_file_until_commit(tmp_path: Path) -> None:
 def test_missing_directory_is_unreachable(tmp_path: Path) -> None:
     with pytest.raises(TargetUnreachable, match="does not exist"):
         RawTarget(str(tmp_path / "nope" / "b.raw"), SIZE, CLUSTER)
+
+
+# -- pre-allocation (issue 9 item 4) ----------------------------------------------------------
+
+
+def _fs_preallocates(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return not raw_module.on_tmpfs(fd)
+    finally:
+        os.close(fd)
+
+
+def test_the_part_is_preallocated_then_unwritten_clusters_are_punched(tmp_path: Path) -> None:
+    """On a disk file system the whole .part is allocated at open (before the snapshot),
+    and what was never written is a hole again once sealed: a sparse device still
+    gives a sparse backup."""
+    if not _fs_preallocates(tmp_path):
+        pytest.skip("tmp_path is on tmpfs, where the raw target does not pre-allocate")
+    target = RawTarget(str(tmp_path / "b.raw"), 256 * CLUSTER, CLUSTER)
+    try:
+        assert os.stat(target.part_path).st_blocks * 512 >= 256 * CLUSTER
+        target.write(7 * CLUSTER, pattern(1))
+        target.write(200 * CLUSTER, pattern(2) + pattern(3))
+        target.write_zeroes(0, 7 * CLUSTER)
+        target.seal()
+        st = os.stat(target.part_path)
+        assert st.st_size == 256 * CLUSTER
+        assert st.st_blocks * 512 <= 6 * CLUSTER  # three clusters of data, some metadata
+        data = (tmp_path / "b.raw.part").read_bytes()
+        assert data[7 * CLUSTER : 8 * CLUSTER] == pattern(1)
+        assert data[200 * CLUSTER : 202 * CLUSTER] == pattern(2) + pattern(3)
+        assert data[: 7 * CLUSTER] == bytes(7 * CLUSTER)
+        assert data[8 * CLUSTER : 200 * CLUSTER] == bytes(192 * CLUSTER)
+    finally:
+        target.abort()
+
+
+def test_tmpfs_is_not_preallocated(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or _fs_preallocates(shm):
+        pytest.skip("no tmpfs at /dev/shm")
+    work = Path(tempfile.mkdtemp(dir=shm, prefix="shmblock-test-raw-"))
+    try:
+        target = RawTarget(str(work / "b.raw"), 64 * CLUSTER, CLUSTER)
+        try:
+            assert os.stat(target.part_path).st_blocks == 0
+        finally:
+            target.abort()
+    finally:
+        shutil.rmtree(work)
+
+
+@pytest.mark.parametrize("err", [errno.EOPNOTSUPP, errno.ENOSPC])
+def test_no_preallocation_where_the_file_system_cannot(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       err: int) -> None:
+    """EOPNOTSUPP (or no room for the whole device): silently sparse, as before."""
+    def refuse(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(raw_module, "fallocate", refuse)
+    monkeypatch.setattr(raw_module, "on_tmpfs", lambda fd: False)
+    target = RawTarget(str(tmp_path / "b.raw"), 16 * CLUSTER, CLUSTER)
+    target.write(CLUSTER, pattern(4))
+    target.commit()
+    target.close()
+    data = (tmp_path / "b.raw").read_bytes()
+    assert data == bytes(CLUSTER) + pattern(4) + bytes(14 * CLUSTER)
+    assert os.stat(tmp_path / "b.raw").st_blocks * 512 <= 4 * CLUSTER

@@ -82,7 +82,7 @@ def test_check_refuses_a_copy_that_does_not_fit() -> None:
 
 
 def test_snapshot_capture_checks_memory_and_times_the_copy() -> None:
-    geo = Geometry(64 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    geo = Geometry(64 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
     with new_device(geo) as dev:
         with pytest.raises(NotEnoughMemoryError):
             SnapshotCapture(dev, available=lambda: geo.size)

@@ -23,7 +23,7 @@ from shmblock.transport import SUPERVISOR_RECEIVES, WRITER_CONTROL_RECEIVES, Que
 from tests.helpers import CS, new_device, run_names
 from workers import guest
 
-GEO = Geometry(16 * CS, cluster_size=CS, max_writers=2, slots_per_writer=2)
+GEO = Geometry(16 * CS, cluster_size=CS, max_writers=2, buffer_slots=4)
 
 
 @pytest.fixture
