@@ -29,7 +29,7 @@ def expected_allocated(path: Path, clusters: int) -> list[int]:
 
 
 def test_holes_are_skipped_and_data_extents_scanned(tmp_path: Path) -> None:
-    geo = Geometry(600 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    geo = Geometry(600 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
     path = tmp_path / "disk.raw"
     sparse_image(path, geo.size, [
         (0, b"\1"),                                  # the first byte
@@ -46,7 +46,7 @@ def test_holes_are_skipped_and_data_extents_scanned(tmp_path: Path) -> None:
 
 
 def test_a_file_without_holes_is_scanned_whole(tmp_path: Path) -> None:
-    geo = Geometry(64 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    geo = Geometry(64 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
     path = tmp_path / "disk.raw"
     image = np.zeros(geo.size, np.uint8)
     image[[7, 3 * CS + 5, 63 * CS]] = 9
@@ -56,7 +56,7 @@ def test_a_file_without_holes_is_scanned_whole(tmp_path: Path) -> None:
 
 
 def test_the_scan_can_be_left_to_the_caller(tmp_path: Path) -> None:
-    geo = Geometry(16 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    geo = Geometry(16 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
     path = tmp_path / "disk.raw"
     sparse_image(path, geo.size, [(9 * CS, b"x")])
     names = run_names()
@@ -73,7 +73,7 @@ def test_the_scan_can_be_left_to_the_caller(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("chunk", [1, 3, 256])
 def test_chunk_sizes_agree(tmp_path: Path, chunk: int) -> None:
-    geo = Geometry(40 * CS, cluster_size=CS, max_writers=1, slots_per_writer=1)
+    geo = Geometry(40 * CS, cluster_size=CS, max_writers=1, buffer_slots=1)
     path = tmp_path / "disk.raw"
     sparse_image(path, geo.size, [(c * CS + 17, b"z") for c in (1, 2, 19, 39)])
     with new_device(geo, backing_file=str(path), names=run_names()) as dev:
