@@ -5,7 +5,9 @@ except its contents::
 
     offset 0      header (4 KiB): magic, version, geometry, run id, names; control words;
                   dirty-bitmap names
-    then          needs_copy   one byte per cluster
+    then          in_write     one uint64 per writer, each on its own 64-byte line
+                  (the freeze handshake, see shmblock.freeze)
+                  needs_copy   one byte per cluster
                   allocated    one byte per cluster
                   saved        one byte per cluster
                   dirty[i]     one byte per cluster, for each of MAX_BITMAPS bitmaps
@@ -57,6 +59,13 @@ CTL_CBW_CLUSTERS = 10  # clusters saved by copy-before-write in this job
 CTL_BITMAP_MASK = 11  # bit i set: dirty bitmap i is enabled and records guest writes
 CTL_JOB_SEQ = 12  # incremented for every job started on the device
 CTL_JOB_RELEASED = 13  # CTL_JOB_SEQ of the last job that ended needing no more saves
+# Nonzero while a freeze is on (its low 32 bits are the futex word writers sleep on); word
+# 16 starts a cache line of its own, away from the worker's progress and heartbeat words.
+CTL_FREEZE = 16
+
+#: bytes between two writers' in-write words: a cache line each, so one writer's stores
+#: do not take the line away from another (false sharing on every write)
+IN_WRITE_STRIDE = 64
 
 CBW_MODES = ("stage", "request")
 ON_CBW_ERROR = ("break-guest-write", "break-snapshot")
@@ -92,8 +101,12 @@ class Layout:
         return _align(self.clusters)
 
     @property
-    def needs_copy_offset(self) -> int:
+    def in_write_offset(self) -> int:
         return HEADER_SIZE
+
+    @property
+    def needs_copy_offset(self) -> int:
+        return self.in_write_offset + _align(self.max_writers * IN_WRITE_STRIDE)
 
     @property
     def allocated_offset(self) -> int:
