@@ -11,6 +11,7 @@ freeze (shmblock.verify). Plus the membarrier/futex wrapper on its own.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import random
@@ -29,6 +30,7 @@ from shmblock import membarrier
 from shmblock import stats as S
 from shmblock.device import Device, Geometry
 from shmblock.engine import Engine
+from shmblock.errors import PeerGone
 from shmblock.job import Outcome
 from tests.helpers import CS, new_device
 from tests.procs import start_writer_stopping_in_write, wait_until
@@ -148,8 +150,8 @@ def test_a_writer_that_stays_inside_a_write_fails_the_freeze_in_bounded_time(
                                               workload="random", duration=120.0)
         try:
             t0 = time.monotonic()
-            with pytest.raises(freeze_module.PeerGone, match="writer 0 of dev0 .* stayed "
-                                                             "in a write"), \
+            with pytest.raises(PeerGone,
+                               match=r"writer 0 of dev0 .* stayed in a write"), \
                     engine.freeze([dev]):
                 pass
             assert time.monotonic() - t0 < 5.0
@@ -254,7 +256,7 @@ def test_membarrier_errors_name_what_is_missing(monkeypatch: pytest.MonkeyPatch,
         return -1
 
     monkeypatch.setattr(membarrier, "_syscall", lambda: failing)
-    monkeypatch.setattr(membarrier.ctypes, "get_errno", lambda: err)
+    monkeypatch.setattr(ctypes, "get_errno", lambda: err)
     with pytest.raises(membarrier.MembarrierUnavailable, match=words) as info:
         membarrier.barrier()
     assert "MEMBARRIER_CMD_GLOBAL_EXPEDITED" in str(info.value)
