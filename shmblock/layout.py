@@ -45,7 +45,7 @@ assert HEADER_STRUCT.size <= CTL_OFFSET
 assert BITMAP_NAMES_OFFSET + MAX_BITMAPS * BITMAP_NAME_BYTES <= HEADER_SIZE
 
 # Control words: uint64 values in the header, read and written with single stores.
-CTL_EPOCH = 0  # freeze epoch hint: writers poll it and read their control queue on change
+CTL_EPOCH = 0  # control hint: writers poll it and read their control queue on change
 CTL_JOB_ACTIVE = 1  # 1 while a job may have needs_copy bits set
 CTL_BROKEN = 2  # 1 when a guest write broke the snapshot (on-cbw-error=break-snapshot)
 CTL_CBW_MODE = 3  # 0 = stage (writer saves old data itself), 1 = request (worker saves)
