@@ -239,6 +239,7 @@ class GuestIO:
             for i in self._dirty_rows:
                 self._dirty[i, c0:c1] = 1
         self._data[offset : offset + n] = buf
+        self._in_write[0] = 0  # its last store is done: a freeze need not wait for the rest
         self._ops += 1
         self._account(t0, n)
 
