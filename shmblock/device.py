@@ -73,6 +73,7 @@ import numpy.typing as npt
 import posix_ipc
 
 from shmblock import layout as L
+from shmblock import membarrier
 from shmblock.bitmaps import PersistentBitmapFile
 from shmblock.errors import AttachError, BitmapError, DeviceError, NoSpaceError, UsageError
 from shmblock.stats import STATS_WORDS
@@ -116,6 +117,9 @@ def check_memory_ordering() -> None:
             "plain stores and no memory fences, which only x86-64 (TSO) keeps in order; "
             "on a weakly ordered CPU the backup worker could save stale data"
         )
+    # The freeze's handshake needs a store-load fence that numpy cannot issue; it gets it
+    # from membarrier(2) (shmblock.freeze). Refused here, before anything is created.
+    membarrier.require()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,7 @@ class Device:
     stats: U64Array  # shape (max_writers, STATS_WORDS)
     staging: U8Array  # shape (slots, cluster_size)
     ctl: U64Array
+    in_write: U64Array  # shape (max_writers, IN_WRITE_STRIDE // 8); column 0 is the word
 
     def __init__(
         self,
@@ -440,6 +445,9 @@ class Device:
 
         self.data = np.frombuffer(self._data_map, dtype=np.uint8)
         self.ctl = np.frombuffer(meta, dtype=np.uint64, count=L.CTL_WORDS, offset=L.CTL_OFFSET)
+        line = L.IN_WRITE_STRIDE // 8
+        self.in_write = np.frombuffer(meta, dtype=np.uint64, count=lay.max_writers * line,
+                                      offset=lay.in_write_offset).reshape(-1, line)
         self.needs_copy = u8(lay.needs_copy_offset, n)
         self.allocated = u8(lay.allocated_offset, n)
         self.saved = u8(lay.saved_offset, n)
@@ -576,6 +584,7 @@ class Device:
         if self._meta_map is None:
             return
         views: dict[str, Any] = {}
+        self.__dict__.pop("in_write", None)
         for name in ("data", "ctl", "needs_copy", "allocated", "saved", "dirty", "slot_state",
                      "slot_cluster", "stats", "staging"):
             views[name] = self.__dict__.pop(name, None)

@@ -90,7 +90,10 @@ class DeviceHandle:
         self.engine = engine
         self.name = name
         self.device = device
-        self.gate = threading.Lock()  # held by guest writes of this process and by freezes
+        #: held by guest writes of this process: its one GuestIO serves one thread at a
+        #: time (freezes do not take it: they wait on the in-write words, shmblock.freeze)
+        self.gate = threading.Lock()
+        self.freeze_lock = threading.Lock()  # one freeze of this device at a time
         self._io_lock = threading.Lock()  # two threads' first I/O make one GuestIO
         self._io_writer = io_writer
         self._io: GuestIO | None = None

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -50,6 +51,7 @@ import numpy.typing as npt
 
 import protocol
 from shmblock import layout as L
+from shmblock import membarrier
 from shmblock import stats as S
 from shmblock.cbw_buffer import Producer
 from shmblock.claims import Claims
@@ -65,6 +67,12 @@ STATS_FLUSH_OPS = 256
 STATS_FLUSH_NS = 50_000_000
 #: How often a writer waiting for COPY_DONE looks whether the job ended without it.
 RELEASE_POLL = 0.02
+#: How long a writer waits for a thaw before it writes on (counted: a supervisor that
+#: never thaws must not stop the guest for good), and its futex slice between looks.
+FREEZE_TIMEOUT = 30.0
+FREEZE_POLL = 0.05
+
+log = logging.getLogger("shmblock.guest")
 
 
 class GuestIO:
@@ -103,6 +111,16 @@ class GuestIO:
         self._ctl = device.ctl
         self._buffer = Producer(device, writer, self._claims)
         self._row = device.stats[writer]
+        # The freeze handshake (shmblock.freeze): our "in a write" word holds our pid
+        # while we write; the freeze word's address is what we sleep on when frozen.
+        self._in_write = device.in_write[writer, :1]
+        self._freeze_word = device.ctl.ctypes.data + L.CTL_FREEZE * 8
+        self._pid = os.getpid()
+        self._freezes = self._freeze_timeouts = 0
+        #: called between futex slices while frozen (a writer process checks its parent)
+        self.on_freeze_wait: Callable[[], None] | None = None
+        self.freeze_timeout = FREEZE_TIMEOUT
+        membarrier.register()  # once per process: the freezer's barrier then reaches us
         # -1: the first write always looks at the control queue (a Freeze may be there).
         self._epoch_seen = -1
         self._mask_seen = -1
@@ -138,9 +156,54 @@ class GuestIO:
             raise UsageError(f"write of {n} bytes at {offset} is outside the device")
         if self._gate is not None:
             with self._gate:
-                self._write(offset, buf, n)
+                self._fenced_write(offset, buf, n)
         else:
+            self._fenced_write(offset, buf, n)
+
+    def _fenced_write(self, offset: int, buf: npt.NDArray[np.uint8], n: int) -> None:
+        """The write inside the freeze handshake (see :mod:`shmblock.freeze`).
+
+        Store "in a write", *then* load the freeze word: the freezer stores the freeze
+        word, runs membarrier, then loads every in-write word, so one of us sees the
+        other's store. A freeze on: step back (clear the word) and sleep until the thaw.
+        """
+        iw = self._in_write
+        ctl = self._ctl
+        while True:
+            iw[0] = self._pid
+            if not ctl[L.CTL_FREEZE]:
+                break
+            iw[0] = 0
+            if not self._wait_for_thaw():
+                iw[0] = self._pid
+                break
+        try:
             self._write(offset, buf, n)
+        finally:
+            iw[0] = 0  # after the data: TSO keeps our stores in order
+
+    def _wait_for_thaw(self) -> bool:
+        """Sleep until the freeze word is cleared; False if we gave up (and write on)."""
+        self._freezes += 1
+        self._row[S.W_FREEZES] = self._freezes
+        ctl = self._ctl
+        deadline = time.monotonic() + self.freeze_timeout
+        while word := int(ctl[L.CTL_FREEZE]):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Writing on is the lesser evil, but the supervisor must be able to see
+                # it: a write during its freeze breaks the snapshot instant. The count
+                # is in shared memory (WriterStats.freeze_timeouts), even if we die.
+                self._freeze_timeouts += 1
+                self._row[S.W_FREEZE_TIMEOUTS] = self._freeze_timeouts
+                log.warning("no thaw within %.0f s: writing on without it (a snapshot "
+                            "taken in that freeze is no longer point-in-time)",
+                            self.freeze_timeout)
+                return False
+            membarrier.futex_wait(self._freeze_word, word, min(remaining, FREEZE_POLL))
+            if self.on_freeze_wait is not None:
+                self.on_freeze_wait()
+        return True
 
     def _write(self, offset: int, buf: npt.NDArray[np.uint8], n: int) -> None:
         t0 = time.perf_counter_ns()
@@ -177,6 +240,7 @@ class GuestIO:
             for i in self._dirty_rows:
                 self._dirty[i, c0:c1] = 1
         self._data[offset : offset + n] = buf
+        self._in_write[0] = 0  # its last store is done: a freeze need not wait for the rest
         self._ops += 1
         self._account(t0, n)
 
@@ -382,4 +446,5 @@ class GuestIO:
             self._backup_queue = None
         # Drop our views of the mapping so the device can be closed (else BufferError).
         del self._data, self._nc, self._alloc, self._dirty, self._ctl, self._row
+        del self._in_write
         self._note_write = None

@@ -5,7 +5,9 @@ except its contents::
 
     offset 0      header (4 KiB): magic, version, geometry, run id, names; control words;
                   dirty-bitmap names
-    then          needs_copy   one byte per cluster
+    then          in_write     one uint64 per writer, each on its own 64-byte line
+                  (the freeze handshake, see shmblock.freeze)
+                  needs_copy   one byte per cluster
                   allocated    one byte per cluster
                   saved        one byte per cluster
                   dirty[i]     one byte per cluster, for each of MAX_BITMAPS bitmaps
@@ -46,7 +48,7 @@ assert HEADER_STRUCT.size <= CTL_OFFSET
 assert BITMAP_NAMES_OFFSET + MAX_BITMAPS * BITMAP_NAME_BYTES <= HEADER_SIZE
 
 # Control words: uint64 values in the header, read and written with single stores.
-CTL_EPOCH = 0  # freeze epoch hint: writers poll it and read their control queue on change
+CTL_EPOCH = 0  # control hint: writers poll it and read their control queue on change
 CTL_JOB_ACTIVE = 1  # 1 while a job may have needs_copy bits set
 CTL_BROKEN = 2  # 1 when a guest write broke the snapshot (on-cbw-error=break-snapshot)
 CTL_CBW_MODE = 3  # 0 = stage (writer saves old data itself), 1 = request (worker saves)
@@ -60,6 +62,13 @@ CTL_CBW_CLUSTERS = 10  # clusters saved by copy-before-write in this job
 CTL_BITMAP_MASK = 11  # bit i set: dirty bitmap i is enabled and records guest writes
 CTL_JOB_SEQ = 12  # incremented for every job started on the device
 CTL_JOB_RELEASED = 13  # CTL_JOB_SEQ of the last job that ended needing no more saves
+# Nonzero while a freeze is on (its low 32 bits are the futex word writers sleep on); word
+# 16 starts a cache line of its own, away from the worker's progress and heartbeat words.
+CTL_FREEZE = 16
+
+#: bytes between two writers' in-write words: a cache line each, so one writer's stores
+#: do not take the line away from another (false sharing on every write)
+IN_WRITE_STRIDE = 64
 
 # The copy-before-write buffer's per-job words (shmblock.cbw_buffer), kept at the far end
 # of the control area, away from the words above. Reset by cbw_buffer.configure before
@@ -106,8 +115,12 @@ class Layout:
         return _align(self.clusters)
 
     @property
-    def needs_copy_offset(self) -> int:
+    def in_write_offset(self) -> int:
         return HEADER_SIZE
+
+    @property
+    def needs_copy_offset(self) -> int:
+        return self.in_write_offset + _align(self.max_writers * IN_WRITE_STRIDE)
 
     @property
     def allocated_offset(self) -> int:

@@ -130,6 +130,12 @@ MUTANTS: dict[str, Mutant] = {
         "        if False:\n            return Served.STALE",
         ("tests/test_stateful.py", "-k", "left_over_from_an_earlier_job"),
         "a copy request of another job is served"),
+    "freeze-no-in-write-wait": Mutant(
+        "shmblock/freeze.py",
+        "            while busy := in_a_write(h, writers):",
+        "            while busy := in_a_write(h, writers)[:0]:",
+        ("tests/test_freeze_fence.py", "-k", "storms or inside_a_write_holds"),
+        "the freeze does not wait for writers that are in a write"),
 }
 
 

@@ -15,13 +15,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
 import pytest
 
 from shmblock import layout as L
-from shmblock.engine import BackupJob
+from shmblock.engine import BackupJob, DeviceHandle, Engine, WriterProcess
 from shmblock.errors import StateError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,3 +151,20 @@ def wait_for_cbw(job: BackupJob, clusters: int, timeout: float = 30.0) -> None:
     ctl = job.device.device.ctl
     wait_until(lambda: int(ctl[L.CTL_CBW_CLUSTERS]) >= clusters or job.tracker.concluded,
                timeout, what=f"{clusters} copy-before-write saves")
+
+
+def start_writer_stopping_in_write(engine: Engine, dev: DeviceHandle, nth: int,
+                                   monkeypatch: pytest.MonkeyPatch, **kwargs: Any
+                                   ) -> WriterProcess:
+    """Start one writer that stops itself (SIGSTOP) inside its ``nth`` write, after it
+    published "in a write" (workers.guest's test hook); returns once it is stopped
+    there. The caller continues it (SIGCONT)."""
+    from workers.guest import STOP_IN_WRITE_ENV
+
+    with monkeypatch.context() as m:
+        m.setenv(STOP_IN_WRITE_ENV, str(nth))
+        (writer,) = engine.start_writers(dev, 1, **kwargs)
+    wait_until(lambda: psutil.Process(writer.pid).status() == psutil.STATUS_STOPPED, 60.0,
+               what=f"writer {writer.ident} to stop in write {nth}")
+    assert int(dev.device.in_write[writer.ident, 0]) == writer.pid, "not in a write"
+    return writer

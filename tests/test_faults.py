@@ -51,6 +51,7 @@ from tests.procs import (
     pid_gone,
     run_cli,
     start_cli,
+    start_writer_stopping_in_write,
     stopped,
     unthrottle,
     wait_for_cbw,
@@ -424,15 +425,18 @@ def test_worker_stuck_before_its_first_heartbeat_is_detected(tmp_path: Path) -> 
 
 def test_a_stopped_writer_fails_the_snapshot_in_bounded_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A writer that never answers Freeze: job start fails, nothing stays frozen."""
+    """A writer that never leaves its write: job start fails, nothing stays frozen."""
     monkeypatch.setattr(freeze_module, "FREEZE_TIMEOUT", 1.0)
     with Engine() as engine:
         dev = engine.create_device(16 * MiB, max_writers=2)
-        procs = engine.start_writers(dev, 2, workload="random", duration=60.0, seed=12)
+        procs = engine.start_writers(dev, 1, workload="random", duration=60.0, seed=12)
+        procs.append(start_writer_stopping_in_write(engine, dev, 100, monkeypatch,
+                                                    workload="random", duration=60.0,
+                                                    seed=13))
         job = engine.create_backup(dev, str(tmp_path / "b.raw"))
-        with stopped(procs[1].pid):
+        with stopped(procs[1].pid):  # stopped in a write already; continued at the end
             t0 = time.monotonic()
-            with pytest.raises(PeerGone, match="writer 1 did not freeze"):
+            with pytest.raises(PeerGone, match=r"writer 1 of dev0 .* stayed in a write"):
                 job.start()
             assert time.monotonic() - t0 < 5.0
             assert_job_released_device(dev)
@@ -568,20 +572,22 @@ def test_bad_messages_on_every_queue(tmp_path: Path, capfd: pytest.CaptureFixtur
         assert f"{kind}" in logged and "on the backup queue" in logged
 
 
-def test_a_frozen_for_an_epoch_not_asked_for_does_not_cut_a_freeze_short() -> None:
+def test_a_frozen_for_an_epoch_not_asked_for_does_not_cut_a_freeze_short(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A Frozen sent ahead of a freeze must not let the supervisor skip that writer.
 
-    The writer is stopped when the freeze begins: the freeze has to wait for it (until
-    it is continued and really answers), or its write in flight lands in the snapshot.
+    The writer is stopped inside a write when the freeze begins: the freeze has to wait
+    for it (until it is continued and leaves the write), or its write in flight lands
+    in the snapshot.
     """
     with Engine() as engine:
         dev = engine.create_device(16 * MiB, max_writers=1)
-        (writer,) = engine.start_writers(dev, 1, workload="random", duration=60.0, seed=8)
-        wait_until(lambda: bool(dev.device.stats[0, S.W_OPS] > 0), 10.0, what="writes")
+        writer = start_writer_stopping_in_write(engine, dev, 200, monkeypatch,
+                                                workload="random", duration=60.0, seed=8)
         sup = posix_ipc.MessageQueue(engine.names.supervisor_queue)
         try:
-            with stopped(writer.pid):
-                spoof = protocol.Frozen(epoch=int(dev.device.ctl[L.CTL_EPOCH]) + 1, writer=0)
+            with stopped(writer.pid):  # stopped already; continued whatever happens
+                spoof = protocol.Frozen(epoch=1, writer=0)
                 sup.send(protocol.encode(spoof), timeout=5.0)
                 wait_until(lambda: engine.sup.rejected == 1, 10.0,
                            what="the supervisor to reject it")

@@ -43,6 +43,7 @@ from tests.procs import (
     assert_same_image,
     needs_qemu_img,
     qcow2_as_raw,
+    start_writer_stopping_in_write,
     stopped,
     unthrottle,
     wait_for_cbw,
@@ -291,15 +292,17 @@ def test_freeze_quiesces_every_writer(tmp_path: Path) -> None:
             thread.join(10.0)
 
 
-def test_freeze_of_two_devices_waits_for_every_writer_of_both() -> None:
-    """Writer 0 of one device answering Frozen does not count for writer 0 of another."""
+def test_freeze_of_two_devices_waits_for_every_writer_of_both(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writer 0 of one device out of its write does not count for writer 0 of another,
+    which is stopped inside one."""
     with Engine() as engine:
         first = engine.create_device(8 * MiB, name="first", max_writers=1)
         second = engine.create_device(8 * MiB, name="second", max_writers=1)
         (w_first,) = engine.start_writers(first, 1, duration=60.0, seed=1)
-        (w_second,) = engine.start_writers(second, 1, duration=60.0, seed=2)
-        wait_until(lambda: bool(second.device.stats[0, S.W_OPS] > 0), 10.0, what="writes")
-        with stopped(w_second.pid):
+        w_second = start_writer_stopping_in_write(engine, second, 200, monkeypatch,
+                                                  duration=60.0, seed=2)
+        with stopped(w_second.pid):  # stopped already; continued whatever happens
             resume = threading.Timer(0.3, os.kill, (w_second.pid, signal.SIGCONT))
             resume.start()
             t0 = time.monotonic()

@@ -1,10 +1,15 @@
 """The guest-writer process: ``python -m workers.guest --meta NAME --id N ...``.
 
 Runs one synthetic workload against the device through :class:`shmblock.guest.GuestIO`
-(the copy-before-write path), for a duration or an op count, optionally rate limited,
-and answers the supervisor's freezes: on Freeze it finishes the write in flight, answers
-Frozen and waits for Thaw, so that snapshot start sees no write in flight (DESIGN.md
-invariant 3). Statistics go to its row in shared memory as it runs.
+(the copy-before-write path), for a duration or an op count, optionally rate limited.
+Freezes need nothing from this loop: GuestIO publishes "in a write" around every write
+and sleeps through a freeze by itself (:mod:`shmblock.freeze`); while it sleeps this
+process checks that the supervisor still lives. The control queue carries Shutdown.
+Statistics go to its row in shared memory as it runs.
+
+Test hook: ``SHMBLOCK_TEST_STOP_IN_WRITE=N`` makes the writer stop itself (SIGSTOP) in
+its N-th write, after it has published "in a write" and before it stores anything, so
+that a test can hold a write in flight at a known point (tests/test_freeze_fence.py).
 """
 
 from __future__ import annotations
@@ -13,29 +18,30 @@ import argparse
 import hmac
 import logging
 import os
+import signal
 import sys
 import time
 
 import numpy as np
+import numpy.typing as npt
 
 import protocol
 from shmblock.device import Device
 from shmblock.errors import CopyBeforeWriteError, ShmblockError
 from shmblock.guest import WORKLOADS, GuestIO
 from shmblock.names import RunNames
-from shmblock.stats import W_FREEZE_TIMEOUTS, W_FREEZES
 from shmblock.transport import Queue
 from workers.common import Terminated, parent_alive, read_job_token, start_worker
 from workers.workloads import batches
 
 log = logging.getLogger("shmblock.guest")
 
-FREEZE_TIMEOUT = 30.0
 PAYLOAD_BYTES = 1 << 20
+STOP_IN_WRITE_ENV = "SHMBLOCK_TEST_STOP_IN_WRITE"
 
 
 class GuestWriter:
-    """One writer: a workload driving a GuestIO, plus the freeze handshake."""
+    """One writer: a workload driving a GuestIO, and its control queue."""
 
     def __init__(self, args: argparse.Namespace, parent: int) -> None:
         self.args = args
@@ -49,15 +55,36 @@ class GuestWriter:
         self.io = GuestIO(self.device, self.ident, self.names.backup_queue(args.device),
                           reply_queue=self.reply,
                           on_epoch=self.service_control)
+        self.io.on_freeze_wait = self.check_parent
         self.stop = False
-        self.freezes = 0
-        self.freeze_timeouts = 0
-        self.token = ""  # our secret, from stdin: the supervisor wants it on Frozen
+        self.token = ""  # our secret, from stdin: control messages must carry it
+        if (stop_at := os.environ.get(STOP_IN_WRITE_ENV, "")).isdigit():
+            self._stop_in_write(int(stop_at))
+
+    def _stop_in_write(self, nth: int) -> None:
+        """The test hook (see the module docstring): SIGSTOP in write ``nth``."""
+        io = self.io
+        write = io._write
+        count = 0
+
+        def stopping(offset: int, buf: npt.NDArray[np.uint8], n: int) -> None:
+            nonlocal count
+            count += 1
+            if count == nth:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            write(offset, buf, n)
+
+        io._write = stopping  # type: ignore[method-assign]
+
+    def check_parent(self) -> None:
+        """Between slices of a freeze: an orphaned writer exits, it would never thaw."""
+        if not parent_alive(self.parent):
+            raise Terminated("the supervisor died while we were frozen")
 
     # -- control ------------------------------------------------------------------------
 
     def service_control(self, wait: float = 0.0) -> None:
-        """Handle queued control messages; a Freeze blocks here until its Thaw."""
+        """Handle queued control messages (Shutdown; nothing else is sent here now)."""
         msg = self.control.receive(wait)
         while msg is not None:
             try:
@@ -65,11 +92,10 @@ class GuestWriter:
                     # Anyone of this user can write here; only the supervisor has our token.
                     log.warning("ignoring %s without this writer's token",
                                 type(msg).__name__)
-                elif isinstance(msg, protocol.Freeze):
-                    self.frozen(msg.epoch)
                 elif isinstance(msg, protocol.Shutdown):
                     self.stop = True
-                elif not isinstance(msg, protocol.Thaw):
+                else:
+                    # Freeze/Thaw are no longer sent (shmblock.freeze uses shared words).
                     log.warning("unexpected %s on the control queue", type(msg).__name__)
             except Terminated:
                 raise
@@ -78,36 +104,6 @@ class GuestWriter:
                 self.control.rejected += 1
                 log.exception("error handling %s (carrying on)", type(msg).__name__)
             msg = self.control.receive(0.0)
-
-    def frozen(self, epoch: int) -> None:
-        self.sup.send(protocol.Frozen(epoch=epoch, writer=self.ident, token=self.token),
-                      timeout=5.0)
-        self.freezes += 1
-        self.device.stats[self.ident, W_FREEZES] = self.freezes
-        deadline = time.monotonic() + FREEZE_TIMEOUT
-        while time.monotonic() < deadline:
-            msg = self.control.receive(0.2)
-            if msg is not None and not hmac.compare_digest(getattr(msg, "token", ""),
-                                                           self.token):
-                # A forged Thaw would let this writer write in the middle of a snapshot.
-                log.warning("ignoring %s without this writer's token", type(msg).__name__)
-                continue
-            if isinstance(msg, protocol.Thaw) and msg.epoch == epoch:
-                return
-            if isinstance(msg, protocol.Shutdown):
-                self.stop = True
-                return
-            if not parent_alive(self.parent):
-                raise Terminated("the supervisor died while we were frozen")
-        # Writing on is the lesser evil (a supervisor that never thaws would otherwise
-        # stop the guest for good), but the supervisor must be able to see it: a write
-        # during its freeze breaks the snapshot instant. The count is in shared memory,
-        # where the supervisor reads it (WriterStats.freeze_timeouts) even if we die.
-        self.freeze_timeouts += 1
-        self.device.stats[self.ident, W_FREEZE_TIMEOUTS] = self.freeze_timeouts
-        log.warning("no Thaw for freeze %d within %.0f s: writing on without it "
-                    "(a snapshot taken in that freeze is no longer point-in-time)",
-                    epoch, FREEZE_TIMEOUT)
 
     # -- the workload -------------------------------------------------------------------
 
