@@ -179,7 +179,12 @@ def _reclaim_dead(device: Device, claims: Claims, own: int = -1) -> int:
     description, where a test would succeed and a release would drop it).
     """
     state = device.slot_state
-    holders = np.unique(state[state >= L.SLOT_HELD]).tolist()
+    # One load of the states: indexing ``state`` by a mask computed from it would read
+    # it twice, and a slot published in between (HELD+w -> FULL) would yield the mark
+    # FULL, whose "writer" -1 has no alive lock -- every FULL slot would be freed
+    # undrained.
+    seen = state.copy()
+    holders = [m for m in np.unique(seen[seen >= L.SLOT_HELD]).tolist() if m >= L.SLOT_HELD]
     freed = 0
     for mark in holders:
         w = int(mark) - L.SLOT_HELD

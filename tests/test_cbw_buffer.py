@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -502,3 +503,42 @@ def test_run_summary_reports_the_buffer(tmp_path: Path) -> None:
                               "fallbacks"}
         assert found["capacity_bytes"] == 256 << 10
     assert os.path.exists(tmp_path / "b.raw")
+
+
+class _PublishesWhileRead(np.ndarray[Any, Any]):
+    """A slot-state array in which writer 3 publishes slot 0 (HELD+3 -> FULL) right
+    after the first boolean-mask read: the interleaving a concurrent writer produces
+    between two loads of the shared states."""
+
+    published = False
+    shared: np.ndarray[Any, Any] | None = None  # the "shared memory"
+
+    def __getitem__(self, key: Any) -> Any:
+        # After the mask was computed (from whichever copy), before the values are read.
+        if isinstance(key, np.ndarray) and key.dtype == np.bool_ \
+                and not _PublishesWhileRead.published:
+            _PublishesWhileRead.published = True
+            assert _PublishesWhileRead.shared is not None
+            _PublishesWhileRead.shared[0] = L.SLOT_FULL
+        return np.ndarray.__getitem__(self, key)
+
+
+def test_reclaim_never_frees_a_slot_published_while_it_looks(device: Device,
+                                                            claims: Claims) -> None:
+    """Regression: reading the states twice turned a slot published in between into
+    the mark FULL, whose writer (-1) has no alive lock, and every FULL slot of the
+    buffer was freed undrained (found as 128 clusters missing from a verified backup)."""
+    alive = Claims(device.meta_name)
+    try:
+        assert alive.try_claim(cbw_buffer.ALIVE_BASE + 3)  # writer 3 is alive
+        states = np.array([L.SLOT_HELD + 3, L.SLOT_FULL, L.SLOT_FULL],
+                          dtype=np.uint16).view(_PublishesWhileRead)
+        _PublishesWhileRead.published = False
+        _PublishesWhileRead.shared = states.view(np.ndarray)
+        fake: Any = type("FakeDevice", (), {"slot_state": states})()
+        # Called by writer 0, which found the buffer full.
+        freed = cbw_buffer._reclaim_dead(fake, claims, own=0)
+        assert freed == 0
+        assert np.asarray(states).tolist() == [L.SLOT_FULL] * 3
+    finally:
+        alive.close()
