@@ -104,7 +104,7 @@ class S3Store:
                  profile: str | None = None, connect_timeout: float = 10.0,
                  timeout: float = 60.0, retries: int = 5, deadline: float = 300.0,
                  backoff: float = 0.5, max_backoff: float = 10.0,
-                 max_connections: int = 16) -> None:
+                 max_connections: int = 16, sign_payload: bool | None = None) -> None:
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = url
         if addressing_style not in (None, "path", "virtual", "auto"):
@@ -125,7 +125,8 @@ class S3Store:
             "path" if addressing_style == "path" or (not addressing_style and endpoint)
             else "virtual" if addressing_style == "virtual" else "auto")
         self.addressing_style = style
-        self.sign_payload = not (endpoint or "https:").startswith("https:")
+        self.sign_payload = (sign_payload if sign_payload is not None
+                             else not (endpoint or "https:").startswith("https:"))
         config = botocore.config.Config(
             connect_timeout=connect_timeout, read_timeout=timeout,
             # One retry loop, ours (bounded in count and time, see _call).
