@@ -228,6 +228,9 @@ keyring = /dev/null
 rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
 rgw data = {r}/rgw
 rgw exit timeout secs = 2
+# No metadata cache, so no cache notifications: after radosgw is killed its watches live
+# on for the watch timeout (30 s), and every bucket create would wait for the dead one.
+rgw cache enabled = false
 rgw thread pool size = 64
 """
 
@@ -465,7 +468,7 @@ def s3_bucket(ceph_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     finally:
         if not ceph_s3.cluster.rgw_running:
             ceph_s3.cluster.start_rgw()
-        # Empty it so memstore memory does not grow over the session.
+        # Empty and remove it so memstore memory does not grow over the session.
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:

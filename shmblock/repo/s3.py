@@ -70,8 +70,9 @@ _TRANSIENT = frozenset({"SlowDown", "Throttling", "ThrottlingException", "Reques
                         "TooManyRequests", "429"})
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
-#: Bytes read from a response body per call, so the deadline is checked while it flows.
-_READ_PIECE = 1 << 20
+#: Bytes read from a response body per call: the deadline is checked between pieces, so
+#: a reply trickling at R bytes/s overshoots it by at most _READ_PIECE / R.
+_READ_PIECE = 64 << 10
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
