@@ -247,7 +247,8 @@ def test_missing_bucket_names_it(s3_bucket: S3Bucket) -> None:
     url = "s3://sbt-no-such-bucket-here/p"
     with S3Store(url, **FAST) as store:
         for call in (lambda: store.put("x", b"1"), lambda: store.get("x"),
-                     lambda: list(store.list(""))):
+                     lambda: list(store.list("")), lambda: store.head("x"),
+                     lambda: store.delete("x")):
             with pytest.raises(NoSuchBucket, match="sbt-no-such-bucket-here"):
                 call()
 

@@ -153,6 +153,8 @@ class S3Store:
             raise UsageError(f"bad S3 endpoint {endpoint!r}: {exc}") from exc
         self.endpoint = str(self._client.meta.endpoint_url)
         self._closed = threading.Event()
+        #: The bucket answered once (a plain flag: a race only costs an extra HEAD).
+        self._bucket_seen = False
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint_url={self.endpoint!r})"
@@ -184,6 +186,12 @@ class S3Store:
             resp = self._call("head", key, lambda _deadline: self._client.head_object(
                 Bucket=self.bucket, Key=self._key(key)))
         except ObjectMissing:
+            # A HEAD reply has no body, so "no such bucket" and "no such key" are the same
+            # bare 404: ask about the bucket once, or a missing bucket reads as "no chunk".
+            if not self._bucket_seen:
+                self._call("head", "", lambda _deadline: self._client.head_bucket(
+                    Bucket=self.bucket))
+                self._bucket_seen = True
             return None
         return ObjectInfo(key, int(resp["ContentLength"]), resp["LastModified"].timestamp())
 
@@ -253,7 +261,7 @@ class S3Store:
                 err = exc.response.get("Error", {})
                 code = str(err.get("Code", ""))
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-                if code == "NoSuchBucket":
+                if code == "NoSuchBucket" or (status == 404 and op == "head" and not key):
                     raise NoSuchBucket(f"{self._where(op, key)}: no bucket {self.bucket!r} "
                                        "(create it first)") from exc
                 if code in _MISSING or (status == 404 and op in ("head", "get")):
