@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import http.server
 import random
 import socket
 import threading
@@ -109,6 +110,88 @@ def test_total_deadline_bounds_the_retries(monkeypatch: pytest.MonkeyPatch) -> N
         with pytest.raises(StoreUnavailable):
             store.head("k")
         assert time.monotonic() - began < 30
+
+
+class ScriptedS3(http.server.ThreadingHTTPServer):
+    """A fake S3 endpoint answering from a script of (status, error code) replies; the
+    last one repeats. Only for what a real gateway will not do on demand (5xx, 400)."""
+
+    def __init__(self, replies: list[tuple[int, str]]) -> None:
+        self.replies = replies
+        self.requests = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                status, code = server.replies[min(server.requests,
+                                                  len(server.replies) - 1)]
+                server.requests += 1
+                body = b"" if status == 200 else (
+                    f"<?xml version='1.0'?><Error><Code>{code}</Code>"
+                    f"<Message>scripted</Message></Error>").encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = _answer  # noqa: N815
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    servers: list[ScriptedS3] = []
+
+    def make(*replies: tuple[int, str]) -> ScriptedS3:
+        servers.append(ScriptedS3(list(replies)))
+        return servers[-1]
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_5xx_is_retried_then_unavailable(scripted: Any) -> None:
+    server = scripted((503, "SlowDown"))
+    with S3Store("s3://bkt/p", endpoint_url=server.url, **FAST) as store, \
+            pytest.raises(StoreUnavailable, match=r"after 3 attempts.*503 SlowDown"):
+        store.put("k", b"x")
+    assert server.requests == 3
+
+
+def test_a_passing_5xx_is_ridden_out(scripted: Any) -> None:
+    server = scripted((500, "InternalError"), (502, ""), (200, ""))
+    with S3Store("s3://bkt/p", endpoint_url=server.url, **FAST) as store:
+        store.put("k", b"x")
+    assert server.requests == 3
+
+
+def test_other_4xx_is_not_retried(scripted: Any) -> None:
+    server = scripted((400, "InvalidArgument"))
+    with S3Store("s3://bkt/p", endpoint_url=server.url, **FAST) as store, \
+            pytest.raises(StoreError, match="InvalidArgument") as info:
+        store.put("k", b"x")
+    assert not isinstance(info.value, StoreUnavailable)
+    assert server.requests == 1
 
 
 def test_path_style_is_the_default_with_an_endpoint() -> None:
