@@ -59,7 +59,7 @@ import pytest
 #: The Debian packages the cluster needs (``make tools`` installs them).
 PACKAGES = {"ceph-mon": "ceph-mon", "ceph-osd": "ceph-osd", "radosgw": "radosgw",
             "ceph": "ceph-common", "rbd": "ceph-common", "radosgw-admin": "ceph-common",
-            "monmaptool": "ceph-common"}
+            "monmaptool": "ceph-base"}
 
 #: For the whole start, all attempts (a quiet machine needs ~15 s; eight engineers share
 #: two cores here). Below pytest-timeout's 300 s, which the first ceph test's set-up counts.
