@@ -32,6 +32,7 @@ Threads: one boto3 client is thread-safe; its connection pool is bounded by
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -309,7 +310,6 @@ class _DeadlinePassed(Exception):
 def _configured_endpoint(session: boto3.session.Session) -> str | None:
     # botocore resolves AWS_ENDPOINT_URL(_S3) and the config file's endpoint_url itself;
     # we only need to know whether one is set, to pick path-style addressing.
-    import os
     value = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if value:
         return value
