@@ -9,7 +9,7 @@ against a real RADOS Gateway (a fresh single-node cluster from tests/ceph.py unl
 the per-core throughput of hashlib's SHA-256 against blake3 on 4 MiB buffers. The two
 candidates of each pair alternate within every round, so a load that comes and goes
 on a shared machine hits both alike; the best round of each is reported (the least
-disturbed one). Needs the optional packages ``obstore`` and ``blake3`` (pip install).
+disturbed one). ``obstore`` comes with the ``bench`` extra (``make`` installs it).
 """
 
 from __future__ import annotations
