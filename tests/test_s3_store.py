@@ -186,6 +186,19 @@ def test_a_passing_5xx_is_ridden_out(scripted: Any) -> None:
     assert server.requests == 3
 
 
+def test_put_if_absent_retried_after_a_lost_reply_is_ours(scripted: Any,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    """The first attempt stored the object but its reply was lost (503); the retry finds
+    it there (412) and recognises its own bytes."""
+    server = scripted((503, "ServiceUnavailable"), (412, "PreconditionFailed"))
+    with S3Store("s3://bkt/p", endpoint_url=server.url, **FAST) as store:
+        monkeypatch.setattr(store, "get", lambda key: b"ours")
+        assert store.put_if_absent("k", b"ours") is True
+        monkeypatch.setattr(store, "get", lambda key: b"theirs")
+        assert store.put_if_absent("k", b"ours") is False
+
+
 def test_other_4xx_is_not_retried(scripted: Any) -> None:
     server = scripted((400, "InvalidArgument"))
     with S3Store("s3://bkt/p", endpoint_url=server.url, **FAST) as store, \
@@ -299,6 +312,20 @@ def test_matches_the_memory_model(store: S3Store) -> None:
             prefix = key[:rng.randrange(0, len(key) + 1)]
             assert [(i.key, i.size) for i in store.list(prefix)] == \
                 [(i.key, i.size) for i in model.list(prefix)]
+
+
+@pytest.mark.ceph
+def test_put_if_absent_never_overwrites(store: S3Store) -> None:
+    assert store.put_if_absent("manifests/a", b"first") is True
+    assert store.put_if_absent("manifests/a", b"second") is False
+    assert store.put_if_absent("manifests/a", b"first") is True      # identical: fine
+    assert store.get("manifests/a") == b"first"
+    # Many writers race for one key: exactly one content wins, every caller agrees.
+    contents = [f"writer {i}".encode() for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda c: store.put_if_absent("manifests/race", c), contents))
+    assert won.count(True) == 1
+    assert store.get("manifests/race") == contents[won.index(True)]
 
 
 @pytest.mark.ceph

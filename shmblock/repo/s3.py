@@ -220,6 +220,27 @@ class S3Store:
                 raise StoreError(f"{self._where('list', prefix)}: the store said the "
                                  "listing is truncated but gave no continuation token")
 
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """Create ``key`` only if no object is there (``If-None-Match: *``; Ceph since
+        Pacific, AWS, MinIO). True when the key now holds ``data``; False when another
+        object was there first. Safe to retry: if an earlier attempt of this call stored
+        the object but its reply was lost, the retry's "already there" is checked
+        against ``data`` (an identical object is as good as ours, for unique keys).
+
+        Not part of :class:`ObjectStore` (yet): for manifests and lease objects that
+        must never be overwritten by a concurrent writer.
+        """
+        body = bytes(data)
+        try:
+            self._call("put", key, lambda _deadline: self._client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*"))
+        except _AlreadyThere:
+            try:
+                return self.get(key) == body
+            except ObjectMissing:       # deleted in between: nobody holds the key now
+                return self.put_if_absent(key, body)
+        return True
+
     def delete(self, key: str) -> None:
         self._call("delete", key, lambda _deadline: self._client.delete_object(
             Bucket=self.bucket, Key=self._key(key)))
@@ -262,6 +283,9 @@ class S3Store:
                 err = exc.response.get("Error", {})
                 code = str(err.get("Code", ""))
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") \
+                        or status == 412:
+                    raise _AlreadyThere from exc
                 if code == "NoSuchBucket" or (status == 404 and op == "head" and not key):
                     raise NoSuchBucket(f"{self._where(op, key)}: no bucket {self.bucket!r} "
                                        "(create it first)") from exc
@@ -305,6 +329,10 @@ class S3Store:
 
 class _DeadlinePassed(Exception):
     """Raised inside an attempt when the operation ran past its total time."""
+
+
+class _AlreadyThere(Exception):
+    """A conditional put found an object under the key (HTTP 412)."""
 
 
 def _configured_endpoint(session: boto3.session.Session) -> str | None:
