@@ -53,6 +53,7 @@ def rbd_image(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[str]:
     try:
         yield image
     finally:
+        ceph_cluster.rbd("snap", "purge", "--no-progress", image)
         ceph_cluster.rbd("rm", "--no-progress", image)
 
 
@@ -105,8 +106,14 @@ def test_rbd_behind_qemu_nbd_is_a_backup_target_and_restore_source(
     assert exported.read_bytes() == reference.read_bytes()
     exported.unlink()
 
-    # And back: the RBD image, exported read-only, is the source of a restore.
-    server = qemu_nbd_rbd(ceph_cluster, rbd_image, tmp_path, readonly=True)
+    # And back: an RBD snapshot of it (what later backups cannot change), exported
+    # read-only, is the source of a restore. The image itself changes meanwhile.
+    ceph_cluster.rbd("snap", "create", f"{rbd_image}@backup1")
+    ceph_cluster.rbd("bench", "--io-type", "write", "--io-size", "64K", "--io-total", "4M",
+                     "--io-pattern", "rand", rbd_image)
+    changed = qemu_img_compare(str(reference), rbd_spec(ceph_cluster, rbd_image))
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    server = qemu_nbd_rbd(ceph_cluster, f"{rbd_image}@backup1", tmp_path, readonly=True)
     try:
         restored = tmp_path / "restored.raw"
         proc = run_cli("restore", server.uri, restored, "--json", timeout=300)

@@ -32,6 +32,7 @@ Threads: one boto3 client is thread-safe; its connection pool is bounded by
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -70,8 +71,9 @@ _TRANSIENT = frozenset({"SlowDown", "Throttling", "ThrottlingException", "Reques
                         "TooManyRequests", "429"})
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
-#: Bytes read from a response body per call, so the deadline is checked while it flows.
-_READ_PIECE = 1 << 20
+#: Bytes read from a response body per call: the deadline is checked between pieces, so
+#: a reply trickling at R bytes/s overshoots it by at most _READ_PIECE / R.
+_READ_PIECE = 64 << 10
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -104,7 +106,7 @@ class S3Store:
                  profile: str | None = None, connect_timeout: float = 10.0,
                  timeout: float = 60.0, retries: int = 5, deadline: float = 300.0,
                  backoff: float = 0.5, max_backoff: float = 10.0,
-                 max_connections: int = 16) -> None:
+                 max_connections: int = 16, sign_payload: bool | None = None) -> None:
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = url
         if addressing_style not in (None, "path", "virtual", "auto"):
@@ -125,7 +127,8 @@ class S3Store:
             "path" if addressing_style == "path" or (not addressing_style and endpoint)
             else "virtual" if addressing_style == "virtual" else "auto")
         self.addressing_style = style
-        self.sign_payload = not (endpoint or "https:").startswith("https:")
+        self.sign_payload = (sign_payload if sign_payload is not None
+                             else not (endpoint or "https:").startswith("https:"))
         config = botocore.config.Config(
             connect_timeout=connect_timeout, read_timeout=timeout,
             # One retry loop, ours (bounded in count and time, see _call).
@@ -151,6 +154,8 @@ class S3Store:
             raise UsageError(f"bad S3 endpoint {endpoint!r}: {exc}") from exc
         self.endpoint = str(self._client.meta.endpoint_url)
         self._closed = threading.Event()
+        #: The bucket answered once (a plain flag: a race only costs an extra HEAD).
+        self._bucket_seen = False
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint_url={self.endpoint!r})"
@@ -182,6 +187,12 @@ class S3Store:
             resp = self._call("head", key, lambda _deadline: self._client.head_object(
                 Bucket=self.bucket, Key=self._key(key)))
         except ObjectMissing:
+            # A HEAD reply has no body, so "no such bucket" and "no such key" are the same
+            # bare 404: ask about the bucket once, or a missing bucket reads as "no chunk".
+            if not self._bucket_seen:
+                self._call("head", "", lambda _deadline: self._client.head_bucket(
+                    Bucket=self.bucket))
+                self._bucket_seen = True
             return None
         return ObjectInfo(key, int(resp["ContentLength"]), resp["LastModified"].timestamp())
 
@@ -208,6 +219,27 @@ class S3Store:
             if not token:
                 raise StoreError(f"{self._where('list', prefix)}: the store said the "
                                  "listing is truncated but gave no continuation token")
+
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """Create ``key`` only if no object is there (``If-None-Match: *``; Ceph since
+        Pacific, AWS, MinIO). True when the key now holds ``data``; False when another
+        object was there first. Safe to retry: if an earlier attempt of this call stored
+        the object but its reply was lost, the retry's "already there" is checked
+        against ``data`` (an identical object is as good as ours, for unique keys).
+
+        Not part of :class:`ObjectStore` (yet): for manifests and lease objects that
+        must never be overwritten by a concurrent writer.
+        """
+        body = bytes(data)
+        try:
+            self._call("put", key, lambda _deadline: self._client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*"))
+        except _AlreadyThere:
+            try:
+                return self.get(key) == body
+            except ObjectMissing:       # deleted in between: nobody holds the key now
+                return self.put_if_absent(key, body)
+        return True
 
     def delete(self, key: str) -> None:
         self._call("delete", key, lambda _deadline: self._client.delete_object(
@@ -251,7 +283,10 @@ class S3Store:
                 err = exc.response.get("Error", {})
                 code = str(err.get("Code", ""))
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-                if code == "NoSuchBucket":
+                if code in ("PreconditionFailed", "ConditionalRequestConflict") \
+                        or status == 412:
+                    raise _AlreadyThere from exc
+                if code == "NoSuchBucket" or (status == 404 and op == "head" and not key):
                     raise NoSuchBucket(f"{self._where(op, key)}: no bucket {self.bucket!r} "
                                        "(create it first)") from exc
                 if code in _MISSING or (status == 404 and op in ("head", "get")):
@@ -296,10 +331,13 @@ class _DeadlinePassed(Exception):
     """Raised inside an attempt when the operation ran past its total time."""
 
 
+class _AlreadyThere(Exception):
+    """A conditional put found an object under the key (HTTP 412)."""
+
+
 def _configured_endpoint(session: boto3.session.Session) -> str | None:
     # botocore resolves AWS_ENDPOINT_URL(_S3) and the config file's endpoint_url itself;
     # we only need to know whether one is set, to pick path-style addressing.
-    import os
     value = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if value:
         return value
