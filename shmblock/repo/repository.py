@@ -254,11 +254,15 @@ class Repository:
                 return self.load(key)
         raise RepoError(f"no backup {backup_id!r} in repository {self.name}")
 
-    def latest(self, device: str, bitmap: str | None = None) -> Manifest | None:
-        """The device's newest backup (that consumed ``bitmap``, when given)."""
+    def latest(self, device: str, bitmap: str | None = None,
+               generation: str | None = None) -> Manifest | None:
+        """The device's newest backup (that consumed ``bitmap``, when given, and left
+        it at lineage ``generation``, when given: the parent an incremental from a
+        bitmap of that generation builds on; :mod:`shmblock.lineage`)."""
         for _, _, key in reversed(self.manifest_keys(device)):
             m = self.load(key)
-            if bitmap is None or m.bitmap == bitmap:
+            if (bitmap is None or m.bitmap == bitmap) and \
+                    (generation is None or m.bitmap_generation == generation):
                 return m
         return None
 
