@@ -61,7 +61,7 @@ def backup(url: str, img: U8, *, sync: str = "full", bitmap: str | None = "b",
            dirty: list[int] | None = None, device: str = "dev", host: str = "h1",
            seed: int = 0, seal: bool = True) -> RepoTarget:
     """Write the clusters (all, or ``dirty``) in a random order, as CBW saves arrive."""
-    key = (url.split("?")[0], device, bitmap or "")
+    key = (url.split("?", maxsplit=1)[0], device, bitmap or "")
     gen, minted = LINEAGE.get(key, new_generation()), new_generation()
     target = job_target(f"{url}&device={device}&host={host}", sync=sync, bitmap=bitmap,
                         bitmap_mode="on-success" if bitmap else None, device_name="x",

@@ -212,7 +212,7 @@ def test_a_change_between_preparation_and_instant_fails_the_job(
     write(dev, [3], seed=20)
     job = engine.create_backup(dev, url, sync="incremental", bitmap="b")
     dev.disable_bitmap("b")
-    with pytest.raises(BitmapError, match="changed .* after job .* was prepared"):
+    with pytest.raises(BitmapError, match=r"changed .* after job .* was prepared"):
         job.start()
     job.wait(60.0)
     assert not dev.busy_bitmaps

@@ -241,8 +241,8 @@ class RepoTarget(Target):
         else:
             why = (f"bitmap {b!r} was cleared, consumed by another backup (another target), "
                    f"removed and re-added, or disabled since backup {newest.id}, the newest "
-                   "that consumed it, so it no longer holds every write since any backup "
-                   "here")
+                   "that consumed it (or the backup it holds the writes since was pruned), "
+                   "so no backup here is the one since which it holds every write")
         return (f"cannot back up device {self.device_id!r} incrementally from bitmap "
                 f"{b!r} into {self.url.repo}: {why} (bitmap generation "
                 f"{self.bitmap_generation or 'unknown'}); take a full backup with "
