@@ -59,6 +59,10 @@ writers store only the clusters they write (their hot path does not change); a b
 of coarser granularity is read by whole granules — a granule is dirty when any of its
 clusters is — when a job consumes it, when it is counted and when it is merged.
 
+Lineage (:mod:`shmblock.lineage`): the consumption gives the bitmap the job's
+generation (refused if it no longer has the one the job was prepared against) and the
+put-back settles it with the bits.
+
 Supervisor, worker and tests all use these functions; nobody sets the maps by hand.
 """
 

@@ -41,6 +41,15 @@ mark does not block them). Run one gc at a time per repository.
 
 Tests interleave the two at the worst points through :attr:`Repository.hooks`
 (``tests/test_repo.py``).
+
+Incremental chains and bitmap lineage (:mod:`shmblock.lineage`): a manifest records
+``bitmap_generation``, the generation its backup gave the bitmap it consumed when the
+bitmap then holds "every write since this backup". An incremental's parent is the
+device's backup that recorded the bitmap's generation at the new snapshot
+(:meth:`Repository.latest` with ``generation``), never merely the newest backup of that
+bitmap name: a bitmap consumed by a backup elsewhere, cleared, re-added or disabled
+matches no manifest, and the target refuses (``shmblock/repo/target.py``). Pruning the
+parent breaks the chain the same way, and is refused the same way.
 """
 
 from __future__ import annotations
