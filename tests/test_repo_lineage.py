@@ -13,6 +13,7 @@ before lineage.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -385,3 +386,36 @@ def test_a_torn_lineage_tail_makes_the_bitmap_inconsistent(tmp_path: Path) -> No
     with PersistentBitmapFile.open(disk, CLUSTER) as store:
         (info,) = store.list()
         assert info.status == "inconsistent" and "lineage checksum" in info.reason
+
+
+# -- the manifest and the worker's URL ----------------------------------------------------
+
+
+def test_a_manifest_from_before_lineage_restores_but_is_no_parent() -> None:
+    from shmblock.errors import TargetUnreachable
+    from shmblock.lineage import new_generation
+    from shmblock.repo.format import ManifestError, new_backup_id
+    from shmblock.repo.target import RepoTarget, job_target
+    url = f"mem://{uuid.uuid4().hex}?chunk-size=256K"
+    old = Manifest(id=new_backup_id("h"), device_id="d", host="h", created=1.0, size=SIZE,
+                   cluster_size=CLUSTER, chunk_size=256 << 10, digest="sha256",
+                   chunks=[None] * (SIZE // (256 << 10)), bitmap="b",
+                   bitmap_mode="on-success", version=1)
+    assert Manifest.decode(old.encode()).bitmap_generation is None
+    repo_of(url).put_manifest(old)
+    assert restored(url, old) == bytes(SIZE)
+    gen = new_generation()
+    with pytest.raises(ManifestError, match="needs format version 2"):
+        Manifest(**{**old.__dict__, "bitmap_generation": gen})
+    with pytest.raises(ManifestError, match="32 lower-case hex"):
+        Manifest(**{**old.__dict__, "version": 2, "bitmap_generation": "xyz"})
+    # A generation a user puts in the URL is dropped: only the engine says it.
+    target = job_target(f"{url}&device=d&bitmap-generation={gen}", sync="incremental",
+                        bitmap="b", bitmap_mode="on-success", device_name="d",
+                        device_file=None)
+    assert "bitmap-generation" not in target
+    target = job_target(f"{url}&device=d", sync="incremental", bitmap="b",
+                        bitmap_mode="on-success", device_name="d", device_file=None,
+                        bitmap_generation=gen, bitmap_next=new_generation())
+    with pytest.raises(TargetUnreachable, match=r"before bitmap lineage.*take a full backup"):
+        RepoTarget(target, SIZE, CLUSTER)
