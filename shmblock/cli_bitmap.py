@@ -120,7 +120,8 @@ def _list(path: str, as_json: bool) -> int:
     else:
         info = inspect(path)
         bitmaps = [{"name": b.name, "granularity": b.granularity, "count": b.count,
-                    "enabled": b.enabled, "status": b.status, "reason": b.reason}
+                    "enabled": b.enabled, "status": b.status, "reason": b.reason,
+                    "generation": b.generation}
                    for b in info.bitmaps]
     if as_json:
         print(json.dumps({"device_file": path, "state": info.state if info else "none",

@@ -25,6 +25,7 @@ from shmblock.copier import runs
 from shmblock.device import Device
 from shmblock.errors import BitmapBusy, BitmapError, ShmblockError, UsageError
 from shmblock.guest import GuestIO, WriteData
+from shmblock.lineage import new_generation
 from shmblock.snapshot import BitmapUse, granules
 from shmblock.transport import BACKUP_RECEIVES, WRITER_REPLY_RECEIVES, Queue
 
@@ -81,6 +82,9 @@ class DeviceBitmapInfo:
     consistency: str  # "consistent" or "inconsistent"
     reason: str  # why inconsistent ('' if consistent)
     persistent: bool  # kept beside the device file across runs and crashes
+    #: lineage (shmblock.lineage): changes whenever the bits stop meaning "every write
+    #: since the last backup that consumed it"
+    generation: str = ""
 
 
 class DeviceHandle:
@@ -106,6 +110,9 @@ class DeviceHandle:
         self._granularity: dict[str, int] = {}
         #: bitmaps of a file-backed device added with persistent=False
         self._transient: set[str] = set()
+        #: lineage generation of each bitmap of a device in shared memory
+        #: (shmblock.lineage; the store keeps those of a file-backed device)
+        self.generations: dict[str, str] = {}
 
     @property
     def size(self) -> int:
@@ -216,6 +223,7 @@ class DeviceHandle:
             self.device.dirty[index] = 0
             self.device.set_bitmap_name(index, name)
             self._granularity[name] = g
+            self.generations[name] = new_generation()
             ctl = self.device.ctl
             ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) | (1 << index)
 
@@ -237,6 +245,7 @@ class DeviceHandle:
             ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) & ~(1 << index)
             self.device.set_bitmap_name(index, "")
             self._granularity.pop(name, None)
+            self.generations.pop(name, None)
 
     def clear_bitmap(self, name: str) -> None:
         """Reset every bit of ``name`` (BitmapBusy while a job uses it)."""
@@ -247,6 +256,7 @@ class DeviceHandle:
             if store is not None:
                 store.clear(name)
             else:
+                self.generations[name] = new_generation()
                 self.device.dirty[index] = 0
 
     def enable_bitmap(self, name: str) -> None:
@@ -270,6 +280,8 @@ class DeviceHandle:
             ctl = self.device.ctl
             mask = int(ctl[L.CTL_BITMAP_MASK])
             ctl[L.CTL_BITMAP_MASK] = mask | (1 << index) if enabled else mask & ~(1 << index)
+            if not enabled:  # writes are missed from now on (shmblock.lineage)
+                self.generations[name] = new_generation()
 
     def merge_bitmaps(self, target: str, sources: list[str]) -> None:
         """OR every source bitmap into ``target`` (QEMU's block-dirty-bitmap-merge).
@@ -304,7 +316,7 @@ class DeviceHandle:
                     name=info.name, granularity=info.granularity, count=info.count,
                     enabled=info.enabled, busy=self.busy_bitmaps.get(info.name),
                     consistency=info.status, reason=info.reason,
-                    persistent=info.name not in self._transient))
+                    persistent=info.name not in self._transient, generation=info.generation))
             return out
         mask = int(self.device.ctl[L.CTL_BITMAP_MASK])
         for name, index in sorted(self.device.bitmap_names().items()):
@@ -313,7 +325,7 @@ class DeviceHandle:
             out.append(DeviceBitmapInfo(
                 name=name, granularity=g, count=count, enabled=bool(mask >> index & 1),
                 busy=self.busy_bitmaps.get(name), consistency="consistent", reason="",
-                persistent=False))
+                persistent=False, generation=self.generations.get(name, "")))
         return out
 
     def bitmaps(self) -> list[str]:
@@ -331,13 +343,46 @@ class DeviceHandle:
                 return np.asarray(store.load(name) != 0)
         return granules(self.device.dirty[index], self._granule(name))
 
-    def use_bitmap(self, name: str, mode: str, job: str) -> BitmapUse:
-        """Mark bitmap ``name`` busy for ``job`` (see :meth:`check_bitmap`)."""
+    def bitmap_generation(self, name: str) -> str:
+        """Bitmap ``name``'s lineage generation (:mod:`shmblock.lineage`)."""
+        self._bitmap_index(name)
+        store = self.bitmap_store
+        if store is not None:
+            with store.lock:
+                return store.generation(name)
+        return self.generations.get(name, "")
+
+    def bitmap_lineage(self, name: str, mode: str | None) -> tuple[str, str, str | None]:
+        """For a job that will consume ``name`` under ``mode``: (the generation it has
+        now, which the job requires at its instant; the one the job will give it; that
+        one again if the backup may record it, else None — the bitmap does not record,
+        so it will not hold the writes since the backup, or ``never`` keeps the old
+        bits)."""
+        index = self._bitmap_index(name)
+        store = self.bitmap_store
+        if store is not None:
+            with store.lock:
+                records = store.info(name).enabled
+        else:
+            records = bool(int(self.device.ctl[L.CTL_BITMAP_MASK]) >> index & 1)
+        minted = new_generation()
+        return (self.bitmap_generation(name), minted,
+                minted if records and mode != "never" else None)
+
+    def use_bitmap(self, name: str, mode: str, job: str, expect: str = "",
+                   minted: str = "") -> BitmapUse:
+        """Mark bitmap ``name`` busy for ``job`` (see :meth:`check_bitmap`).
+
+        ``expect``: the generation the bitmap must still have at the job's instant (its
+        target depends on it), ``minted`` the one the job gives it there (default new).
+        """
         index = self.check_bitmap(name)
         self.busy_bitmaps[name] = job
         store = self.bitmap_store
         return BitmapUse(name, index, mode, granule=self._granule(name),
-                         store=store, job=job)
+                         store=store, job=job, expect=expect,
+                         minted=minted or new_generation(),
+                         generations=self.generations if store is None else None)
 
     def check_bitmap(self, name: str) -> int:
         """The index of bitmap ``name`` if a job may consume it now: UsageError if
@@ -384,24 +429,32 @@ class DeviceHandle:
                 finally:
                     device.load_bitmap_directory()
 
-        def undo_to(bits: npt.NDArray[np.uint8]) -> Callable[[], None]:
-            return lambda: reload(lambda: store.store(name, bits))
+        def undo_to(bits: npt.NDArray[np.uint8], generation: str) -> Callable[[], None]:
+            def back() -> None:
+                store.store(name, bits)
+                store.set_generation(name, generation)
+            return lambda: reload(back)
 
         if kind == "add":
             reload(lambda: store.add(name))
             return lambda: reload(lambda: store.remove(name))
+        generation = store.generation(name)  # an exact undo restores the lineage too
         if kind in ("enable", "disable"):
             was = store.info(name).enabled
+
+            def undo_switch() -> None:
+                (store.enable if was else store.disable)(name)
+                store.set_generation(name, generation)
             reload(lambda: (store.enable if kind == "enable" else store.disable)(name))
-            return lambda: reload(lambda: (store.enable if was else store.disable)(name))
+            return lambda: reload(undo_switch)
         with store.lock:
             before = device.dirty[device.bitmap_names()[name]].copy()
         if kind == "clear":
             reload(lambda: store.clear(name))
-            return undo_to(before)
+            return undo_to(before, generation)
         if kind == "merge":
             reload(lambda: store.merge(name, sources))
-            return undo_to(before)
+            return undo_to(before, generation)
         assert kind == "remove", kind
         info = store.info(name)
         reload(lambda: store.remove(name))
@@ -410,6 +463,7 @@ class DeviceHandle:
             def back() -> None:
                 store.add(name, info.granularity, enabled=info.enabled)
                 store.store(name, before)
+                store.set_generation(name, generation)
             reload(back)
         return undo_remove
 

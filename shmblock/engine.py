@@ -406,13 +406,18 @@ class Engine:
         cbw_buffer.limit_slots(device.device, opts.cbw_buffer)  # more than the device has
         if any(not j.tracker.concluded for j in self.jobs.values() if j.device is device):
             raise JobError(f"device {device.name} already has a backup job")
+        lineage: tuple[str, str, str | None] = ("", "", None)
         if opts.spec.format == "repo":
             # A repository backup: the worker's target URL carries the job's sync mode,
-            # bitmap, device id and a fresh backup id (shmblock.repo.target).
+            # bitmap and its lineage, device id and a fresh backup id (shmblock.repo.target).
             from shmblock.repo.target import job_target
+            if opts.bitmap is not None:
+                lineage = device.bitmap_lineage(opts.bitmap, opts.bitmap_mode)
             target = job_target(opts.spec.target, sync=opts.sync, bitmap=opts.bitmap,
                                 bitmap_mode=opts.bitmap_mode, device_name=device.name,
-                                device_file=device.device.backing_file)
+                                device_file=device.device.backing_file,
+                                bitmap_generation=lineage[0] or None,
+                                bitmap_next=lineage[2])
             opts = dataclasses.replace(opts, spec=dataclasses.replace(opts.spec, target=target))
         spec = opts.spec
         # Before anything starts: no output may be a device's file, another output or a
@@ -452,7 +457,8 @@ class Engine:
         for part in parts:  # recorded before they exist, for `cleanup`
             self.record.add_part(part)
         bitmap_use = None if opts.bitmap is None else \
-            device.use_bitmap(opts.bitmap, opts.bitmap_mode or "", job_id)
+            device.use_bitmap(opts.bitmap, opts.bitmap_mode or "", job_id,
+                              expect=lineage[0], minted=lineage[1])
         # The job goes to the device's worker on its private stdin, with a fresh number
         # for its Ready (shmblock.backup_workers); a worker found dead is replaced.
         ready = new_ready_number()

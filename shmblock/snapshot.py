@@ -59,6 +59,10 @@ writers store only the clusters they write (their hot path does not change); a b
 of coarser granularity is read by whole granules — a granule is dirty when any of its
 clusters is — when a job consumes it, when it is counted and when it is merged.
 
+Lineage (:mod:`shmblock.lineage`): the consumption gives the bitmap the job's
+generation (refused if it no longer has the one the job was prepared against) and the
+put-back settles it with the bits.
+
 Supervisor, worker and tests all use these functions; nobody sets the maps by hand.
 """
 
@@ -72,6 +76,8 @@ import numpy.typing as npt
 from shmblock import layout as L
 from shmblock.bitmaps import PersistentBitmapFile
 from shmblock.device import Device
+from shmblock.errors import BitmapError
+from shmblock.lineage import settled
 
 #: Sync modes the engine knows (QEMU's names).
 SYNC_MODES = ("full", "top", "none", "incremental", "bitmap")
@@ -97,6 +103,14 @@ class BitmapUse:
     #: that holds it (the frozen copy on disk is named for it)
     store: PersistentBitmapFile | None = None
     job: str = ""
+    #: lineage (shmblock.lineage): the generation the job was prepared against, which
+    #: the bitmap must still have at the instant ('': none required); the one the job
+    #: gives it there; the one it had then (set by take). A device in shared memory
+    #: keeps its generations in ``generations`` (its handle's).
+    expect: str = ""
+    minted: str = ""
+    prior: str = ""
+    generations: dict[str, str] | None = None
 
 
 def granules(row: npt.NDArray[np.uint8], granule: int) -> BoolArray:
@@ -117,9 +131,19 @@ def _consume(device: Device, bitmap: BitmapUse) -> BoolArray:
         # The store keeps the bits as an on-disk frozen copy before clearing the row,
         # and starts a new write-intent epoch (writers are frozen: take's contract).
         with bitmap.store.lock:
-            frozen = np.asarray(bitmap.store.begin_backup(bitmap.name, bitmap.job) != 0)
+            bitmap.prior = bitmap.store.generation(bitmap.name)
+            frozen = np.asarray(bitmap.store.begin_backup(
+                bitmap.name, bitmap.job, bitmap.minted or None, bitmap.expect or None) != 0)
             bitmap.store.begin_epoch()
         return frozen
+    gens = {} if bitmap.generations is None else bitmap.generations
+    bitmap.prior = gens.get(bitmap.name, "")
+    if bitmap.expect and bitmap.prior != bitmap.expect:
+        raise BitmapError(f"bitmap {bitmap.name!r} changed (cleared, re-added or disabled) "
+                          f"after job {bitmap.job} was prepared against its generation "
+                          f"{bitmap.expect}; create the backup again")
+    if bitmap.minted:
+        gens[bitmap.name] = bitmap.minted
     row = device.dirty[bitmap.index]
     frozen = granules(row, bitmap.granule)
     row[:] = 0
@@ -283,4 +307,8 @@ def _put_back(device: Device, bitmap: BitmapUse, bits: BoolArray | None) -> None
         return
     if bits is not None and not device.closed:
         device.dirty[bitmap.index][bits] = 1
+    gens = bitmap.generations
+    if gens is not None and bitmap.frozen is not None and \
+            gens.get(bitmap.name) == bitmap.minted:  # else ended meanwhile: it stands
+        gens[bitmap.name] = settled(bitmap.prior, bitmap.minted, bitmap.frozen, bits)
     bitmap.frozen = None

@@ -64,6 +64,7 @@ from shmblock import layout as L
 from shmblock.backup_job import STOP_TIMEOUT, BackupJob
 from shmblock.errors import JobError, ShmblockError, StateError, UsageError
 from shmblock.job import JobEvent, JobResult, JobState, JobTxn, Outcome
+from shmblock.lineage import new_generation
 from shmblock.names import NAME_RE
 from shmblock.options import DEFAULT_CHUNK, BackupOptions
 from shmblock.paths import check_distinct, with_parts
@@ -451,6 +452,18 @@ def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
         if isinstance(action, BitmapMerge):
             return handle.apply_persistent_action("merge", action.target, action.sources)
         return handle.apply_persistent_action(_PERSISTENT_KIND[type(action)], action.name)
+    # Lineage (shmblock.lineage): add, clear, disable and remove end a generation; each
+    # undo puts the old one back with the bits.
+    gens = handle.generations
+    gens_before = dict(gens)
+    if isinstance(action, BitmapAdd | BitmapClear | BitmapDisable):
+        gens[action.name] = new_generation()
+    elif isinstance(action, BitmapRemove):
+        gens.pop(action.name, None)
+
+    def undo_lineage() -> None:
+        gens.clear()
+        gens.update(gens_before)
     if isinstance(action, BitmapAdd):
         used = set(device.bitmap_names().values())
         index = next(i for i in range(L.MAX_BITMAPS) if i not in used)
@@ -461,6 +474,7 @@ def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
         def undo_add() -> None:
             ctl[L.CTL_BITMAP_MASK] = int(ctl[L.CTL_BITMAP_MASK]) & ~(1 << index)
             device.set_bitmap_name(index, "")
+            undo_lineage()
         return undo_add
     if isinstance(action, BitmapMerge):
         names = device.bitmap_names()
@@ -483,6 +497,7 @@ def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
 
         def undo_switch() -> None:
             ctl[L.CTL_BITMAP_MASK] = mask_was
+            undo_lineage()
         return undo_switch
     row = device.dirty[index]
     before = row.copy()
@@ -491,6 +506,7 @@ def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
 
         def undo_clear() -> None:
             row[:] = before
+            undo_lineage()
         return undo_clear
     mask_before = int(ctl[L.CTL_BITMAP_MASK])
     ctl[L.CTL_BITMAP_MASK] = mask_before & ~(1 << index)
@@ -501,4 +517,5 @@ def _apply_bitmap(action: BitmapAction) -> Callable[[], None]:
         device.set_bitmap_name(index, name)
         row[:] = before
         ctl[L.CTL_BITMAP_MASK] = mask_before
+        undo_lineage()
     return undo_remove

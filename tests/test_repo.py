@@ -12,6 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from shmblock.errors import TargetError, TargetIOError, TargetUnreachable, UsageError
+from shmblock.lineage import new_generation
 from shmblock.repo.format import (
     ChunkCorrupt,
     Manifest,
@@ -52,13 +53,20 @@ def image(seed: int, zero_chunks: tuple[int, ...] = (1,)) -> U8:
     return img
 
 
+#: (repository, device, bitmap) → the bitmap's lineage generation, as the engine would keep it
+LINEAGE: dict[tuple[str, str, str], str] = {}
+
+
 def backup(url: str, img: U8, *, sync: str = "full", bitmap: str | None = "b",
            dirty: list[int] | None = None, device: str = "dev", host: str = "h1",
            seed: int = 0, seal: bool = True) -> RepoTarget:
     """Write the clusters (all, or ``dirty``) in a random order, as CBW saves arrive."""
+    key = (url.split("?", maxsplit=1)[0], device, bitmap or "")
+    gen, minted = LINEAGE.get(key, new_generation()), new_generation()
     target = job_target(f"{url}&device={device}&host={host}", sync=sync, bitmap=bitmap,
                         bitmap_mode="on-success" if bitmap else None, device_name="x",
-                        device_file=None)
+                        device_file=None, bitmap_generation=gen if bitmap else None,
+                        bitmap_next=minted if bitmap else None)
     t = RepoTarget(target, SIZE, CS)
     clusters = list(range(SIZE // CS)) if dirty is None else list(dirty)
     random.Random(seed).shuffle(clusters)
@@ -71,6 +79,8 @@ def backup(url: str, img: U8, *, sync: str = "full", bitmap: str | None = "b",
     if seal:
         t.seal()
         t.close()
+        if bitmap:
+            LINEAGE[key] = minted
     return t
 
 
@@ -93,7 +103,7 @@ def test_manifest_round_trip_and_checks() -> None:
     with pytest.raises(ManifestError, match="chunks for"):
         Manifest.decode(m.encode().replace(b',null]', b']'))
     with pytest.raises(ManifestError, match="version"):
-        Manifest(**{**m.__dict__, "version": 2})
+        Manifest(**{**m.__dict__, "version": 3})
     with pytest.raises(ManifestError, match="multiples"):
         Manifest(**{**m.__dict__, "chunk_size": CS + 512})
     with pytest.raises(ManifestError, match="cannot be read"):

@@ -15,6 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from shmblock.lineage import new_generation
 from shmblock.repo.repository import Policy, Repository
 from shmblock.repo.source import ManifestReader
 from shmblock.repo.target import RepoTarget, job_target
@@ -43,6 +44,10 @@ class RepoModel(RuleBasedStateMachine):
         self.open: dict[str, tuple[RepoTarget, list[int], set[int]]] = {}
         self.expected: dict[str, list[int]] = {}
         self._marked = False  # a condemned list is waiting for its sweep
+        # bitmap b's lineage generation per device, as the engine keeps it
+        # (shmblock.lineage), and the one a running backup would restore
+        self.gen = {d: new_generation() for d in DEVICES}
+        self.prior: dict[str, str] = {}
 
     @rule(dev=st.sampled_from(DEVICES), clusters=st.sets(st.integers(0, CLUSTERS - 1),
                                                          min_size=1, max_size=CLUSTERS),
@@ -57,8 +62,11 @@ class RepoModel(RuleBasedStateMachine):
         if dev in self.open or (incremental and not self.has_full[dev]):
             return
         sync = "incremental" if incremental else "full"
+        minted = new_generation()
         target = job_target(f"{self.url}&device={dev}&host=h", sync=sync, bitmap="b",
-                            bitmap_mode="on-success", device_name=dev, device_file=None)
+                            bitmap_mode="on-success", device_name=dev, device_file=None,
+                            bitmap_generation=self.gen[dev], bitmap_next=minted)
+        self.prior[dev], self.gen[dev] = self.gen[dev], minted
         t = RepoTarget(target, CLUSTERS * CS, CS, store=self.repo)
         covered = set(self.dirty[dev]) if incremental else set(range(CLUSTERS))
         snap = list(self.image[dev])
@@ -77,6 +85,7 @@ class RepoModel(RuleBasedStateMachine):
     def end(self, data: st.DataObject, ok: bool) -> None:
         dev = data.draw(st.sampled_from(sorted(self.open)))
         t, snap, covered = self.open.pop(dev)
+        prior = self.prior.pop(dev)
         if ok:
             t.seal()
             self.expected[t.backup_id] = snap
@@ -84,6 +93,7 @@ class RepoModel(RuleBasedStateMachine):
         else:
             t.abort()
             self.dirty[dev] |= covered  # on-success: the bits go back
+            self.gen[dev] = prior  # and the generation with them
         t.close()
 
     @rule(keep=st.integers(1, 3))

@@ -7,7 +7,10 @@
                    id), epoch; CRC32 of all that
     4096           directory: MAX_BITMAPS entries of 256 bytes: name, granularity,
                    flags, CRC32 of the map (and of its replacement while one is
-                   being written), reason text if inconsistent; CRC32 of the entry
+                   being written), reason text if inconsistent; CRC32 of the entry;
+                   then (version 2) the lineage tail: the bitmap's generation and,
+                   for a backup's frozen copy, the generation the bitmap had before
+                   the backup (16 bytes each), with a CRC32 of the whole entry
     8192           dirty[i], one byte per cluster, page-aligned rows, i < MAX_BITMAPS
                    (exactly the shape of the device's ``dirty`` region, layout.py, so the
                    engine can view these rows in place of its shared-memory ones)
@@ -21,6 +24,12 @@
                    device size; CRC32
     4096           intent[r], one byte per region: 1 = writes to region r may be on disk
                    that the maps on disk do not show
+
+Version 2 added only the lineage tail (:mod:`shmblock.lineage`) in bytes a version-1
+entry leaves zero, so a version-1 store reads as one whose bitmaps have no generation
+yet; the owner's open gives each a fresh one and writes the superblock as version 2,
+which a version-1 shmblock refuses (it would rewrite entries without their tail, or
+clear a recording bitmap without ending its generation).
 
 Every number read from either file is checked (magic, version, sizes against the
 geometry, CRCs); a failure raises :class:`FormatError` with the reason, which the store
@@ -41,7 +50,9 @@ MAX_BITMAPS = L.MAX_BITMAPS  # the device keeps this many dirty rows
 
 MAPS_MAGIC = b"SHMBMAP1"
 INTENT_MAGIC = b"SHMBINT1"
-VERSION = 1
+VERSION = 2  # 2: the entries' lineage tail (generations); 1 is read and upgraded
+READ_VERSIONS = (1, 2)
+INTENT_VERSION = 1  # the region map's header did not change
 SUPER_SIZE = PAGE
 DIR_OFFSET = PAGE
 ENTRY_SIZE = 256
@@ -77,7 +88,13 @@ INTENT = struct.Struct("<8sIIQQ16sQ")
 CRC = struct.Struct("<I")
 # The superblock fits in one 512-byte sector, which a disk writes whole or not at all.
 assert SUPER.size + CRC.size <= 512
+# The lineage tail, after the version-1 entry and its CRC: generation, prior
+# generation (frozen copies), CRC32 of everything before it in the entry.
+TAIL = struct.Struct("<16s16s")
+TAIL_OFFSET = ENTRY.size + CRC.size
+GENERATION_BYTES = 16
 assert ENTRY.size + CRC.size <= ENTRY_SIZE
+assert TAIL_OFFSET + TAIL.size + CRC.size <= ENTRY_SIZE
 assert DIR_OFFSET + MAX_BITMAPS * ENTRY_SIZE <= MAPS_OFFSET
 
 
@@ -174,7 +191,7 @@ def unpack_super(raw: bytes) -> Super:
      region_size, store_id, boot_id, state, pid, start, raw_run, epoch) = SUPER.unpack(body)
     if magic != MAPS_MAGIC:
         raise FormatError(f"not a shmblock bitmap store (magic {magic!r})")
-    if version != VERSION or super_size != SUPER_SIZE:
+    if version not in READ_VERSIONS or super_size != SUPER_SIZE:
         raise FormatError(f"bitmap store version {version} is not supported (want {VERSION})")
     (stored,) = CRC.unpack_from(raw, SUPER.size)
     if stored != crc32(body):
@@ -203,6 +220,11 @@ class Entry:
     map_crc: int = 0
     reason: str = ""
     new_crc: int = 0
+    #: lineage (shmblock.lineage): the bitmap's generation, 32 hex digits ('' if none
+    #: was recorded: a version-1 entry); for a frozen copy, ``generation`` is the one
+    #: its backup gave the bitmap and ``prior`` the one the bitmap had before
+    generation: str = ""
+    prior: str = ""
 
     @property
     def defined(self) -> bool:
@@ -214,7 +236,19 @@ class Entry:
         reason = reason.decode("utf-8", "ignore").encode()
         body = ENTRY.pack(self.name.encode("ascii"), self.granularity, self.flags,
                           self.map_crc, self.new_crc, reason)
-        return (body + CRC.pack(crc32(body))).ljust(ENTRY_SIZE, b"\0")
+        head = body + CRC.pack(crc32(body))
+        if self.generation or self.prior:
+            head += TAIL.pack(_gen_bytes(self.generation), _gen_bytes(self.prior))
+            head += CRC.pack(crc32(head))
+        return head.ljust(ENTRY_SIZE, b"\0")
+
+
+def _gen_bytes(generation: str) -> bytes:
+    return bytes.fromhex(generation) if generation else bytes(GENERATION_BYTES)
+
+
+def _gen_text(raw: bytes) -> str:
+    return raw.hex() if any(raw) else ""
 
 
 def unpack_entry(raw: bytes) -> Entry:
@@ -234,11 +268,20 @@ def unpack_entry(raw: bytes) -> Entry:
         reason = raw_reason.rstrip(b"\0").decode("utf-8")
     except UnicodeDecodeError:
         raise FormatError("directory entry has undecodable text") from None
-    return Entry(name, granularity, flags, map_crc, reason, new_crc)
+    generation = prior = ""
+    tail = raw[TAIL_OFFSET : TAIL_OFFSET + TAIL.size + CRC.size]
+    if any(tail):  # a version-1 entry leaves these bytes zero: no generation yet
+        (tail_crc,) = CRC.unpack_from(raw, TAIL_OFFSET + TAIL.size)
+        if tail_crc != crc32(raw[: TAIL_OFFSET + TAIL.size]):
+            raise FormatError("directory entry lineage checksum mismatch (torn or corrupt "
+                              "write)")
+        raw_gen, raw_prior = TAIL.unpack_from(raw, TAIL_OFFSET)
+        generation, prior = _gen_text(raw_gen), _gen_text(raw_prior)
+    return Entry(name, granularity, flags, map_crc, reason, new_crc, generation, prior)
 
 
 def pack_intent_header(shape: Shape, store_id: bytes) -> bytes:
-    body = INTENT.pack(INTENT_MAGIC, VERSION, INTENT_HEADER, shape.region_size,
+    body = INTENT.pack(INTENT_MAGIC, INTENT_VERSION, INTENT_HEADER, shape.region_size,
                        shape.regions, store_id, shape.device_size)
     return (body + CRC.pack(crc32(body))).ljust(INTENT_HEADER, b"\0")
 
@@ -251,7 +294,7 @@ def check_intent_header(raw: bytes, shape: Shape, store_id: bytes) -> None:
     magic, version, header, region_size, regions, sid, device_size = INTENT.unpack(body)
     if magic != INTENT_MAGIC:
         raise FormatError(f"the region map has a bad magic {magic!r}")
-    if version != VERSION or header != INTENT_HEADER:
+    if version != INTENT_VERSION or header != INTENT_HEADER:
         raise FormatError(f"region map version {version} is not supported")
     (stored,) = CRC.unpack_from(raw, INTENT.size)
     if stored != crc32(body):

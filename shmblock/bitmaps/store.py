@@ -26,6 +26,7 @@ from shmblock.bitmaps import files as F
 from shmblock.bitmaps import ondisk as D
 from shmblock.bitmaps.persistence import FilePersistence, Persistence, VolatileDisk
 from shmblock.errors import BitmapBusy, BitmapError, BitmapInconsistent, UsageError
+from shmblock.lineage import GENERATION_RE, new_generation, settled
 from shmblock.names import NAME_RE
 
 U8Array = npt.NDArray[np.uint8]
@@ -90,6 +91,9 @@ class BitmapInfo:
     in_use: bool  # a run has the store open and this bitmap records (QEMU's in-use flag)
     busy: str | None  # the job using it, if any
     count: int  # dirty bytes: dirty granules × granularity, the last cut at the device end
+    #: its lineage generation (shmblock.lineage); '' only from inspect() of a store
+    #: written by a shmblock before lineage (the next open gives it one)
+    generation: str = ""
 
 
 @dataclass(slots=True)
@@ -289,6 +293,13 @@ class PersistentBitmapFile:
             rec.stop = "machine-crash"
             self._replay_intent(rec)
         self._restore_frozen_copies()
+        for i, e in enumerate(self._entries):
+            if e.defined and not e.flags & D.F_FROZEN and not e.generation:
+                # A version-1 store (no lineage yet): a fresh generation, which no
+                # backup has recorded, so the next incremental from it is refused
+                # until a backup records this one (shmblock.lineage).
+                e.generation = new_generation()
+                self._write_entry(i)
         # Make what we found durable, then start a fresh region map: the image sync
         # makes every earlier write durable and the maps sync every earlier bit, so no
         # intent byte of a previous run is needed any more.
@@ -553,7 +564,7 @@ class PersistentBitmapFile:
                             "copies held by running backups included)")
         self.dirty[i] = 0
         flags = D.F_DEFINED | (D.F_ENABLED | D.F_IN_USE if enabled else 0)
-        self._entries[i] = D.Entry(name, g, flags, 0, "")
+        self._entries[i] = D.Entry(name, g, flags, 0, "", generation=new_generation())
         self._after_change(i)
 
     def remove(self, name: str) -> None:
@@ -581,6 +592,12 @@ class PersistentBitmapFile:
     def clear(self, name: str) -> None:
         """Reset every bit of ``name``. Call while writers are frozen; refused if busy."""
         i = self._usable(name, "clear")
+        # The new generation is durable before any bit goes: a crash in between leaves
+        # the old bits under a generation no backup has (safe), never fewer bits under
+        # the old one.
+        self._entries[i].generation = new_generation()
+        self._write_entry(i)
+        self._sync_maps()
         self._change_row(i, np.zeros(self.shape.clusters, dtype=np.uint8))
 
     def enable(self, name: str) -> None:
@@ -595,6 +612,8 @@ class PersistentBitmapFile:
         i = self._usable(name, "disable", busy_ok=True)
         e = self._entries[i]
         e.flags &= ~(D.F_ENABLED | D.F_IN_USE)
+        # Writes are missed from now on: the interval the bits described ends here.
+        e.generation = new_generation()
         self._after_change(i)
 
     def merge(self, target: str, sources: Iterable[str]) -> None:
@@ -631,7 +650,8 @@ class PersistentBitmapFile:
 
     # -- a backup consumes a bitmap (owner) ---------------------------------------------------
 
-    def begin_backup(self, name: str, job: str) -> U8Array:
+    def begin_backup(self, name: str, job: str, generation: str | None = None,
+                     expect: str | None = None) -> U8Array:
         """Hand bitmap ``name`` to backup ``job``: returns what the job must copy.
 
         Call at the snapshot instant, writers frozen. The bitmap's bits move into a
@@ -642,20 +662,40 @@ class PersistentBitmapFile:
         run dies before the job ends, the next open puts the frozen copy back, so a
         crash never loses a bit that was not safely backed up (DESIGN.md invariant 8).
         Typically followed by :meth:`begin_epoch` in the same freeze.
+
+        Lineage (:mod:`shmblock.lineage`): the bitmap gets ``generation`` (default: a
+        new one) and the frozen copy keeps the one it had, which :meth:`end_backup`
+        or the next open restores with the bits. ``expect``: refuse (BitmapError,
+        nothing changed) unless the bitmap has this generation now.
         """
         i = self._usable(name, "back up")
         if not isinstance(job, str) or not JOB_RE.match(job):
             raise UsageError(f"job id {job!r} must be 1-64 of [A-Za-z0-9_.:-]")
+        minted = new_generation() if generation is None else generation
+        if not GENERATION_RE.match(minted):
+            raise UsageError(f"bitmap generation {minted!r} must be 32 hex digits")
+        if expect is not None and self._entries[i].generation != expect:
+            raise BitmapError(
+                f"bitmap {name!r} of {self.image} changed (cleared, re-added or disabled) "
+                f"after job {job} was prepared against its generation {expect or '-'}; "
+                "create the backup again")
         f = self._free_slot(f"{self.image}: no free slot for a frozen copy of {name!r} "
                             f"({D.MAX_BITMAPS} bitmaps): remove one")
         e = self._entries[i]
         self.dirty[f] = self.dirty[i]
         self._sync_maps()  # the row before the entry that vouches for it
         self._entries[f] = D.Entry(e.name, e.granularity, D.F_DEFINED | D.F_FROZEN
-                                   | D.F_CRC_VALID, D.crc32(self._row_bytes(f)), f"job:{job}")
+                                   | D.F_CRC_VALID, D.crc32(self._row_bytes(f)), f"job:{job}",
+                                   generation=minted, prior=e.generation)
         self._write_entry(f)
         self._sync_maps()
         frozen = self._expanded(f)
+        # Entry and row may reach the disk in either order: the frozen copy, put back
+        # at the next open, restores the bits and then (if the bitmap has the minted
+        # generation) the prior one.
+        e.generation = minted
+        if e.flags & D.F_ENABLED:
+            self._write_entry(i)  # synced with the row (a disabled one: by _change_row)
         self._change_row(i, np.zeros(self.shape.clusters, dtype=np.uint8))
         self._busy[name] = job
         return frozen
@@ -674,6 +714,7 @@ class PersistentBitmapFile:
         if f is None or self._entries[f].reason != f"job:{job}":
             raise BitmapError(f"bitmap {name!r} is not held by job {job}")
         frozen = self._expanded(f)
+        taken = frozen.copy()
         if isinstance(put_back, np.ndarray):
             if put_back.shape != (self.shape.clusters,):
                 raise UsageError(f"put_back must have shape ({self.shape.clusters},)")
@@ -682,6 +723,16 @@ class PersistentBitmapFile:
             frozen[:] = 0
         if frozen.any():
             self._restore_into(i, frozen)
+        # The generation after the bits (a crash in between puts the frozen copy back
+        # again and restores the prior generation), before the copy goes.
+        fe, e = self._entries[f], self._entries[i]
+        if e.generation == fe.generation:  # else something ended it meanwhile: stands
+            after = settled(fe.prior, fe.generation, taken,
+                            None if put_back is False else frozen)
+            if after != e.generation:
+                e.generation = after
+                self._write_entry(i)
+                self._sync_maps()
         self._drop_slot(f)
         self._busy.pop(name, None)
 
@@ -706,6 +757,11 @@ class PersistentBitmapFile:
                         and D.crc32(self._row_bytes(f)) == e.map_crc):
                     self._restore_into(i, self._expanded(f))
                     self.recovery.restored[e.name] = job
+                    b = self._entries[i]
+                    if b.generation == e.generation:  # as if the job had not run
+                        b.generation = e.prior
+                        self._write_entry(i)
+                        self._sync_maps()
                 else:
                     self._mark_inconsistent(i, f"backup job {job} did not finish and the "
                                                "copy of the bits it held is damaged")
@@ -741,11 +797,27 @@ class PersistentBitmapFile:
             name=e.name, granularity=e.granularity,
             enabled=bool(e.flags & D.F_ENABLED) and not bad, status=status,
             reason=e.reason if bad else "", in_use=in_use,
-            busy=self._busy.get(e.name), count=0 if bad else self._count(i))
+            busy=self._busy.get(e.name), count=0 if bad else self._count(i),
+            generation=e.generation)
 
     def list(self) -> list[BitmapInfo]:
         """Every bitmap with its state and dirty count in bytes, sorted by name."""
         return [self.info(n) for n in self.names()]
+
+    def generation(self, name: str) -> str:
+        """``name``'s lineage generation (:mod:`shmblock.lineage`)."""
+        return self._entries[self._index(name)].generation
+
+    def set_generation(self, name: str, generation: str) -> None:
+        """Give ``name`` this generation, durably: only to undo an action exactly (a
+        transaction that fails at its instant), never to claim a lineage."""
+        self._require_owner()
+        i = self._index(name)
+        if not GENERATION_RE.match(generation):
+            raise UsageError(f"bitmap generation {generation!r} must be 32 hex digits")
+        self._entries[i].generation = generation
+        self._write_entry(i)
+        self._sync_maps()
 
     def require_consistent(self, name: str) -> None:
         """Raise BitmapInconsistent (with the reason) unless ``name`` can be trusted."""

@@ -1,4 +1,4 @@
-"""The repository's object layout and manifest format (version 1).
+"""The repository's object layout and manifest format (version 2).
 
 Keys, under the repository's prefix::
 
@@ -12,6 +12,12 @@ A backup id is ``<UTC time>-<host>-<8 hex>`` (``20261130T150000.123456Z-hostA-1a
 unique without any conditional put (Ceph Pacific's radosgw has none), and sorting by id
 sorts by creation time. A manifest lists every chunk of the device (a digest, or None for
 an all-zero chunk, which is stored as nothing), so every backup restores on its own.
+
+Version 2 added ``bitmap_generation``: the lineage generation (:mod:`shmblock.lineage`)
+the backup gave the bitmap it consumed, when the bitmap then holds "every write since
+this backup" (else None). An incremental's parent must have the bitmap's generation at
+the snapshot. Version 1 manifests are read as having none: they restore, but no
+incremental builds on them (a version-1 reader refuses version 2 by its number).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from typing import Any
 
 from shmblock.errors import ShmblockError, UsageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this shmblock reads (1: before bitmap lineage, no ``bitmap_generation``).
+READ_VERSIONS = (1, 2)
+GENERATION_RE = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_CHUNK_SIZE = 4 << 20
 #: Digest algorithms a manifest may name (a field, so it can change per backup).
 DIGESTS = ("sha256", "blake2b")
@@ -127,6 +136,8 @@ class Manifest:
     parent: str | None = None
     stats: dict[str, int] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    #: the bitmap's lineage generation after this backup (see the module docstring)
+    bitmap_generation: str | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -134,8 +145,15 @@ class Manifest:
     def check(self) -> None:
         def bad(msg: str) -> ManifestError:
             return ManifestError(f"manifest {self.id!r}: {msg}")
-        if self.version != FORMAT_VERSION:
-            raise bad(f"format version {self.version} (this shmblock reads {FORMAT_VERSION})")
+        if self.version not in READ_VERSIONS:
+            raise bad(f"format version {self.version} (this shmblock reads "
+                      f"{', '.join(map(str, READ_VERSIONS))})")
+        if self.bitmap_generation is not None and (
+                self.version < 2 or self.bitmap is None
+                or not isinstance(self.bitmap_generation, str)
+                or not GENERATION_RE.match(self.bitmap_generation)):
+            raise bad(f"bitmap generation {self.bitmap_generation!r} needs format "
+                      "version 2, a bitmap and 32 lower-case hex digits")
         if self.cluster_size <= 0 or self.chunk_size <= 0 or self.size <= 0:
             raise bad("sizes must be positive")
         if self.chunk_size % self.cluster_size or self.size % self.cluster_size:
@@ -184,6 +202,7 @@ class Manifest:
         zero = sum(1 for d in self.chunks if d is None)
         return {"id": self.id, "device": self.device_id, "host": self.host,
                 "created": self.created, "size": self.size, "sync": self.sync,
-                "bitmap": self.bitmap, "parent": self.parent, "chunks": len(self.chunks),
+                "bitmap": self.bitmap, "bitmap_generation": self.bitmap_generation,
+                "parent": self.parent, "chunks": len(self.chunks),
                 "zero_chunks": zero, "chunk_size": self.chunk_size, "digest": self.digest,
                 "stats": self.stats}

@@ -41,6 +41,15 @@ mark does not block them). Run one gc at a time per repository.
 
 Tests interleave the two at the worst points through :attr:`Repository.hooks`
 (``tests/test_repo.py``).
+
+Incremental chains and bitmap lineage (:mod:`shmblock.lineage`): a manifest records
+``bitmap_generation``, the generation its backup gave the bitmap it consumed when the
+bitmap then holds "every write since this backup". An incremental's parent is the
+device's backup that recorded the bitmap's generation at the new snapshot
+(:meth:`Repository.latest` with ``generation``), never merely the newest backup of that
+bitmap name: a bitmap consumed by a backup elsewhere, cleared, re-added or disabled
+matches no manifest, and the target refuses (``shmblock/repo/target.py``). Pruning the
+parent breaks the chain the same way, and is refused the same way.
 """
 
 from __future__ import annotations
@@ -254,11 +263,15 @@ class Repository:
                 return self.load(key)
         raise RepoError(f"no backup {backup_id!r} in repository {self.name}")
 
-    def latest(self, device: str, bitmap: str | None = None) -> Manifest | None:
-        """The device's newest backup (that consumed ``bitmap``, when given)."""
+    def latest(self, device: str, bitmap: str | None = None,
+               generation: str | None = None) -> Manifest | None:
+        """The device's newest backup (that consumed ``bitmap``, when given, and left
+        it at lineage ``generation``, when given: the parent an incremental from a
+        bitmap of that generation builds on; :mod:`shmblock.lineage`)."""
         for _, _, key in reversed(self.manifest_keys(device)):
             m = self.load(key)
-            if bitmap is None or m.bitmap == bitmap:
+            if (bitmap is None or m.bitmap == bitmap) and \
+                    (generation is None or m.bitmap_generation == generation):
                 return m
         return None
 

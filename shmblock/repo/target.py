@@ -19,9 +19,17 @@ is written, last, and the lease released (:mod:`shmblock.repo.repository`). ``ab
 writes no manifest. The worker needs no special case: every covered cluster arrives as
 a write or a ``write_zeroes`` because the target does not claim to start zeroed.
 
-Incremental chains: a ``sync=incremental``/``bitmap`` backup's parent is the device's
-newest backup in the repository that consumed the same bitmap; without one the job
-refuses to start (take a ``full`` backup with ``--bitmap`` first).
+Incremental chains (bitmap lineage, :mod:`shmblock.lineage`): a
+``sync=incremental``/``bitmap`` backup's parent is the device's backup in the repository
+whose manifest recorded the bitmap's lineage generation at this snapshot
+(``bitmap_generation``): the backup since whose instant the bitmap holds every write.
+The engine passes that generation in the URL (``bitmap-generation``) and checks at the
+instant that the bitmap still has it. Without such a parent the job refuses to start,
+saying why — the bitmap was consumed by a backup elsewhere, cleared, re-added or
+disabled since the newest backup that consumed it — and to take a ``full`` backup with
+``--bitmap`` first. The manifest records ``bitmap-next``, the generation the job gives
+the bitmap at its instant, when the engine says the bitmap will mean "since this backup"
+(it records writes and the bitmap mode resets it).
 """
 
 from __future__ import annotations
@@ -71,11 +79,14 @@ BITMAP_SYNCS = ("incremental", "bitmap")
 
 
 def job_target(target: str, *, sync: str, bitmap: str | None, bitmap_mode: str | None,
-               device_name: str, device_file: str | None) -> str:
+               device_name: str, device_file: str | None,
+               bitmap_generation: str | None = None, bitmap_next: str | None = None) -> str:
     """The target URL the worker gets: the job's options and a fresh backup id added.
 
     The device id defaults to the device file's name (stable across runs) or the
-    device's name; the host id to the host name.
+    device's name; the host id to the host name. ``bitmap_generation``: the bitmap's
+    lineage generation now (its parent must have recorded it); ``bitmap_next``: the one
+    this backup records (None: it records none). Only the engine sets these two.
     """
     url = parse_repo_url(target)
     if url.backup_id:
@@ -90,8 +101,12 @@ def job_target(target: str, *, sync: str, bitmap: str | None, bitmap_mode: str |
     check_name("device id", device)
     host = check_name("host id", url.param("host") or default_host())
     backup_id = new_backup_id(host)
-    return type(url)(url.scheme, url.location, backup_id, dict(url.params)).with_params(
-        device=device, host=host, sync=sync, bitmap=bitmap, bitmap_mode=bitmap_mode)
+    # Lineage comes from the engine only: a user's own would fake a parent.
+    params = {k: v for k, v in url.params.items()
+              if k not in ("bitmap-generation", "bitmap-next")}
+    return type(url)(url.scheme, url.location, backup_id, params).with_params(
+        device=device, host=host, sync=sync, bitmap=bitmap, bitmap_mode=bitmap_mode,
+        bitmap_generation=bitmap_generation, bitmap_next=bitmap_next)
 
 
 def _int_param(value: str | None, default: int, what: str) -> int:
@@ -125,6 +140,8 @@ class RepoTarget(Target):
         self.sync = url.param("sync", "full") or "full"
         self.bitmap = url.param("bitmap")
         self.bitmap_mode = url.param("bitmap-mode")
+        self.bitmap_generation = url.param("bitmap-generation")  # the bitmap's, now
+        self.bitmap_next = url.param("bitmap-next")  # what this backup records
         self.digest = url.param("digest", DEFAULT_DIGEST) or DEFAULT_DIGEST
         if self.digest not in DIGESTS:
             raise UsageError(f"digest {self.digest!r} (expected one of {', '.join(DIGESTS)})")
@@ -186,12 +203,19 @@ class RepoTarget(Target):
         if self.sync in BITMAP_SYNCS:
             if self.bitmap is None:
                 raise UsageError(f"sync={self.sync} into a repository needs a bitmap")
-            parent = self.repo.latest(self.device_id, bitmap=self.bitmap)
-            if parent is None:
+            newest = self.repo.latest(self.device_id, bitmap=self.bitmap)
+            if newest is None:
                 raise RepoError(
                     f"no parent for an incremental backup of device {self.device_id!r}: "
                     f"repository {self.url.repo} has no backup of it that consumed bitmap "
                     f"{self.bitmap!r}; take a full backup with --bitmap {self.bitmap} first")
+            # Lineage (shmblock.lineage): the parent is the backup since whose instant
+            # the bitmap holds every write — the one that recorded its generation.
+            gen = self.bitmap_generation
+            parent = None if gen is None else \
+                self.repo.latest(self.device_id, bitmap=self.bitmap, generation=gen)
+            if parent is None:
+                raise RepoError(self._no_lineage(newest))
             why = check_geometry(parent, self.size, self.cluster_size, self.chunk_size,
                                  self.digest)
             if why:
@@ -204,6 +228,25 @@ class RepoTarget(Target):
                                                      self.chunk_size, self.digest):
             return latest
         return None
+
+    def _no_lineage(self, newest: Manifest) -> str:
+        """Why no backup is a parent for the bitmap's generation, and what to do."""
+        b = self.bitmap
+        if newest.version < 2:
+            why = (f"backup {newest.id} was made before bitmap lineage was recorded, so "
+                   "nothing proves which writes the bitmap holds since it")
+        elif newest.bitmap_generation is None:
+            why = (f"backup {newest.id} (the newest that consumed it) did not reset it "
+                   f"(bitmap-mode {newest.bitmap_mode or '?'} or the bitmap was disabled)")
+        else:
+            why = (f"bitmap {b!r} was cleared, consumed by another backup (another target), "
+                   f"removed and re-added, or disabled since backup {newest.id}, the newest "
+                   "that consumed it (or the backup it holds the writes since was pruned), "
+                   "so no backup here is the one since which it holds every write")
+        return (f"cannot back up device {self.device_id!r} incrementally from bitmap "
+                f"{b!r} into {self.url.repo}: {why} (bitmap generation "
+                f"{self.bitmap_generation or 'unknown'}); take a full backup with "
+                f"--bitmap {b}")
 
     # -- writes ------------------------------------------------------------------------
 
@@ -355,7 +398,8 @@ class RepoTarget(Target):
                 chunk_size=self.chunk_size, digest=self.digest, chunks=self.digests,
                 sync=self.sync, bitmap=self.bitmap, bitmap_mode=self.bitmap_mode,
                 parent=self.parent.id if self.parent and self.sync in BITMAP_SYNCS else None,
-                stats=dict(self.stats))
+                stats=dict(self.stats),
+                bitmap_generation=self.bitmap_next if self.bitmap else None)
             self.repo.put_manifest(manifest)
         except (StoreError, RepoError) as exc:
             raise TargetIOError(f"cannot write the manifest of backup {self.backup_id} to "

@@ -63,7 +63,8 @@ class RepoUrl:
 
 
 KNOWN_PARAMS = {"device", "host", "chunk-size", "digest", "threads", "spool", "endpoint",
-                "addressing", "region", "deadline", "sync", "bitmap", "bitmap-mode"}
+                "addressing", "region", "deadline", "sync", "bitmap", "bitmap-mode",
+                "bitmap-generation", "bitmap-next"}
 
 
 def parse_repo_url(url: str) -> RepoUrl:
