@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import blake3
+
 from shmblock.errors import ShmblockError, UsageError
 
 FORMAT_VERSION = 2
@@ -39,8 +41,11 @@ READ_VERSIONS = (1, 2)
 GENERATION_RE = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_CHUNK_SIZE = 4 << 20
 #: Digest algorithms a manifest may name (a field, so it can change per backup).
-DIGESTS = ("sha256", "blake2b")
-DEFAULT_DIGEST = "sha256"
+DIGESTS = ("blake3", "sha256", "blake2b")
+#: blake3: 3-4x SHA-256's per-core throughput on 4 MiB chunks here (README, "The S3
+#: client and the chunk digest, measured"); a manifest names its algorithm, so
+#: repositories written with another one stay readable.
+DEFAULT_DIGEST = "blake3"
 
 ID_RE = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-([A-Za-z0-9_.-]{1,64})-([0-9a-f]{8})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -60,6 +65,9 @@ class ChunkCorrupt(RepoError):
 
 
 def digest_of(alg: str, data: bytes | bytearray | memoryview) -> str:
+    if alg == "blake3":
+        # One thread per chunk: uploads already hash several chunks in parallel.
+        return blake3.blake3(data, max_threads=1).hexdigest()
     if alg == "sha256":
         return hashlib.sha256(data).hexdigest()
     if alg == "blake2b":
