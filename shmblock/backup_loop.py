@@ -17,7 +17,8 @@ then loops:
    microseconds); once the target has acknowledged the writes (``settle``), answer them;
    a request of another job is answered without copying anything;
 3. drain the staging slots writers filled;
-4. copy the next background chunk, unless paused or over the speed limit;
+4. copy the next background chunk, unless paused or over the speed limit (with no
+   speed limit and no request pending, a short burst of them: :meth:`BackupLoop.burst`);
 5. when there is nothing to do, sleep on the inbox for a few milliseconds, with the
    ``CTL_WORKER_IDLE`` flag up so staging writers ring the doorbell.
 
@@ -63,6 +64,13 @@ from shmblock.targets.base import Target
 log = logging.getLogger("shmblock.backup")
 
 IDLE_WAIT = 0.005
+#: With no copy request pending and no speed limit, one step copies further chunks
+#: for up to this long (at most BURST_CHUNKS of them) before it looks at its queue and
+#: the buffer again. Each look costs about 40-50 us (a message-queue receive, the scan
+#: of the buffer's slot states), a 1 MiB chunk 150-300 us, so an idle job spent a good
+#: part of its time looking; a request that arrives meanwhile waits at most this long.
+BURST_SECONDS = 0.001
+BURST_CHUNKS = 8
 PROGRESS_EVERY = 0.1
 START_TIMEOUT = 60.0
 #: How often the heartbeat thread beats while the job loop is busy committing.
@@ -306,6 +314,8 @@ class BackupLoop:
             return
         try:
             saved = copier.copy_next_chunk()
+            if saved and not self.speed and not self.requests.pending:
+                saved += self.burst()
         except TargetError as exc:
             if not self.chunk_failed(exc, now):
                 raise  # report: the job fails (re-raised here, not from a helper's frame,
@@ -316,6 +326,27 @@ class BackupLoop:
         if saved == 0 and not copier.background_done:
             # A writer holds a claim in this chunk: serve it, then retry.
             self.service_inbox(0.0001)
+
+    def burst(self) -> int:
+        """More background chunks in this step while nothing else waits (see
+        BURST_SECONDS); stops at a held claim, like the step. Returns clusters saved.
+
+        Larger chunks are no substitute: the zero check and the ``pwrite`` of a chunk
+        each read it, and 1 MiB stays in the CPU's cache between the two (8 MiB chunks
+        made the background pass over a 1 GiB device file 4-5x slower here).
+        """
+        assert self.copier is not None
+        copier = self.copier
+        saved = 0
+        deadline = time.monotonic() + BURST_SECONDS
+        for _ in range(BURST_CHUNKS - 1):
+            if copier.background_done or time.monotonic() >= deadline:
+                break
+            got = copier.copy_next_chunk()
+            if not got:
+                break
+            saved += got
+        return saved
 
     def chunk_failed(self, exc: TargetError, now: float) -> bool:
         """A background chunk failed to reach the target: apply ``on-target-error``.

@@ -44,7 +44,9 @@ settled, so every write it was sent has been acknowledged.
 Each cluster therefore reaches the target exactly once per job, and only with its
 snapshot contents. All-zero clusters are found with a vectorised check and sent as
 ``write_zeroes`` (or skipped, when the target starts zeroed and the device never
-allocated them).
+allocated them). On a target that starts zeroed, clusters the device never allocated
+are not even read: the background copy and copy requests take only the allocated runs
+of a range from the mapping (:meth:`Copier._write_allocated`).
 """
 
 from __future__ import annotations
@@ -151,12 +153,15 @@ class Copier:
                      view: memoryview | None = None) -> None:
         """Write clusters [c0, c1) to the target from the device (or from ``source``)."""
         cs = self.cs
+        target = self.target
+        allocated = self.device.allocated
         if source is None:
+            if target.starts_zeroed and c1 - c0 > 1:
+                self._write_allocated(c0, c1)
+                return
             source = self._data[c0 * cs : c1 * cs]
             view = self._view[c0 * cs : c1 * cs]
         assert view is not None
-        target = self.target
-        allocated = self.device.allocated
         if c1 - c0 == 1:
             # One cluster (every copy-before-write save): the same decisions as the run
             # loop below without its numpy bookkeeping, which costs more than the write.
@@ -182,6 +187,32 @@ class Copier:
                         target.write_zeroes((c0 + a + za) * cs, (zb - za) * cs)
         self._saved[c0:c1] = 1
         self.clusters_saved += c1 - c0
+
+    def _write_allocated(self, c0: int, c1: int) -> None:
+        """Write device clusters [c0, c1) to a target that starts zeroed, reading only
+        the clusters the device ever allocated.
+
+        A cluster never allocated was never written (every path that stores device
+        data -- guest writes, hence restores into a device and ``fill`` -- sets
+        ``allocated`` first, and the device-file scan sets it for every non-zero
+        cluster), so it holds zeros and already reads as zeros on the target: it is
+        left out without touching the mapping. Reading it would fault in a page per
+        4 KiB for nothing, and for a device file's holes the kernel would even
+        allocate zero-filled page-cache pages (measured: the background pass over a
+        1 GiB device file, half holes, to raw went from 227 to 138 ms, CPU 199 to
+        136 ms; medians of 7, /tmp/wtwhole-copybench.py). Under the chunk's claims
+        ``allocated`` of a still-marked cluster is what it was at the snapshot: a guest
+        write sets it only after saving the cluster, which clears the mark.
+        """
+        cs = self.cs
+        for a, b, alloc in runs(self.device.allocated[c0:c1] != 0):
+            lo, hi = c0 + a, c0 + b
+            if alloc:
+                self._write_range(lo, hi, self._data[lo * cs : hi * cs],
+                                  self._view[lo * cs : hi * cs])  # marks them saved
+            else:
+                self._saved[lo:hi] = 1
+                self.clusters_saved += hi - lo
 
     # -- background copy ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ tokens, pause, cancel, the end of a job) is tested without processes or queues.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import protocol
+from shmblock import backup_loop
 from shmblock import layout as L
 from shmblock.backup_loop import BackupLoop
 from shmblock.claims import Claims
@@ -182,3 +184,65 @@ def test_the_worker_argv_round_trips(tmp_path: Path) -> None:
     assert got_names == names
     # The sync mode and the speed travel once, in JobStart.
     assert "--sync" not in argv and "--speed" not in argv
+
+
+# -- bursts of background chunks --------------------------------------------------------------
+
+
+def _started_loop(device: Device, tmp_path: Path, speed: int = 0) -> tuple[BackupLoop, Claims]:
+    fill(device)
+    target = RawTarget(str(tmp_path / "b.raw"), device.size, device.cluster_size)
+    begin_job(device, "full")
+    inbox = FakeInbox(protocol.JobStart(job="job1", sync="full", speed=speed, token=TOKEN))
+    loop, claims = make_loop(device, target, inbox, FakeOutbox())
+    loop.open()
+    loop.wait_for_start(timeout=10.0)
+    return loop, claims
+
+
+def _close(loop: BackupLoop, claims: Claims) -> None:
+    assert loop.target is not None
+    loop.target.abort()
+    loop.close()
+    claims.close()
+
+
+def test_an_idle_step_copies_a_burst_of_chunks(device: Device, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing else waiting, one step copies up to BURST_CHUNKS chunks (the old loop
+    copied one per step and looked at its queue and buffer between every two)."""
+    monkeypatch.setattr(backup_loop, "BURST_SECONDS", 60.0)  # no timing on a busy machine
+    loop, claims = _started_loop(device, tmp_path)
+    try:
+        assert loop.copier is not None
+        loop.step(time.monotonic())
+        assert loop.copier.cursor == backup_loop.BURST_CHUNKS * 4  # chunk = 4 clusters
+        assert device.saved[: loop.copier.cursor].all()
+        assert not device.needs_copy[: loop.copier.cursor].any()
+        assert device.needs_copy[loop.copier.cursor :].all()
+    finally:
+        _close(loop, claims)
+
+
+def test_a_speed_limited_step_copies_one_chunk(device: Device, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup_loop, "BURST_SECONDS", 60.0)
+    loop, claims = _started_loop(device, tmp_path, speed=1 << 40)
+    try:
+        assert loop.copier is not None
+        loop.step(time.monotonic())
+        assert loop.copier.cursor == 4
+    finally:
+        _close(loop, claims)
+
+
+def test_a_burst_ends_when_its_time_is_up(device: Device, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup_loop, "BURST_SECONDS", 0.0)
+    loop, claims = _started_loop(device, tmp_path)
+    try:
+        assert loop.copier is not None
+        loop.step(time.monotonic())
+        assert loop.copier.cursor == 4
+    finally:
+        _close(loop, claims)

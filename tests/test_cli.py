@@ -15,6 +15,7 @@ import pty
 import select
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,38 @@ def test_a_signal_inside_thread_start_is_taken_a_moment_later() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+# -- what `run` imports ---------------------------------------------------------------------
+
+
+def test_run_does_not_import_the_other_commands_modules() -> None:
+    """`run`'s parser leaves the repository, QMP and bench modules alone (each start
+    paid for importing them); the full parser, and each of those commands, has them."""
+    code = (
+        "import sys\n"
+        "from shmblock import cli\n"
+        "lazy = ('shmblock.cli_backups', 'shmblock.serve.cli', 'shmblock.bench.options',"
+        " 'shmblock.cli_bitmap')\n"
+        "cli.build_parser('run').parse_args(['run', '--writers', '0'])\n"
+        "print(sorted(m for m in lazy if m in sys.modules))\n"
+        "cli.build_parser('serve')\n"
+        "print(sorted(m for m in lazy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.splitlines()
+    assert out[0] == "[]"
+    assert out[1] == str(sorted(["shmblock.cli_backups", "shmblock.serve.cli",
+                                 "shmblock.bench.options", "shmblock.cli_bitmap"]))
+
+
+@pytest.mark.parametrize("command", ["serve", "bench", "backups", "bitmap"])
+def test_lazy_commands_still_parse_their_arguments(command: str) -> None:
+    p = cli.build_parser(command)
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args([command, "--no-such-option"])
+    assert exc.value.code == 2
+    # and the one-word help lists every command
+    help_text = cli.build_parser("run").format_help()
+    for name in ("run", "restore", "cleanup", *cli.LAZY_COMMANDS):
+        assert name in help_text

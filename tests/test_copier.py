@@ -575,3 +575,67 @@ def test_finish_settles_the_target(device: Device) -> None:
         finally:
             copier.close()
     assert target.calls[-1] == ("settle", 0, 0)
+
+
+# -- never-allocated clusters are not read (targets that start zeroed) ------------------------
+
+
+class _ZeroedFlagTarget(RawTarget):
+    """A raw target that says it does not start zeroed (as an NBD export would)."""
+
+    starts_zeroed = False
+
+
+def test_never_allocated_clusters_are_not_read_on_a_zeroed_target(rig: Rig) -> None:
+    """Clusters whose ``allocated`` byte is 0 are left out without reading them.
+
+    Planting bytes in a cluster while leaving it unallocated (no real writer does that:
+    every path that stores device data sets ``allocated`` first) shows whether the
+    copier read it: the old code read every cluster of the chunk and wrote the planted
+    bytes; the target must hold zeros there instead.
+    """
+    dev = rig.device
+    guest_fill(dev, [0, 2, 9])
+    dev.data[5 * CS : 6 * CS] = 0xAB  # data, but never "allocated": never read
+    dev.data[12 * CS : 14 * CS] = 0xCD
+    begin_job(dev, "full")
+    copy_all(rig.copier)
+    assert rig.copier.clusters_saved == N
+    assert dev.saved.all() and not dev.needs_copy.any()
+    assert rig.copier.bytes_written == 3 * CS
+    expected = dev.data.copy()
+    expected[5 * CS : 6 * CS] = 0
+    expected[12 * CS : 14 * CS] = 0
+    rig.target.commit()
+    assert rig.path.read_bytes() == expected.tobytes()
+
+
+def test_a_request_for_a_never_allocated_run_reads_nothing(rig: Rig) -> None:
+    dev = rig.device
+    guest_fill(dev, [7])
+    dev.data[8 * CS : 10 * CS] = 0xEE  # planted, unallocated
+    job = begin_job(dev, "full")
+    rig.copier.begin()
+    assert rig.copier.serve_request(6, 4, job) is Served.SAVED
+    assert rig.copier.bytes_written == CS
+    assert dev.saved[6:10].all() and not dev.needs_copy[6:10].any()
+    got = rig.target.read(6 * CS, 4 * CS)
+    assert got == bytes(CS) + pattern(CS, 7) + bytes(2 * CS)
+
+
+def test_every_cluster_is_read_when_the_target_does_not_start_zeroed(
+        device: Device, tmp_path: Path) -> None:
+    """A target with unknown prior contents gets the real bytes of every cluster."""
+    path = tmp_path / "backup.raw"
+    target = _ZeroedFlagTarget(str(path), device.size, device.cluster_size)
+    claims = Claims(device.meta_name)
+    copier = Copier(device, target, claims, 4 * CS)
+    try:
+        device.data[5 * CS : 6 * CS] = 0xAB
+        begin_job(device, "full")
+        copy_all(copier)
+        assert target.read(0, device.size) == device.data.tobytes()
+    finally:
+        copier.close()
+        claims.close()
+        target.abort()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shmblock.errors import TargetUnreachable
+from shmblock.targets import base as base_module
 from shmblock.targets import raw as raw_module
 from shmblock.targets.base import Target
 from shmblock.targets.raw import RawTarget
@@ -132,3 +133,71 @@ def test_no_preallocation_where_the_file_system_cannot(tmp_path: Path,
     data = (tmp_path / "b.raw").read_bytes()
     assert data == bytes(CLUSTER) + pattern(4) + bytes(14 * CLUSTER)
     assert os.stat(tmp_path / "b.raw").st_blocks * 512 <= 4 * CLUSTER
+
+
+# -- early writeback ---------------------------------------------------------------------------
+
+
+class _FakeLibc:
+    """Records sync_file_range calls; answers ``result``."""
+
+    def __init__(self, result: int = 0) -> None:
+        self.calls: list[tuple[int, int, int, int]] = []
+        self.result = result
+
+    def sync_file_range(self, fd: int, offset: int, nbytes: int, flags: int) -> int:
+        self.calls.append((fd, offset, nbytes, flags))
+        return self.result
+
+
+def test_writes_start_writeback_every_so_many_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final fsync must not find the whole backup dirty: the target asks the kernel
+    to start writing back every WRITEBACK_EVERY bytes (the whole file, asynchronously)."""
+    fake = _FakeLibc()
+    monkeypatch.setattr(base_module, "_libc", fake)
+    monkeypatch.setattr(base_module, "WRITEBACK_EVERY", 4 * CLUSTER)
+    target = RawTarget(str(tmp_path / "b.raw"), 64 * CLUSTER, CLUSTER)
+    try:
+        for c in range(10):
+            target.write(c * CLUSTER, pattern(c))
+        fd = target._require_fd()
+        assert fake.calls == [(fd, 0, 0, base_module.SYNC_FILE_RANGE_WRITE)] * 2
+        target.write(10 * CLUSTER, pattern(10) + pattern(11))  # 12 clusters: a third
+        assert len(fake.calls) == 3
+        target.commit()
+        assert (tmp_path / "b.raw").read_bytes()[: 12 * CLUSTER] == b"".join(
+            [pattern(c) for c in range(10)] + [pattern(10) + pattern(11)])
+    finally:
+        target.close()
+
+
+def test_writeback_that_fails_is_not_tried_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeLibc(result=-1)
+    monkeypatch.setattr(base_module, "_libc", fake)
+    monkeypatch.setattr(base_module, "WRITEBACK_EVERY", CLUSTER)
+    target = RawTarget(str(tmp_path / "b.raw"), 8 * CLUSTER, CLUSTER)
+    try:
+        for c in range(8):
+            target.write(c * CLUSTER, pattern(c))
+        assert len(fake.calls) == 1  # refused once: never again, and the writes went on
+        target.commit()
+        assert (tmp_path / "b.raw").read_bytes() == b"".join(
+            pattern(c) for c in range(8))
+    finally:
+        target.close()
+
+
+def test_real_writeback_call_works_here(tmp_path: Path) -> None:
+    """The ctypes call itself, on this kernel and file system (and on /dev/shm)."""
+    for directory in (str(tmp_path), "/dev/shm"):
+        fd, name = tempfile.mkstemp(dir=directory, prefix=os.environ["SHMBLOCK_PREFIX"])
+        try:
+            wb = base_module.Writeback(fd, every=CLUSTER)
+            os.pwrite(fd, pattern(1) + pattern(2), 0)
+            wb.wrote(2 * CLUSTER)
+            assert wb.kicks == 1 and wb.enabled
+        finally:
+            os.close(fd)
+            os.unlink(name)

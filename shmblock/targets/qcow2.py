@@ -68,6 +68,7 @@ from shmblock.targets.base import (
     PART_SUFFIX,
     Buffer,
     Target,
+    Writeback,
     check_file_target,
     create_part,
     discard_part,
@@ -162,6 +163,9 @@ class Qcow2Target(Target):
         self._entries: U64 = np.zeros(self._l1_size * self._l2_size, dtype=np.uint64)
         self._end = cluster_size  # next free host offset: data starts after the header
         self._fd = create_part(self.part_path, self.kind)
+        # Data appended during the job starts going to disk at once (see Writeback):
+        # the fsync in seal then finds little left to write.
+        self._writeback = Writeback(self._fd)
         try:
             self._pwrite(self._fd, memoryview(self._placeholder_header()), 0, "header")
         except TargetIOError:
@@ -214,6 +218,7 @@ class Qcow2Target(Target):
                 written = os.pwrite(fd, view, offset)
                 view = view[written:]
                 offset += written
+                self._writeback.wrote(written)
         except OSError as exc:
             raise TargetIOError(
                 f"write of {what} to qcow2 target {self.part_path!r} at offset {offset} "

@@ -41,6 +41,7 @@ from shmblock.targets.base import (
     PART_SUFFIX,
     Buffer,
     Target,
+    Writeback,
     check_file_target,
     create_part,
     discard_part,
@@ -112,6 +113,7 @@ class RawTarget(Target):
         self._written: npt.NDArray[np.bool_] | None = \
             np.zeros(size // cluster_size, dtype=np.bool_) if preallocated else None
         self._committed = False
+        self._writeback = Writeback(self._fd)
 
     def _require_fd(self) -> int:
         if self._fd is None:
@@ -131,6 +133,7 @@ class RawTarget(Target):
                 written = os.pwrite(fd, view, offset)
                 view = view[written:]
                 offset += written
+                self._writeback.wrote(written)
         except OSError as exc:
             raise TargetIOError(
                 f"write to raw target {self.part_path!r} at offset {offset} failed: "
