@@ -10,7 +10,8 @@
 Query parameters of a backup target (all optional): ``device`` (the device id the
 backup is filed under; default the device's name), ``host`` (default the host name),
 ``chunk-size`` (bytes, a multiple of the cluster size; default 4 MiB), ``digest``
-(blake3 by default, sha256, blake2b), ``threads`` (parallel uploads, default 4), ``deadline`` (seconds
+(blake3 by default, sha256, blake2b), ``threads`` (parallel uploads, default 4),
+``deadline`` (seconds
 one S3 request may take with its retries and back-off, default 300), ``spool`` (directory of the
 local spool file; default the system's temporary directory). The engine adds ``sync``,
 ``bitmap`` and ``bitmap-mode`` from the job's options.
