@@ -104,6 +104,14 @@ MUTANTS: dict[str, Mutant] = {
         "        if w == own:\n",
         ("tests/test_cbw_buffer.py", "-k", "offset_order or killed_while_holding"),
         "buffer slots reserved by a live writer are freed as if it were dead"),
+    "reclaim-reads-states-twice": Mutant(
+        "shmblock/cbw_buffer.py",
+        "    holders = [m for m in np.unique(seen[seen >= L.SLOT_HELD]).tolist()"
+        " if m >= L.SLOT_HELD]\n",
+        "    holders = np.unique(state[state >= L.SLOT_HELD]).tolist()\n",
+        ("tests/test_cbw_buffer.py", "-k", "reclaim_never"),
+        "reclaiming reads the slot states twice: a slot published in between looks FULL-"
+        "marked and every FULL slot is freed undrained"),
     "drain-unsorted": Mutant(
         "shmblock/copier.py",
         '        order = np.argsort(clusters, kind="stable")\n',
