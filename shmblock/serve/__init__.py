@@ -91,7 +91,10 @@ class _Client:
     def run(self) -> None:
         try:
             self.send(wire.greeting(QEMU_VERSION, PACKAGE))
-            while self.alive and not self.server.stopping.is_set():
+            # Not ended by ``stopping``: stop() flushes the events (SHUTDOWN...) first
+            # and then shuts this socket down, which ends the loop; a client thread
+            # that closed its socket as soon as the stop began lost them.
+            while self.alive and not self.server.stopped.is_set():
                 if not _readable(self.sock):
                     continue
                 try:
