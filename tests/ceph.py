@@ -41,6 +41,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -485,6 +486,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1:
+        # Any argument (--help included) is a question, not a request for a cluster.
+        print("usage: python -m tests.ceph\n\nStart a single-node Ceph (monitor, memstore "
+              "OSD, radosgw) on 127.0.0.1, print its S3 endpoint and keys as JSON, and "
+              "keep it until SIGINT/SIGTERM.", file=sys.stderr)
+        raise SystemExit(0 if sys.argv[1] in ("-h", "--help") else 2)
     with running_cluster() as cluster:
         print(json.dumps({"endpoint_url": cluster.endpoint_url,
                           "access_key": cluster.access_key,
